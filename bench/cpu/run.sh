@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# CPU benchmark of the model core: ferrotune vs PyTorch (transformers + peft) on SmolLM2-135M
+# (GGUF dequantized to f32), same batch, same ids, same threads, each phase in its own process.
+# Prints one JSON line per run and a table of ratios (ferrotune / PyTorch; >1 = ferrotune faster).
+#
+#   PYTHON=/path/to/python-with-torch bash bench/cpu/run.sh
+# Env: BENCH_B (4), BENCH_T (128), BENCH_ITERS (5), BENCH_NEW (64), BENCH_THREADS (nproc).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PYTHON=${PYTHON:-python3}
+export FERROTUNE_SMOLLM2_GGUF=${FERROTUNE_SMOLLM2_GGUF:-$(bash scripts/fetch-smollm2.sh)}
+export BENCH_THREADS=${BENCH_THREADS:-$(nproc)}
+export RAYON_NUM_THREADS=$BENCH_THREADS OMP_NUM_THREADS=$BENCH_THREADS
+cargo bench --bench core --no-run -q 2>/dev/null || cargo bench --bench core --no-run
+out=$(mktemp)
+for phase in forward step generate; do
+  cargo bench -q --bench core -- "$phase" | grep '^{' | tee -a "$out"
+  "$PYTHON" bench/cpu/torch_core.py "$phase" | grep '^{' | tee -a "$out"
+done
+python3 - "$out" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+by = {(r["impl"], r["phase"]): r for r in rows}
+print(f"\n{'phase':<9} {'ferrotune tok/s':>16} {'pytorch tok/s':>14} {'speed ratio':>12} {'ferrotune MB':>13} {'pytorch MB':>11}")
+for ph in ["forward", "step", "generate"]:
+    f, p = by.get(("ferrotune", ph)), by.get(("pytorch", ph))
+    if f and p:
+        print(f"{ph:<9} {f['tokens_per_s']:>16.1f} {p['tokens_per_s']:>14.1f} {f['tokens_per_s']/p['tokens_per_s']:>11.2f}x {f['peak_rss_mb']:>13.0f} {p['peak_rss_mb']:>11.0f}")
+PY

@@ -1,0 +1,147 @@
+//! Generation over token ids: batched, KV-cached, greedy or sampled (temperature, top-k,
+//! top-p, seeded), stopping on end-of-sequence ids or a caller's stop rule, returning each
+//! sampled token's log-probability.
+//!
+//! Owns: sampling and the decode loop. Does not own: text, chat templates or rewards (stop
+//! strings arrive as a callback over ids, which the caller decodes).
+
+pub mod sample;
+
+use candle_core::{DType, Device, Result, Tensor, D};
+use ferrotune_models::{Batch, CausalLm};
+use ferrotune_nn::Mode;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+pub use sample::{log_softmax, sample_token, SamplingParams};
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// An end-of-sequence id was sampled (it is included in `ids`).
+    Eos,
+    /// The caller's stop rule fired.
+    Stop,
+    /// `max_new_tokens` reached: the completion is truncated.
+    Length,
+}
+
+/// One generated completion.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// New token ids (prompt excluded).
+    pub ids: Vec<u32>,
+    /// log p(token) under softmax(logits / temperature) (raw logits when greedy), per token.
+    pub logprobs: Vec<f32>,
+    pub finish: Finish,
+}
+
+/// Options of one generate call.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub sampling: SamplingParams,
+    pub max_new_tokens: usize,
+    pub eos_ids: Vec<u32>,
+    /// Id used for left padding (never attended to).
+    pub pad_id: u32,
+    pub mode: Mode,
+}
+
+/// Generate continuations of `prompts` (token ids) in one left-padded batch with a KV cache.
+/// `stop` is called after each new token with (row, ids so far) and may end that row.
+pub fn generate(
+    model: &dyn CausalLm,
+    prompts: &[Vec<u32>],
+    opts: &GenerateOptions,
+    stop: &dyn Fn(usize, &[u32]) -> bool,
+    device: &Device,
+) -> Result<Vec<Generation>> {
+    let b = prompts.len();
+    if b == 0 {
+        return Ok(vec![]);
+    }
+    if prompts.iter().any(|p| p.is_empty()) {
+        candle_core::bail!("generate: every prompt needs at least one token");
+    }
+    let mut rng = StdRng::seed_from_u64(opts.sampling.seed);
+    let batch = Batch::left_padded(prompts, opts.pad_id, device)?;
+    let (_, t0) = batch.dims()?;
+    let mut mask: Vec<Vec<u8>> = prompts
+        .iter()
+        .map(|p| {
+            let mut m = vec![0u8; t0 - p.len()];
+            m.extend(std::iter::repeat_n(1u8, p.len()));
+            m
+        })
+        .collect();
+    let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
+    let mut cache = model.new_cache();
+    let mut out: Vec<Generation> = (0..b)
+        .map(|_| Generation {
+            ids: vec![],
+            logprobs: vec![],
+            finish: Finish::Length,
+        })
+        .collect();
+    let mut done = vec![false; b];
+
+    let h = model.hidden(&batch, Some(&mut cache), opts.mode)?; // (B, T0, H)
+    let mut last = h.narrow(1, t0 - 1, 1)?; // (B, 1, H)
+    for _step in 0..opts.max_new_tokens {
+        let logits = model
+            .lm_head()
+            .forward(&last, opts.mode)?
+            .squeeze(1)?
+            .to_dtype(DType::F32)?; // (B, V)
+        let rows = logits.to_vec2::<f32>()?;
+        let mut new_ids = Vec::with_capacity(b);
+        for (i, row) in rows.iter().enumerate() {
+            if done[i] {
+                new_ids.push(opts.pad_id);
+                continue;
+            }
+            let (tok, lp) = sample_token(row, &opts.sampling, &mut rng);
+            out[i].ids.push(tok);
+            out[i].logprobs.push(lp);
+            if opts.eos_ids.contains(&tok) {
+                done[i] = true;
+                out[i].finish = Finish::Eos;
+            } else if stop(i, &out[i].ids) {
+                done[i] = true;
+                out[i].finish = Finish::Stop;
+            }
+            new_ids.push(tok);
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        // Feed this step's tokens; finished rows feed padding that no one attends to.
+        for (i, m) in mask.iter_mut().enumerate() {
+            m.push(if done[i] { 0 } else { 1 });
+        }
+        let tk = mask[0].len();
+        let flat: Vec<u8> = mask.iter().flatten().copied().collect();
+        let step = Batch {
+            input_ids: Tensor::from_vec(new_ids, (b, 1), device)?,
+            position_ids: Tensor::from_vec(next_pos.clone(), (b, 1), device)?,
+            key_mask: Some(Tensor::from_vec(flat, (b, tk), device)?),
+        };
+        for p in next_pos.iter_mut() {
+            *p += 1;
+        }
+        last = model.hidden(&step, Some(&mut cache), opts.mode)?; // (B, 1, H)
+    }
+    Ok(out)
+}
+
+/// Log-probabilities (B, T-1) of each next token under the model, for right-padded `batch`
+/// (row i scores ids[1..]); a convenience for evaluation and tests.
+pub fn next_token_logprobs(model: &dyn CausalLm, batch: &Batch, mode: Mode) -> Result<Tensor> {
+    let logits = model.forward(batch, None, mode)?.to_dtype(DType::F32)?; // (B, T, V)
+    let (_, t, _) = logits.dims3()?;
+    let logits = logits.narrow(1, 0, t - 1)?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;
+    let targets = batch.input_ids.narrow(1, 1, t - 1)?.unsqueeze(2)?; // (B, T-1, 1)
+    logits.gather(&targets.contiguous()?, 2)?.squeeze(2)?.broadcast_sub(&lse.squeeze(2)?)
+}

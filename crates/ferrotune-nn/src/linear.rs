@@ -1,0 +1,141 @@
+//! The linear slot: a frozen weight (and bias), optionally with a LoRA adapter attached at load
+//! time when the slot's path matches `target_modules` (PEFT semantics). LoRA is a property of
+//! the slot, never a second copy of the model tree.
+//!
+//! Output: `x W^T + b + (alpha / r) * B (A x)` with A: (r, in), B: (out, r); rsLoRA uses
+//! `alpha / sqrt(r)`. A is Kaiming-uniform (PEFT's `kaiming_uniform_(a = sqrt(5))`, i.e.
+//! U(-1/sqrt(in), 1/sqrt(in))), B is zero, so a fresh adapter leaves the model unchanged.
+
+use candle_core::{DType, Result, Tensor, Var};
+use rand::Rng;
+
+use crate::ops;
+use crate::weights::Vb;
+use crate::Mode;
+
+/// Which linear slots get an adapter (PEFT's `target_modules`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TargetModules {
+    /// A slot matches when its path equals a name or ends with `.name`.
+    Names(Vec<String>),
+    /// PEFT's `"all-linear"`: every linear slot except the output head.
+    AllLinear,
+}
+
+impl TargetModules {
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            TargetModules::AllLinear => !path.ends_with("lm_head"),
+            TargetModules::Names(names) => names
+                .iter()
+                .any(|n| path == n || path.ends_with(&format!(".{n}"))),
+        }
+    }
+}
+
+/// LoRA hyper-parameters, with PEFT's names and defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f32,
+    pub use_rslora: bool,
+    pub target_modules: TargetModules,
+}
+
+impl LoraConfig {
+    /// The scale applied to `B A x`.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.lora_alpha / (self.r as f64).sqrt()
+        } else {
+            self.lora_alpha / self.r as f64
+        }
+    }
+}
+
+/// A trainable low-rank update. Parameters are f32 master weights whatever the base dtype.
+#[derive(Debug, Clone)]
+pub struct LoraAdapter {
+    /// (r, in)
+    pub a: Var,
+    /// (out, r)
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f32,
+}
+
+/// A linear slot. `path` is the checkpoint path of the module (e.g.
+/// `model.layers.0.self_attn.q_proj`), which is also how PEFT names its adapter keys.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub path: String,
+    /// (out, in)
+    pub weight: Tensor,
+    /// (out)
+    pub bias: Option<Tensor>,
+    pub lora: Option<LoraAdapter>,
+}
+
+impl Linear {
+    /// Load `{prefix}.weight` (out, in) and, if `bias`, `{prefix}.bias`; attach LoRA if the
+    /// slot matches the builder's target modules.
+    pub fn load(vb: &Vb, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get("weight", &[out_dim, in_dim])?;
+        let bias = if bias {
+            Some(vb.get("bias", &[out_dim])?)
+        } else {
+            None
+        };
+        Self::from_weights(vb, weight, bias)
+    }
+
+    /// Wrap already-loaded weights (e.g. GPT-2's transposed Conv1D) as a slot at `vb`'s path.
+    pub fn from_weights(vb: &Vb, weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let path = vb.prefix().to_string();
+        let (out_dim, in_dim) = weight.dims2()?;
+        let lora = match &vb.lora {
+            Some(init) if init.config.target_modules.matches(&path) => {
+                let cfg = &init.config;
+                let bound = 1.0 / (in_dim as f64).sqrt();
+                let mut rng = init.rng.borrow_mut();
+                let a: Vec<f32> = (0..cfg.r * in_dim)
+                    .map(|_| rng.random_range(-bound..bound) as f32)
+                    .collect();
+                let a = Tensor::from_vec(a, (cfg.r, in_dim), vb.device())?;
+                let b = Tensor::zeros((out_dim, cfg.r), DType::F32, vb.device())?;
+                Some(LoraAdapter {
+                    a: Var::from_tensor(&a)?,
+                    b: Var::from_tensor(&b)?,
+                    scale: cfg.scale(),
+                    dropout: cfg.lora_dropout,
+                })
+            }
+            _ => None,
+        };
+        Ok(Linear {
+            path,
+            weight,
+            bias,
+            lora,
+        })
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight.dim(0).unwrap_or(0)
+    }
+
+    /// x: (..., in) -> (..., out).
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let y = ops::linear(x, &self.weight, self.bias.as_ref())?;
+        match &self.lora {
+            Some(l) if mode.adapters => {
+                // LoRA dropout is applied by the trainer's data path later; see LoraConfig.
+                let xa = ops::linear(x, &l.a.as_tensor().to_dtype(x.dtype())?, None)?; // (..., r)
+                let xab = ops::linear(&xa, &l.b.as_tensor().to_dtype(x.dtype())?, None)?; // (..., out)
+                y + (xab * l.scale)?
+            }
+            _ => Ok(y),
+        }
+    }
+}

@@ -1,0 +1,404 @@
+//! Causal grouped-query attention as a custom op, FlashAttention-style in spirit: nothing of
+//! size (B, H, Tq, Tk) is kept for backward; the softmax is recomputed block by block.
+//!
+//! Owns: masking, the softmax, the four products of the backward and the GQA reduction of
+//! dK/dV. Does not own: projections, RoPE or the KV cache (`crate::attention`).
+//!
+//! Work is split per (batch, query head) across rayon; inside a task, query rows go in blocks
+//! of [`Q_BLOCK`] so the transient scores stay (Q_BLOCK, Tk), and a block only reads the keys
+//! its last row can see (causality halves the work).
+//!
+//! Backward per block, with P the recomputed probabilities and dO the upstream gradient:
+//! dV += P^T dO; dP = dO V^T; dS = P * (dP - rowsum(P * dP)); dQ = scale dS K;
+//! dK += scale dS^T Q. rowsum(P * dP) equals rowsum(dO * O), computed here from P so the
+//! forward output is not needed.
+
+use candle_core::backend::BackendStorage as _;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::cpu::{f32_contig, f32_view, matmul, storage_from_f32, tensor_from_f32, with_f32, Mat};
+use super::OpError;
+
+const NAME: &str = "ferrotune-attention";
+
+/// Query rows per block.
+const Q_BLOCK: usize = 64;
+
+pub(crate) struct AttentionOp {
+    pub scale: f32,
+    /// (B, Tk) row-major, true = a real key; `None` = no padding.
+    pub key_mask: Option<Vec<bool>>,
+}
+
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    hq: usize,
+    hkv: usize,
+    tq: usize,
+    tk: usize,
+    d: usize,
+}
+
+impl Dims {
+    fn new(q: &[usize], k: &[usize], v: &[usize]) -> Result<Dims> {
+        let bad = |why: &str| -> candle_core::Error {
+            OpError::shape(NAME, format!("{why}: q {q:?}, k {k:?}, v {v:?}")).into()
+        };
+        let ([b, hq, tq, d], [kb, hkv, tk, kd]) = (q, k) else {
+            return Err(bad("q, k, v must be 4-D (B, H, T, D)"));
+        };
+        let (b, hq, tq, d, hkv, tk) = (*b, *hq, *tq, *d, *hkv, *tk);
+        if k != v || *kb != b || *kd != d {
+            return Err(bad("k and v must be (B, Hkv, Tk, D) with q's B and D"));
+        }
+        if hkv == 0 || hq % hkv != 0 {
+            return Err(bad("query heads must be a multiple of key/value heads"));
+        }
+        if tk < tq {
+            return Err(bad(
+                "fewer keys than queries (query i sits at key Tk - Tq + i)",
+            ));
+        }
+        Ok(Dims {
+            b,
+            hq,
+            hkv,
+            tq,
+            tk,
+            d,
+        })
+    }
+
+    fn groups(&self) -> usize {
+        self.hq / self.hkv
+    }
+}
+
+impl AttentionOp {
+    fn check_mask(&self, dims: Dims) -> Result<()> {
+        match &self.key_mask {
+            Some(m) if m.len() != dims.b * dims.tk => Err(OpError::shape(
+                NAME,
+                format!(
+                    "key_mask has {} elements, want (B, Tk) = ({}, {})",
+                    m.len(),
+                    dims.b,
+                    dims.tk
+                ),
+            )
+            .into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Scores of one block of query rows -> probabilities, in place. `s` is (rows, kmax) with
+    /// row r at query index i0 + r; invisible keys and fully masked rows become 0.
+    fn softmax_block(
+        &self,
+        s: &mut [f32],
+        rows: usize,
+        kmax: usize,
+        i0: usize,
+        bi: usize,
+        dims: Dims,
+    ) {
+        let mask = self
+            .key_mask
+            .as_ref()
+            .map(|m| &m[bi * dims.tk..(bi + 1) * dims.tk]);
+        for r in 0..rows {
+            // The last key this query may see; always < kmax by construction of kmax.
+            let pos = dims.tk - dims.tq + i0 + r;
+            let row = &mut s[r * kmax..(r + 1) * kmax];
+            let visible = |j: usize| j <= pos && mask.is_none_or(|m| m[j]);
+            let mut max = f32::NEG_INFINITY;
+            for (j, &v) in row.iter().enumerate() {
+                if visible(j) && v > max {
+                    max = v;
+                }
+            }
+            if max == f32::NEG_INFINITY {
+                row.fill(0.0);
+                continue;
+            }
+            let mut sum = 0f32;
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = if visible(j) { (*v - max).exp() } else { 0.0 };
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+
+    /// Block loop shared by forward and backward: calls `f(i0, rows, kmax, probs)` for each
+    /// block of query rows of one head, with the probabilities recomputed.
+    #[allow(clippy::too_many_arguments)]
+    fn for_blocks(
+        &self,
+        qh: &[f32],
+        kh: &[f32],
+        bi: usize,
+        dims: Dims,
+        buf: &mut Vec<f32>,
+        mut f: impl FnMut(usize, usize, usize, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        let d = dims.d;
+        for i0 in (0..dims.tq).step_by(Q_BLOCK) {
+            let rows = Q_BLOCK.min(dims.tq - i0);
+            // Keys visible to the block's last row: 0..kmax.
+            let kmax = dims.tk - dims.tq + i0 + rows;
+            buf.resize(rows * kmax, 0.0);
+            let s = &mut buf[..rows * kmax];
+            // S = scale Q K^T: (rows, D) x (D, kmax)
+            let qb = Mat::new(&qh[i0 * d..], rows, d);
+            matmul(
+                s,
+                kmax,
+                qb,
+                Mat::new(kh, kmax, d).t(),
+                self.scale,
+                false,
+                Parallelism::None,
+            )?;
+            self.softmax_block(s, rows, kmax, i0, bi, dims);
+            f(i0, rows, kmax, s)?;
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = Dims::new(ql.dims(), kl.dims(), vl.dims())?;
+        self.check_mask(dims)?;
+        let (q, k, v) = (
+            f32_view(NAME, qs, ql)?,
+            f32_view(NAME, ks, kl)?,
+            f32_view(NAME, vs, vl)?,
+        );
+        let Dims { hq, tq, tk, d, .. } = dims;
+        let mut out = vec![0f32; q.len()];
+        if !out.is_empty() {
+            // One task per (batch, query head); the output chunk is that head's (Tq, D).
+            out.par_chunks_mut(tq * d)
+                .enumerate()
+                .try_for_each(|(bh, oh)| -> Result<()> {
+                    let (bi, h) = (bh / hq, bh % hq);
+                    let kv = (bi * dims.hkv + h / dims.groups()) * tk * d;
+                    let (kh, vh) = (&k[kv..kv + tk * d], &v[kv..kv + tk * d]);
+                    let qh = &q[bh * tq * d..(bh + 1) * tq * d];
+                    let mut buf = Vec::new();
+                    self.for_blocks(qh, kh, bi, dims, &mut buf, |i0, rows, kmax, p| {
+                        // O = P V: (rows, kmax) x (kmax, D)
+                        let ob = &mut oh[i0 * d..(i0 + rows) * d];
+                        matmul(
+                            ob,
+                            d,
+                            Mat::new(p, rows, kmax),
+                            Mat::new(vh, kmax, d),
+                            1.0,
+                            false,
+                            Parallelism::None,
+                        )
+                    })
+                })?;
+        }
+        Ok((storage_from_f32(NAME, out, qs.dtype())?, ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (want_q, want_k, want_v) = (q.track_op(), k.track_op(), v.track_op());
+        if !(want_q || want_k || want_v) || q.elem_count() == 0 {
+            return Ok((None, None, None));
+        }
+        let dims = Dims::new(q.dims(), k.dims(), v.dims())?;
+        self.check_mask(dims)?;
+        let Dims {
+            b,
+            hq,
+            hkv,
+            tq,
+            tk,
+            d,
+        } = dims;
+        let (q32, k32, v32, g32) = (
+            f32_contig(q)?,
+            f32_contig(k)?,
+            f32_contig(v)?,
+            f32_contig(g)?,
+        );
+        let mut dq = vec![0f32; if want_q { b * hq * tq * d } else { 0 }];
+        // dK, dV per query head (B, Hq, Tk, D), summed over each group afterwards.
+        let mut dk = vec![0f32; if want_k { b * hq * tk * d } else { 0 }];
+        let mut dv = vec![0f32; if want_v { b * hq * tk * d } else { 0 }];
+        let n = b * hq;
+        let tasks: Vec<_> = split(&mut dq, tq * d, n)
+            .into_iter()
+            .zip(split(&mut dk, tk * d, n))
+            .zip(split(&mut dv, tk * d, n))
+            .enumerate()
+            .collect();
+        with_f32(NAME, &q32, |q| {
+            with_f32(NAME, &k32, |k| {
+                with_f32(NAME, &v32, |v| {
+                    with_f32(NAME, &g32, |go| {
+                        tasks.into_par_iter().try_for_each(
+                            |(bh, ((dqh, dkh), dvh))| -> Result<()> {
+                                let (bi, h) = (bh / hq, bh % hq);
+                                let kv = (bi * hkv + h / dims.groups()) * tk * d;
+                                let (kh, vh) = (&k[kv..kv + tk * d], &v[kv..kv + tk * d]);
+                                let qh = &q[bh * tq * d..(bh + 1) * tq * d];
+                                let gh = &go[bh * tq * d..(bh + 1) * tq * d];
+                                let (mut buf, mut dp) = (Vec::new(), Vec::new());
+                                let none = Parallelism::None;
+                                self.for_blocks(qh, kh, bi, dims, &mut buf, |i0, rows, kmax, p| {
+                                    let pm = Mat::new(p, rows, kmax);
+                                    let gb = Mat::new(&gh[i0 * d..], rows, d);
+                                    if want_v {
+                                        // dV[..kmax] += P^T dO: (kmax, rows) x (rows, D)
+                                        matmul(
+                                            &mut dvh[..kmax * d],
+                                            d,
+                                            pm.t(),
+                                            gb,
+                                            1.0,
+                                            true,
+                                            none,
+                                        )?;
+                                    }
+                                    if !(want_q || want_k) {
+                                        return Ok(());
+                                    }
+                                    // dP = dO V^T: (rows, D) x (D, kmax)
+                                    dp.resize(rows * kmax, 0.0);
+                                    let ds = &mut dp[..rows * kmax];
+                                    matmul(
+                                        ds,
+                                        kmax,
+                                        gb,
+                                        Mat::new(vh, kmax, d).t(),
+                                        1.0,
+                                        false,
+                                        none,
+                                    )?;
+                                    // dS = P * (dP - rowsum(P * dP)), in place
+                                    for (dr, pr) in
+                                        ds.chunks_exact_mut(kmax).zip(p.chunks_exact(kmax))
+                                    {
+                                        let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                                        dr.iter_mut()
+                                            .zip(pr)
+                                            .for_each(|(a, b)| *a = b * (*a - dot));
+                                    }
+                                    let dsm = Mat::new(ds, rows, kmax);
+                                    if want_q {
+                                        // dQ = scale dS K: (rows, kmax) x (kmax, D)
+                                        let dqb = &mut dqh[i0 * d..(i0 + rows) * d];
+                                        matmul(
+                                            dqb,
+                                            d,
+                                            dsm,
+                                            Mat::new(kh, kmax, d),
+                                            self.scale,
+                                            false,
+                                            none,
+                                        )?;
+                                    }
+                                    if want_k {
+                                        // dK[..kmax] += scale dS^T Q: (kmax, rows) x (rows, D)
+                                        let qb = Mat::new(&qh[i0 * d..], rows, d);
+                                        matmul(
+                                            &mut dkh[..kmax * d],
+                                            d,
+                                            dsm.t(),
+                                            qb,
+                                            self.scale,
+                                            true,
+                                            none,
+                                        )?;
+                                    }
+                                    Ok(())
+                                })
+                            },
+                        )
+                    })
+                })
+            })
+        })?;
+        let dq = if want_q {
+            Some(tensor_from_f32(dq, q.dims(), q.dtype(), q)?)
+        } else {
+            None
+        };
+        let dk = if want_k {
+            Some(tensor_from_f32(
+                sum_groups(dk, dims),
+                k.dims(),
+                k.dtype(),
+                k,
+            )?)
+        } else {
+            None
+        };
+        let dv = if want_v {
+            Some(tensor_from_f32(
+                sum_groups(dv, dims),
+                v.dims(),
+                v.dtype(),
+                v,
+            )?)
+        } else {
+            None
+        };
+        Ok((dq, dk, dv))
+    }
+}
+
+/// `n` chunks of `size` of `v`, or `n` empty slices when `v` is empty (a gradient not wanted).
+fn split(v: &mut [f32], size: usize, n: usize) -> Vec<&mut [f32]> {
+    if v.is_empty() {
+        (0..n).map(|_| <&mut [f32]>::default()).collect()
+    } else {
+        v.chunks_mut(size).collect()
+    }
+}
+
+/// (B, Hq, Tk, D) per-query-head partials -> (B, Hkv, Tk, D), summing each group's heads.
+fn sum_groups(per_head: Vec<f32>, dims: Dims) -> Vec<f32> {
+    let groups = dims.groups();
+    if groups == 1 {
+        return per_head;
+    }
+    let size = dims.tk * dims.d;
+    let mut out = vec![0f32; dims.b * dims.hkv * size];
+    out.par_chunks_mut(size).enumerate().for_each(|(bk, o)| {
+        for gi in 0..groups {
+            let src = &per_head[(bk * groups + gi) * size..][..size];
+            o.iter_mut().zip(src).for_each(|(o, s)| *o += s);
+        }
+    });
+    out
+}

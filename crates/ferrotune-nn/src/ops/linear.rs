@@ -1,0 +1,208 @@
+//! `y = x W^T (+ b)` as a custom op whose backward skips the gradient of a frozen weight.
+//!
+//! Owns: the forward gemm and the three backward products. Does not own: LoRA composition
+//! (`crate::linear`) or parameter storage.
+//!
+//! Why not candle's matmul: its backward always computes `dW = g^T x`, which for a frozen base
+//! weight is a full fine-tune's worth of work thrown away.
+
+use candle_core::backend::BackendStorage as _;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::cpu::{
+    f32_contig, f32_view, matmul, par_for, storage_from_f32, tensor_from_f32, with_f32, Mat,
+};
+use super::OpError;
+
+const NAME: &str = "ferrotune-linear";
+
+pub(crate) struct LinearOp;
+
+/// Rows of x (every leading dim flattened), in features, out features.
+fn dims(x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
+    let xd = x.dims();
+    let wd = w.dims();
+    let k = *xd
+        .last()
+        .ok_or_else(|| OpError::shape(NAME, "x must have at least one dim"))?;
+    if wd.len() != 2 || wd[1] != k {
+        return Err(OpError::shape(
+            NAME,
+            format!("w {wd:?} does not match x {xd:?} (want (out, {k}))"),
+        )
+        .into());
+    }
+    Ok((xd.iter().product::<usize>() / k.max(1), k, wd[0]))
+}
+
+fn out_shape(x: &Layout, n: usize) -> Shape {
+    let mut d = x.dims().to_vec();
+    if let Some(last) = d.last_mut() {
+        *last = n;
+    }
+    Shape::from(d)
+}
+
+fn forward(
+    xs: &CpuStorage,
+    xl: &Layout,
+    ws: &CpuStorage,
+    wl: &Layout,
+    bias: Option<(&CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    let (m, k, n) = dims(xl, wl)?;
+    let x = f32_view(NAME, xs, xl)?;
+    let w = f32_view(NAME, ws, wl)?;
+    let mut y = vec![0f32; m * n];
+    let accumulate = match bias {
+        Some((bs, bl)) => {
+            let b = f32_view(NAME, bs, bl)?;
+            if b.len() != n {
+                return Err(OpError::shape(
+                    NAME,
+                    format!("bias has {} elements, want {n}", b.len()),
+                )
+                .into());
+            }
+            // Start from the bias rows and let gemm accumulate: the add costs nothing extra.
+            for row in y.chunks_exact_mut(n.max(1)) {
+                row.copy_from_slice(&b);
+            }
+            true
+        }
+        None => false,
+    };
+    // (M, K) x (K, N), W^T read through strides.
+    matmul(
+        &mut y,
+        n,
+        Mat::new(&x, m, k),
+        Mat::new(&w, n, k).t(),
+        1.0,
+        accumulate,
+        par_for(m, n, k),
+    )?;
+    Ok((storage_from_f32(NAME, y, xs.dtype())?, out_shape(xl, n)))
+}
+
+/// The gradients of x and W (each only when tracked).
+fn backward(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let (want_x, want_w) = (x.track_op(), w.track_op());
+    if !want_x && !want_w {
+        return Ok((None, None));
+    }
+    let (n, k) = w.dims2()?;
+    let m = x.elem_count() / k.max(1);
+    let g = f32_contig(g)?;
+    let dx = if want_x {
+        let w32 = f32_contig(w)?;
+        let mut dx = vec![0f32; m * k];
+        with_f32(NAME, &g, |g| {
+            with_f32(NAME, &w32, |w| {
+                // dx = g W: (M, N) x (N, K)
+                matmul(
+                    &mut dx,
+                    k,
+                    Mat::new(g, m, n),
+                    Mat::new(w, n, k),
+                    1.0,
+                    false,
+                    par_for(m, n, k),
+                )
+            })
+        })?;
+        Some(tensor_from_f32(dx, x.dims(), x.dtype(), x)?)
+    } else {
+        None
+    };
+    let dw = if want_w {
+        let x32 = f32_contig(x)?;
+        let mut dw = vec![0f32; n * k];
+        with_f32(NAME, &g, |g| {
+            with_f32(NAME, &x32, |x| {
+                // dW = g^T x: (N, M) x (M, K)
+                matmul(
+                    &mut dw,
+                    k,
+                    Mat::new(g, m, n).t(),
+                    Mat::new(x, m, k),
+                    1.0,
+                    false,
+                    par_for(m, n, k),
+                )
+            })
+        })?;
+        Some(tensor_from_f32(dw, &[n, k], w.dtype(), w)?)
+    } else {
+        None
+    };
+    Ok((dx, dw))
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        forward(xs, xl, ws, wl, None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        backward(x, w, g)
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        forward(xs, xl, ws, wl, Some((bs, bl)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = backward(x, w, g)?;
+        let db = if b.track_op() {
+            let n = b.elem_count();
+            // db = sum of g over every leading dim: (M, N) -> (N)
+            Some(
+                g.to_dtype(candle_core::DType::F32)?
+                    .reshape(((), n))?
+                    .sum(0)?
+                    .to_dtype(b.dtype())?,
+            )
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
+    }
+}

@@ -1,0 +1,187 @@
+//! Fused `log_softmax(hidden W^T / temperature)[target]` over the vocabulary, processed in
+//! chunks of rows so the (N, V) logits never exist, neither in forward nor for backward.
+//!
+//! Owns: the chunked LM-head product, log-sum-exp, gather, and their backward. Does not own:
+//! which tokens are scored or how log-probs become a loss (the trainers).
+//!
+//! Backward recomputes each chunk's logits: with p = softmax(z), z = hidden W^T / T and
+//! upstream g (N), dz = g (onehot(target) - p) / T; d hidden = dz W; dW = dz^T hidden (only
+//! when W is tracked: a frozen LM head costs one product, not two).
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::cpu::{
+    f32_contig, f32_view, matmul, par_for, storage_from_f32, tensor_from_f32, with_f32, Mat,
+};
+use super::OpError;
+
+const NAME: &str = "ferrotune-token-logprobs";
+
+/// Logit elements per chunk (16 MiB of f32): large enough for efficient gemms, small enough
+/// to stay out of the way of the model's own activations.
+const CHUNK_ELEMS: usize = 1 << 22;
+
+pub(crate) struct TokenLogprobsOp {
+    /// (N,), each < V (checked by the wrapper).
+    pub targets: Vec<u32>,
+    pub inv_temp: f32,
+    /// Rows per chunk; 0 = choose from V.
+    pub chunk_rows: usize,
+}
+
+impl TokenLogprobsOp {
+    fn dims(&self, hl: &[usize], wl: &[usize]) -> Result<(usize, usize, usize, usize)> {
+        let ok = hl.len() == 2 && wl.len() == 2 && hl[1] == wl[1] && hl[0] == self.targets.len();
+        if !ok {
+            let msg = format!(
+                "hidden {hl:?}, w {wl:?}, {} targets; want (N, H), (V, H), N",
+                self.targets.len()
+            );
+            return Err(OpError::shape(NAME, msg).into());
+        }
+        let (n, h, v) = (hl[0], hl[1], wl[0]);
+        let chunk = if self.chunk_rows > 0 {
+            self.chunk_rows
+        } else {
+            (CHUNK_ELEMS / v.max(1)).max(16)
+        };
+        Ok((n, h, v, chunk.min(n).max(1)))
+    }
+
+    /// z = hidden[r0..r0+rows] W^T / T into `z` (rows, V).
+    fn logits(
+        &self,
+        z: &mut [f32],
+        hid: &[f32],
+        w: &[f32],
+        r0: usize,
+        rows: usize,
+        h: usize,
+        v: usize,
+    ) -> Result<()> {
+        let hb = Mat::new(&hid[r0 * h..(r0 + rows) * h], rows, h);
+        matmul(
+            z,
+            v,
+            hb,
+            Mat::new(w, v, h).t(),
+            self.inv_temp,
+            false,
+            par_for(rows, v, h),
+        )
+    }
+}
+
+/// (max, log-sum-exp) of one row of logits.
+fn lse(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    max + row.iter().map(|z| (z - max).exp()).sum::<f32>().ln()
+}
+
+impl CustomOp2 for TokenLogprobsOp {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        hs: &CpuStorage,
+        hl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, h, v, chunk) = self.dims(hl.dims(), wl.dims())?;
+        let (hid, w) = (f32_view(NAME, hs, hl)?, f32_view(NAME, ws, wl)?);
+        let mut out = vec![0f32; n];
+        let mut z = vec![0f32; chunk * v];
+        for r0 in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - r0);
+            let z = &mut z[..rows * v];
+            self.logits(z, &hid, &w, r0, rows, h, v)?;
+            let tg = &self.targets[r0..r0 + rows];
+            out[r0..r0 + rows]
+                .par_iter_mut()
+                .zip(z.par_chunks(v))
+                .zip(tg.par_iter())
+                .for_each(|((o, zr), &t)| {
+                    *o = zr[t as usize] - lse(zr);
+                });
+        }
+        Ok((
+            storage_from_f32(NAME, out, candle_core::DType::F32)?,
+            Shape::from(n),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        hidden: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (want_h, want_w) = (hidden.track_op(), w.track_op());
+        if !want_h && !want_w {
+            return Ok((None, None));
+        }
+        let (n, h, v, chunk) = self.dims(hidden.dims(), w.dims())?;
+        let (h32, w32, g32) = (f32_contig(hidden)?, f32_contig(w)?, f32_contig(g)?);
+        let mut dh = vec![0f32; if want_h { n * h } else { 0 }];
+        let mut dw = vec![0f32; if want_w { v * h } else { 0 }];
+        with_f32(NAME, &h32, |hid| {
+            with_f32(NAME, &w32, |wv| {
+                with_f32(NAME, &g32, |gv| {
+                    let mut z = vec![0f32; chunk * v];
+                    for r0 in (0..n).step_by(chunk) {
+                        let rows = chunk.min(n - r0);
+                        let z = &mut z[..rows * v];
+                        self.logits(z, hid, wv, r0, rows, h, v)?;
+                        let tg = &self.targets[r0..r0 + rows];
+                        // z -> dz = g (onehot - softmax(z)) / T, row by row
+                        z.par_chunks_mut(v)
+                            .zip(tg.par_iter())
+                            .zip(gv[r0..r0 + rows].par_iter())
+                            .for_each(|((zr, &t), &gi)| {
+                                let l = lse(zr);
+                                let c = gi * self.inv_temp;
+                                zr.iter_mut().for_each(|x| *x = -c * (*x - l).exp());
+                                zr[t as usize] += c;
+                            });
+                        let dz = Mat::new(z, rows, v);
+                        if want_h {
+                            // d hidden = dz W: (rows, V) x (V, H)
+                            let dhb = &mut dh[r0 * h..(r0 + rows) * h];
+                            matmul(
+                                dhb,
+                                h,
+                                dz,
+                                Mat::new(wv, v, h),
+                                1.0,
+                                false,
+                                par_for(rows, v, h),
+                            )?;
+                        }
+                        if want_w {
+                            // dW += dz^T hidden: (V, rows) x (rows, H)
+                            let hb = Mat::new(&hid[r0 * h..(r0 + rows) * h], rows, h);
+                            matmul(&mut dw, h, dz.t(), hb, 1.0, true, par_for(rows, v, h))?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+        })?;
+        let dh = if want_h {
+            Some(tensor_from_f32(dh, hidden.dims(), hidden.dtype(), hidden)?)
+        } else {
+            None
+        };
+        let dw = if want_w {
+            Some(tensor_from_f32(dw, w.dims(), w.dtype(), w)?)
+        } else {
+            None
+        };
+        Ok((dh, dw))
+    }
+}

@@ -1,0 +1,181 @@
+//! Differentiable ops of the hot path, each a candle custom op with an explicit backward.
+//!
+//! Owns: the math of linear, RMSNorm/LayerNorm, RoPE, causal GQA attention, SwiGLU and the
+//! chunked vocabulary log-prob, forward and backward. Does not own: parameters, layer
+//! structure or model families.
+//!
+//! Contract shared by every op here: a gradient is computed for an argument only when that
+//! argument is tracked by autograd (`Tensor::track_op()`), so a frozen weight never gets one
+//! (candle's stock matmul backward would compute it, which makes LoRA cost a full fine-tune).
+//! Internally every op computes in f32 and returns the input dtype (f32, bf16, f16 or f64).
+//! Forward and backward run on CPU; the CUDA kernels come later (`cuda_fwd` is not provided,
+//! so a CUDA tensor gets a clear "no cuda implementation" error).
+//!
+//! Why custom ops: candle-nn's fast rms_norm/softmax/rope have no backward, and composites of
+//! stock ops keep every intermediate alive for backward (attention would keep (B, H, T, T)).
+//! The wrappers below make inputs contiguous, so the kernels read plain row-major slices.
+//! [`reference`] keeps the stock-op composites the tests compare against.
+
+mod attention;
+mod cpu;
+mod linear;
+mod logprobs;
+mod norm;
+pub mod reference;
+mod rope;
+mod swiglu;
+
+use candle_core::{DType, Result, Tensor};
+
+/// What can go wrong inside an op, with the op's name for context.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("{op}: {msg}")]
+    Shape { op: &'static str, msg: String },
+    #[error("{op}: input is not contiguous (the public wrappers make it so)")]
+    NotContiguous { op: &'static str },
+    #[error("{op}: unsupported dtype {dtype:?} (want f32, bf16, f16 or f64)")]
+    DType { op: &'static str, dtype: DType },
+    #[error("{op}: backward runs on CPU tensors only for now")]
+    Device { op: &'static str },
+    #[error("gemm: operands do not fit an (m={m}, k={k}) x (k={k}, n={n}) product")]
+    Gemm { m: usize, n: usize, k: usize },
+    #[error("token_logprobs: target id {id} at row {row} is outside the vocabulary of {vocab}")]
+    Target { row: usize, id: u32, vocab: usize },
+    #[error("token_logprobs: temperature must be positive and finite, got {0}")]
+    Temperature(f64),
+}
+
+impl OpError {
+    fn shape(op: &'static str, msg: impl Into<String>) -> Self {
+        OpError::Shape {
+            op,
+            msg: msg.into(),
+        }
+    }
+}
+
+impl From<OpError> for candle_core::Error {
+    fn from(e: OpError) -> Self {
+        candle_core::Error::wrap(e)
+    }
+}
+
+/// `y = x W^T (+ b)`. x: (..., in), w: (out, in), b: (out). Returns (..., out).
+///
+/// Backward: dx = g W when x is tracked; dW = g^T x only when W is tracked; db = sum(g) only
+/// when b is tracked.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, linear::LinearOp),
+        None => x.apply_op2(&w, linear::LinearOp),
+    }
+}
+
+/// RMSNorm: `x / sqrt(mean(x^2) + eps) * w`. x: (..., H), w: (H).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let op = norm::RmsNormOp { eps: eps as f32 };
+    x.contiguous()?.apply_op2(&w.contiguous()?, op)
+}
+
+/// LayerNorm: `(x - mean) / sqrt(var + eps) * w + b`. x: (..., H), w, b: (H).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let op = norm::LayerNormOp { eps: eps as f32 };
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)
+}
+
+/// Rotary embedding, Hugging Face "rotate_half" convention (first half / second half of the
+/// head dim are the pairs). x: (B, H, T, D); cos, sin: (B, T, D/2) (a batch of 1 broadcasts).
+/// cos and sin never get a gradient.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, rope::RopeOp)
+}
+
+/// Causal grouped-query attention with an optional key padding mask.
+///
+/// q: (B, Hq, Tq, D); k, v: (B, Hkv, Tk, D) with Hq % Hkv == 0; `key_mask`: (B, Tk), 1 = real
+/// key, 0 = padding (any dtype). Query i sits at key position `Tk - Tq + i` (the KV-cache
+/// convention) and attends to keys at positions <= its own that are not padding. A query with
+/// no visible key (a left-pad position) gets a zero output and passes no gradient. Returns
+/// (B, Hq, Tq, D). Nothing of size (B, H, Tq, Tk) is kept for backward.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    key_mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let key_mask = match key_mask {
+        Some(m) => {
+            let m = m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            Some(m.into_iter().map(|x| x != 0.0).collect())
+        }
+        None => None,
+    };
+    let op = attention::AttentionOp {
+        scale: scale as f32,
+        key_mask,
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// `silu(gate) * up`, elementwise; same shapes.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?
+        .apply_op2(&up.contiguous()?, swiglu::SwigluOp)
+}
+
+/// GELU, tanh approximation (GPT-2's `gelu_new`). Candle's stock op: its backward is exact
+/// (checked against torch in the tests), so no custom op is needed.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    x.gelu()
+}
+
+/// Log-probability of `targets` under `softmax(hidden W^T / temperature)`, computed over the
+/// vocabulary in chunks of rows so the (N, V) logits never exist, in forward or for backward.
+///
+/// hidden: (N, H); w: (V, H); targets: (N,) u32 (any integer dtype). Returns (N,) f32.
+pub fn token_logprobs(
+    hidden: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+) -> Result<Tensor> {
+    token_logprobs_chunked(hidden, w, targets, temperature, 0)
+}
+
+/// [`token_logprobs`] with an explicit number of rows per chunk (0 = choose from V); exposed
+/// so tests can force several chunks on tiny inputs.
+pub fn token_logprobs_chunked(
+    hidden: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+    chunk_rows: usize,
+) -> Result<Tensor> {
+    if !(temperature > 0.0 && temperature.is_finite()) {
+        return Err(OpError::Temperature(temperature).into());
+    }
+    let targets = targets
+        .to_dtype(DType::U32)?
+        .flatten_all()?
+        .to_vec1::<u32>()?;
+    let vocab = w.dim(0)?;
+    if let Some((row, &id)) = targets
+        .iter()
+        .enumerate()
+        .find(|(_, &t)| t as usize >= vocab)
+    {
+        return Err(OpError::Target { row, id, vocab }.into());
+    }
+    let op = logprobs::TokenLogprobsOp {
+        targets,
+        inv_temp: (1.0 / temperature) as f32,
+        chunk_rows,
+    };
+    hidden.contiguous()?.apply_op2(&w.contiguous()?, op)
+}

@@ -1,0 +1,333 @@
+//! Building our `Tokenizer` from GGUF metadata (llama.cpp's `tokenizer.ggml.*` keys), so that it
+//! gives the same ids as transformers' `AutoTokenizer.from_pretrained(dir, gguf_file=...)`. It
+//! owns the mapping from metadata to a `tokenizers` pipeline; it does not read tensors or files
+//! (the caller parses the GGUF header with candle).
+//!
+//! What transformers builds for `tokenizer.ggml.model = "gpt2"` (read from its
+//! `integrations/gguf/gguf_tokenizer_mapping.py` and `GPT2Tokenizer`), and we reproduce:
+//! - model: BPE over the file's tokens and merges, no unk token, no dropout, no byte fallback;
+//!   a token written outside the byte-level alphabet is respelled byte by byte into it;
+//! - pre-tokenizer: `ByteLevel(add_prefix_space=false)` with GPT-2's split regex, or, when
+//!   `tokenizer.ggml.pre` names a known family (llama3, qwen2, …), that family's split regex
+//!   (`Split`, isolated) followed by `ByteLevel` without regex; `add_space_prefix` is ignored;
+//! - decoder: `ByteLevel`;
+//! - added tokens: CONTROL tokens (type 3) as special tokens (skipped when spelled outside the
+//!   byte alphabet: a llama.cpp mislabel), USER_DEFINED tokens (type 4) as plain added tokens;
+//! - post-processor: `[bos] $A [eos]` from `tokenizer.ggml.add_bos_token` / `add_eos_token`;
+//! - special tokens: the strings at the bos/eos/unknown/padding ids; chat template from
+//!   `tokenizer.chat_template`.
+//!
+//! Sentencepiece (`"llama"`) and unigram (`"t5"`) vocabularies are refused with
+//! `UnsupportedTokenizerModel` for now.
+
+use std::collections::HashMap;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+use crate::error::{Result, TokenizeError};
+use crate::tokenizer::{SpecialConfig, Tokenizer, DEFAULT_TEMPLATE};
+
+/// llama.cpp token types (`llama_token_type`).
+const TOKEN_TYPE_CONTROL: i64 = 3;
+const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+
+/// Split regexes of the pre-tokenizer families transformers knows by `tokenizer.ggml.pre`.
+/// These are facts about how each vocabulary was trained, needed for identical ids.
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN35_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const TEKKEN_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const GPT4O_SPLIT: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+fn split_regex_for(pre: &str) -> Option<&'static str> {
+    Some(match pre {
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0"
+        | "lfm2" | "jina-v5-nano" | "dbrx" | "smaug-bpe" => LLAMA3_SPLIT,
+        "tekken" => TEKKEN_SPLIT,
+        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "megrez" => QWEN2_SPLIT,
+        "qwen35" => QWEN35_SPLIT,
+        "gpt-4o" | "llama4" | "kanana2" | "talkie" | "minimax-m2" => GPT4O_SPLIT,
+        _ => return None,
+    })
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer described by a GGUF file's metadata (see the module docs).
+    pub fn from_gguf(content: &Content) -> Result<Self> {
+        let md = &content.metadata;
+        let model = get_str(md, "tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(TokenizeError::UnsupportedTokenizerModel {
+                model: model.to_string(),
+            });
+        }
+        let tokens = get_str_array(md, "tokenizer.ggml.tokens")?;
+        let token_types = match md.get("tokenizer.ggml.token_type") {
+            Some(v) => Some(int_array(v, "tokenizer.ggml.token_type")?),
+            None => None,
+        };
+        if let Some(types) = &token_types {
+            if types.len() != tokens.len() {
+                return Err(gguf_err(
+                    "tokenizer.ggml.token_type",
+                    format!("has {} entries for {} tokens", types.len(), tokens.len()),
+                ));
+            }
+        }
+        let merges = match md.get("tokenizer.ggml.merges") {
+            Some(_) => get_str_array(md, "tokenizer.ggml.merges")?,
+            None => {
+                return Err(gguf_err(
+                    "tokenizer.ggml.merges",
+                    "missing; a byte-level BPE GGUF without merges is not supported",
+                ))
+            }
+        };
+
+        let alphabet = byte_alphabet();
+        let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
+        let mut vocab = Vocab::with_capacity(tokens.len());
+        for (id, token) in tokens.iter().enumerate() {
+            let spelled = if in_alphabet(token) {
+                token.clone()
+            } else {
+                token.bytes().map(|b| alphabet[b as usize]).collect()
+            };
+            // Duplicate spellings: the later id wins, as in transformers' dict comprehension.
+            vocab.insert(spelled, id as u32);
+        }
+        let mut pairs = Vec::with_capacity(merges.len());
+        for (i, merge) in merges.iter().enumerate() {
+            match merge.split_once(' ') {
+                Some((a, b)) if !b.contains(' ') => pairs.push((a.to_string(), b.to_string())),
+                _ => {
+                    return Err(gguf_err(
+                        "tokenizer.ggml.merges",
+                        format!("entry {i} {merge:?} is not two tokens separated by one space"),
+                    ))
+                }
+            }
+        }
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, pairs)
+            .build()
+            .map_err(|e| TokenizeError::tokenizers("building BPE from GGUF vocab/merges", &e))?;
+
+        let pre = md
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+            .unwrap_or("");
+        let pre_tokenizer: PreTokenizerWrapper = match split_regex_for(pre) {
+            Some(regex) => {
+                let split = Split::new(
+                    SplitPattern::Regex(regex.to_string()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(|e| TokenizeError::tokenizers(format!("split regex for `{pre}`"), &e))?;
+                Sequence::new(vec![
+                    split.into(),
+                    ByteLevel::new(false, true, false).into(),
+                ])
+                .into()
+            }
+            None => ByteLevel::new(false, true, true).into(),
+        };
+
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(pre_tokenizer));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+
+        if let Some(types) = &token_types {
+            let control: Vec<AddedToken> = tokens
+                .iter()
+                .zip(types)
+                .filter(|(t, ty)| **ty == TOKEN_TYPE_CONTROL && in_alphabet(t))
+                .map(|(t, _)| AddedToken::from(t.clone(), true))
+                .collect();
+            if !control.is_empty() {
+                inner.add_special_tokens(&control);
+            }
+            let user: Vec<AddedToken> = tokens
+                .iter()
+                .zip(types)
+                .filter(|(t, ty)| **ty == TOKEN_TYPE_USER_DEFINED && inner.token_to_id(t).is_some())
+                .map(|(t, _)| AddedToken::from(t.clone(), false).normalized(false))
+                .collect();
+            if !user.is_empty() {
+                inner.add_tokens(&user);
+            }
+        }
+
+        let token_at = |key: &str| -> Result<Option<String>> {
+            match md.get(key) {
+                None => Ok(None),
+                Some(v) => {
+                    let id = int_value(v, key)?;
+                    let token = usize::try_from(id).ok().and_then(|i| tokens.get(i));
+                    match token {
+                        Some(t) => Ok(Some(t.clone())),
+                        None => Err(gguf_err(
+                            key,
+                            format!("id {id} is outside the vocabulary of {}", tokens.len()),
+                        )),
+                    }
+                }
+            }
+        };
+        let special = SpecialConfig {
+            bos_token: token_at("tokenizer.ggml.bos_token_id")?,
+            eos_token: token_at("tokenizer.ggml.eos_token_id")?,
+            unk_token: token_at("tokenizer.ggml.unknown_token_id")?,
+            pad_token: token_at("tokenizer.ggml.padding_token_id")?,
+            add_bos_token: get_bool_opt(md, "tokenizer.ggml.add_bos_token")?,
+            add_eos_token: get_bool_opt(md, "tokenizer.ggml.add_eos_token")?,
+        };
+
+        // llama.cpp's end-of-turn / end-of-message ids play the role of generation_config's
+        // extra eos ids; they change no encoding.
+        let mut extra_eos = Vec::new();
+        for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+            if let Some(v) = md.get(key) {
+                let id = int_value(v, key)?;
+                let id = u32::try_from(id).map_err(|_| gguf_err(key, "is not a token id"))?;
+                extra_eos.push(id);
+            }
+        }
+
+        let templates = match md.get("tokenizer.chat_template") {
+            Some(v) => vec![(
+                DEFAULT_TEMPLATE.to_string(),
+                v.to_string()
+                    .map_err(|_| gguf_err("tokenizer.chat_template", "is not a string"))?
+                    .clone(),
+            )],
+            None => Vec::new(),
+        };
+
+        Tokenizer::assemble(inner, special, templates, extra_eos, "GGUF metadata".to_string())
+    }
+}
+
+/// GPT-2's byte → printable-character table: bytes that are printable Latin-1 map to
+/// themselves, the others to U+0100 onwards in byte order.
+fn byte_alphabet() -> Vec<char> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let mut next = 256u32;
+    (0u32..256)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap_or('?')
+            } else {
+                let c = char::from_u32(next).unwrap_or('?');
+                next += 1;
+                c
+            }
+        })
+        .collect()
+}
+
+fn gguf_err(key: &str, reason: impl Into<String>) -> TokenizeError {
+    TokenizeError::Gguf {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn get_str<'a>(md: &'a HashMap<String, Value>, key: &str) -> Result<&'a str> {
+    match md.get(key) {
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(gguf_err(key, "is not a string")),
+        None => Err(gguf_err(key, "missing")),
+    }
+}
+
+fn get_str_array(md: &HashMap<String, Value>, key: &str) -> Result<Vec<String>> {
+    match md.get(key) {
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(s) => Ok(s.clone()),
+                _ => Err(gguf_err(key, format!("entry {i} is not a string"))),
+            })
+            .collect(),
+        Some(_) => Err(gguf_err(key, "is not an array")),
+        None => Err(gguf_err(key, "missing")),
+    }
+}
+
+fn get_bool_opt(md: &HashMap<String, Value>, key: &str) -> Result<Option<bool>> {
+    match md.get(key) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(gguf_err(key, "is not a boolean")),
+    }
+}
+
+/// Any GGUF integer type as i64 (files differ in which width they use for ids and types).
+fn int_value(v: &Value, key: &str) -> Result<i64> {
+    Ok(match v {
+        Value::U8(x) => i64::from(*x),
+        Value::I8(x) => i64::from(*x),
+        Value::U16(x) => i64::from(*x),
+        Value::I16(x) => i64::from(*x),
+        Value::U32(x) => i64::from(*x),
+        Value::I32(x) => i64::from(*x),
+        Value::U64(x) => i64::try_from(*x).map_err(|_| gguf_err(key, "integer too large"))?,
+        Value::I64(x) => *x,
+        _ => return Err(gguf_err(key, "is not an integer")),
+    })
+}
+
+fn int_array(v: &Value, key: &str) -> Result<Vec<i64>> {
+    match v {
+        Value::Array(items) => items.iter().map(|x| int_value(x, key)).collect(),
+        _ => Err(gguf_err(key, "is not an array")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_alphabet_is_a_bijection_with_gpt2_spellings() {
+        let a = byte_alphabet();
+        assert_eq!(a.len(), 256);
+        // GPT-2 spells space as 'Ġ' (U+0120) and newline as 'Ċ' (U+010A).
+        assert_eq!(a[b' ' as usize], 'Ġ');
+        assert_eq!(a[b'\n' as usize], 'Ċ');
+        assert_eq!(a[b'A' as usize], 'A');
+        let mut sorted = a.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 256);
+    }
+
+    #[test]
+    fn sentencepiece_gguf_is_refused_by_name() {
+        let mut metadata = HashMap::new();
+        metadata.insert(
+            "tokenizer.ggml.model".to_string(),
+            Value::String("llama".to_string()),
+        );
+        let content = Content {
+            magic: candle_core::quantized::gguf_file::VersionedMagic::GgufV3,
+            metadata,
+            tensor_infos: HashMap::new(),
+            tensor_data_offset: 0,
+        };
+        let err = Tokenizer::from_gguf(&content).unwrap_err();
+        assert!(matches!(err, TokenizeError::UnsupportedTokenizerModel { ref model } if model == "llama"));
+        assert!(err.to_string().contains("unsupported tokenizer model `llama`"));
+    }
+}

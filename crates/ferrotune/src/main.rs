@@ -1,0 +1,206 @@
+//! The `ferrotune` binary: clap commands, argument → plan resolution, and exit codes. Holds no
+//! model or training math; every error is printed as one line with its whole cause chain.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ferrotune::eval::perplexity;
+use ferrotune::lm::{parse_device, parse_dtype, Lm};
+use ferrotune_generate::{generate, GenerateOptions, SamplingParams};
+use ferrotune_models::LoadOptions;
+use ferrotune_nn::Mode;
+use ferrotune_tokenize::Message;
+
+#[derive(Parser)]
+#[command(name = "ferrotune", version, about = "LLM post-training toolkit: LoRA SFT, GRPO, DPO, distillation, evaluation")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Hugging Face model folder or .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate a completion for a prompt.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The prompt text (a user message with --chat).
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt in the model's chat template as a user message.
+        #[arg(long)]
+        chat: bool,
+        /// Optional system message (with --chat).
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long)]
+        top_p: Option<f64>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop when the completion contains this text (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+    },
+    /// Perplexity of a text file: exp(mean NLL over scored tokens).
+    Perplexity {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// UTF-8 text file.
+        #[arg(long)]
+        text: PathBuf,
+        /// Longest window fed at once (default: the model's context length, at most 2048).
+        #[arg(long)]
+        window: Option<usize>,
+        /// New tokens scored per window after the first (default: window / 2).
+        #[arg(long)]
+        stride: Option<usize>,
+    },
+    /// Run the whole recipe on the embedded model (coming with the demo issue).
+    Demo,
+}
+
+fn load(m: &ModelArgs) -> Result<Lm> {
+    let opts = LoadOptions {
+        dtype: parse_dtype(&m.dtype)?,
+        device: parse_device(&m.device)?,
+        lora: None,
+    };
+    Ok(Lm::load(&m.model, &opts)?)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Generate {
+            model,
+            prompt,
+            chat,
+            system,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop,
+        } => {
+            let lm = load(&model)?;
+            let ids = if chat {
+                let mut msgs = Vec::new();
+                if let Some(s) = system {
+                    msgs.push(Message::new("system", &s));
+                }
+                msgs.push(Message::new("user", &prompt));
+                lm.tokenizer.render(&msgs, true)?.ids
+            } else {
+                lm.tokenizer.encode(&prompt, true)?
+            };
+            let opts = GenerateOptions {
+                sampling: SamplingParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                    seed,
+                },
+                max_new_tokens,
+                eos_ids: lm.eos_ids(),
+                pad_id: lm.pad_id(),
+                mode: Mode::EVAL,
+            };
+            let tok = &lm.tokenizer;
+            let stop_rule = |_: usize, ids: &[u32]| {
+                !stop.is_empty()
+                    && tok
+                        .decode(ids, true)
+                        .map(|t| stop.iter().any(|s| t.contains(s.as_str())))
+                        .unwrap_or(false)
+            };
+            let t = Instant::now();
+            let gens = generate(lm.model.as_ref(), &[ids], &opts, &stop_rule, &lm.device)?;
+            let secs = t.elapsed().as_secs_f64();
+            let g = &gens[0];
+            let text = lm.tokenizer.decode(&g.ids, true)?;
+            println!("{text}");
+            std::io::stdout().flush().ok();
+            eprintln!(
+                "[{} tokens, {:.1} tokens/s, finish: {:?}]",
+                g.ids.len(),
+                g.ids.len() as f64 / secs,
+                g.finish
+            );
+        }
+        Cmd::Perplexity {
+            model,
+            text,
+            window,
+            stride,
+        } => {
+            let body = std::fs::read_to_string(&text)
+                .with_context(|| format!("{}: cannot read text file", text.display()))?;
+            let lm = load(&model)?;
+            let ids = lm.tokenizer.encode(&body, true)?;
+            if ids.len() < 2 {
+                bail!("{}: needs at least 2 tokens, has {}", text.display(), ids.len());
+            }
+            let window = window.unwrap_or(lm.model.config().max_position_embeddings.min(2048));
+            let stride = stride.unwrap_or(window / 2);
+            let t = Instant::now();
+            let p = perplexity(lm.model.as_ref(), &ids, window, stride, Mode::EVAL, &lm.device)?;
+            println!(
+                "perplexity {:.4}  (mean NLL {:.6} over {} tokens, {:.1} tokens/s)",
+                p.ppl(),
+                p.mean_nll(),
+                p.tokens,
+                ids.len() as f64 / t.elapsed().as_secs_f64()
+            );
+        }
+        Cmd::Demo => {
+            bail!("`ferrotune demo` is coming (issue: demo and evaluation); see README.md");
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the whole cause chain, skipping causes a message already quotes.
+            let mut line = String::new();
+            for cause in e.chain() {
+                let c = cause.to_string();
+                if !line.contains(&c) {
+                    if !line.is_empty() {
+                        line.push_str(": ");
+                    }
+                    line.push_str(&c);
+                }
+            }
+            eprintln!("error: {}", line.replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}

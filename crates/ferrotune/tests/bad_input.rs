@@ -1,0 +1,124 @@
+//! Bad input through the real binary: each case must exit non-zero with one clear error line
+//! that names the file and the problem, and must not panic.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn tiny(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny").join(name)
+}
+
+/// Copy a tiny model folder (config + weights) into `dst`.
+fn copy_model(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+}
+
+/// Run `ferrotune perplexity --model <model> --text <text>`; return (exit code, stderr).
+fn perplexity(model: &Path, text: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(["perplexity", "--model"])
+        .arg(model)
+        .arg("--text")
+        .arg(text)
+        .output()
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn assert_clean_error(code: i32, stderr: &str, must_contain: &[&str]) {
+    assert_ne!(code, 0, "expected failure, stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    for m in must_contain {
+        assert!(stderr.contains(m), "`{m}` not in: {stderr}");
+    }
+}
+
+fn text_file(dir: &Path) -> PathBuf {
+    let p = dir.join("t.txt");
+    std::fs::write(&p, "hello world, this is a test").unwrap();
+    p
+}
+
+#[test]
+fn missing_model_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nope");
+    let (code, err) = perplexity(&missing, &text_file(tmp.path()));
+    assert_clean_error(code, &err, &["nope", "no such file"]);
+}
+
+#[test]
+fn unknown_model_type() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    copy_model(&tiny("llama"), &m);
+    let cfg = std::fs::read_to_string(m.join("config.json")).unwrap();
+    let cfg = cfg.replace("\"model_type\": \"llama\"", "\"model_type\": \"mamba9\"");
+    assert!(cfg.contains("mamba9"));
+    std::fs::write(m.join("config.json"), cfg).unwrap();
+    let (code, err) = perplexity(&m, &text_file(tmp.path()));
+    assert_clean_error(code, &err, &["config.json", "unknown model_type `mamba9`"]);
+}
+
+#[test]
+fn truncated_safetensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    copy_model(&tiny("llama"), &m);
+    let bytes = std::fs::read(m.join("model.safetensors")).unwrap();
+    std::fs::write(m.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    let (code, err) = perplexity(&m, &text_file(tmp.path()));
+    assert_clean_error(code, &err, &["model.safetensors", "truncated"]);
+}
+
+#[test]
+fn shape_mismatch_names_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    copy_model(&tiny("llama"), &m);
+    // Claim a larger intermediate size than the weights have.
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
+    let mut cfg = cfg.as_object().unwrap().clone();
+    let inter = cfg["intermediate_size"].as_u64().unwrap();
+    cfg.insert("intermediate_size".into(), (inter * 2).into());
+    std::fs::write(m.join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+    let (code, err) = perplexity(&m, &text_file(tmp.path()));
+    assert_clean_error(
+        code,
+        &err,
+        &["shape mismatch for model.layers.0.mlp.gate_proj.weight"],
+    );
+}
+
+#[test]
+fn pickle_is_refused_with_conversion_hint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("pytorch_model.bin");
+    std::fs::write(&p, b"\x80\x02not really a pickle").unwrap();
+    let (code, err) = perplexity(&p, &text_file(tmp.path()));
+    assert_clean_error(code, &err, &["pytorch_model.bin", "pickle", "safetensors"]);
+    // A folder holding only a pickle gets the same message.
+    let m = tmp.path().join("m");
+    std::fs::create_dir_all(&m).unwrap();
+    std::fs::copy(tiny("llama").join("config.json"), m.join("config.json")).unwrap();
+    std::fs::copy(&p, m.join("pytorch_model.bin")).unwrap();
+    let (code, err) = perplexity(&m, &text_file(tmp.path()));
+    assert_clean_error(code, &err, &["pytorch_model.bin", "pickle"]);
+}
+
+#[test]
+fn truncated_gguf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("broken.gguf");
+    // A valid GGUF magic and version, then nothing.
+    std::fs::write(&p, b"GGUF\x03\x00\x00\x00\x05\x00").unwrap();
+    let (code, err) = perplexity(&p, &text_file(tmp.path()));
+    assert_clean_error(code, &err, &["broken.gguf"]);
+}
