@@ -9,6 +9,7 @@ use candle_core::{DType, Tensor};
 use ferrotune_nn::{LoraConfig, TargetModules};
 use serde::{Deserialize, Serialize};
 
+use crate::config::Family;
 use crate::error::{ModelError, Result};
 use crate::source::root_msg;
 use crate::CausalLm;
@@ -104,6 +105,35 @@ impl PeftConfig {
         }
     }
 
+    /// The config PEFT writes for `lora` on a model of `family`. GPT-2's slots are Conv1D in
+    /// transformers, which PEFT marks with `fan_in_fan_out` (the A/B matrices keep the same
+    /// (r, in) / (out, r) layout either way).
+    pub fn from_lora(lora: &LoraConfig, base_model_name_or_path: Option<String>, family: Family) -> Self {
+        let target_modules = match &lora.target_modules {
+            TargetModules::AllLinear => serde_json::Value::String("all-linear".into()),
+            TargetModules::Names(names) => {
+                let mut n = names.clone();
+                n.sort();
+                n.dedup();
+                serde_json::Value::from(n)
+            }
+        };
+        PeftConfig {
+            peft_type: lora_str(),
+            r: lora.r,
+            lora_alpha: lora.lora_alpha,
+            lora_dropout: lora.lora_dropout,
+            target_modules,
+            use_rslora: lora.use_rslora,
+            base_model_name_or_path,
+            bias: none_str(),
+            use_dora: false,
+            modules_to_save: None,
+            fan_in_fan_out: family == Family::Gpt2,
+            task_type: task(),
+        }
+    }
+
     pub fn lora_config(&self) -> Result<LoraConfig> {
         Ok(LoraConfig {
             r: self.r,
@@ -117,6 +147,24 @@ impl PeftConfig {
             })?,
         })
     }
+}
+
+/// Every LoRA slot's matrices under PEFT's keys, in slot order: `lora_A` (r, in) then
+/// `lora_B` (out, r), f32 on the CPU, as `adapter_model.safetensors` stores them.
+pub fn adapter_tensors(model: &dyn CausalLm) -> Result<Vec<(String, Tensor)>> {
+    let mut out = Vec::new();
+    for slot in model.linear_slots() {
+        let Some(l) = &slot.lora else { continue };
+        for (which, var) in [("lora_A", &l.a), ("lora_B", &l.b)] {
+            let t = var
+                .as_tensor()
+                .to_dtype(DType::F32)?
+                .to_device(&candle_core::Device::Cpu)?
+                .contiguous()?;
+            out.push((peft_key(&slot.path, which), t));
+        }
+    }
+    Ok(out)
 }
 
 /// Load `dir/adapter_model.safetensors` into the model's LoRA slots (the model must have been

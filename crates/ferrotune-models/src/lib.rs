@@ -97,6 +97,8 @@ pub struct LoadOptions {
     pub dtype: DType,
     pub device: Device,
     pub lora: Option<(LoraConfig, u64)>,
+    /// Full fine-tuning: every base weight becomes a trainable `Var` (see `Loaded::base_params`).
+    pub trainable_base: bool,
 }
 
 impl Default for LoadOptions {
@@ -105,6 +107,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
             lora: None,
+            trainable_base: false,
         }
     }
 }
@@ -114,6 +117,8 @@ pub struct Loaded {
     pub model: Box<dyn CausalLm>,
     /// The model folder, or the GGUF file.
     pub path: PathBuf,
+    /// With `trainable_base`: every base weight as a trainable `Var`, by checkpoint name.
+    pub base_params: Vec<(String, candle_core::Var)>,
 }
 
 fn is_pickle(p: &Path) -> bool {
@@ -201,11 +206,15 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
             });
         }
         if path.extension().and_then(|e| e.to_str()) == Some("gguf") {
-            let (cfg, src) = gguf::open(path, opts)?;
+            let (cfg, mut src) = gguf::open(path, opts)?;
+            if opts.trainable_base {
+                src = src.make_trainable();
+            }
             let model = build(&cfg, &src, opts)?;
             return Ok(Loaded {
                 model,
                 path: path.to_path_buf(),
+                base_params: src.trainable_params(),
             });
         }
         return Err(ModelError::NotAModel {
@@ -215,10 +224,14 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let cfg = ModelConfig::from_file(&path.join("config.json"))?;
     let files = safetensors_files(path)?;
     let store = SafetensorsStore::open(&files, path)?;
-    let src = CheckedSource::new(Box::new(store), opts.dtype, opts.device.clone());
+    let mut src = CheckedSource::new(Box::new(store), opts.dtype, opts.device.clone());
+    if opts.trainable_base {
+        src = src.make_trainable();
+    }
     let model = build(&cfg, &src, opts)?;
     Ok(Loaded {
         model,
         path: path.to_path_buf(),
+        base_params: src.trainable_params(),
     })
 }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use ferrotune_nn::WeightSource;
 
 use crate::error::{ModelError, Result};
@@ -102,6 +102,8 @@ pub struct CheckedSource {
     device: Device,
     used: RefCell<BTreeSet<String>>,
     problems: RefCell<Vec<String>>,
+    /// Full fine-tuning: every weight is handed out as a trainable `Var` and recorded here.
+    trainable: Option<RefCell<Vec<(String, Var)>>>,
 }
 
 impl CheckedSource {
@@ -112,7 +114,22 @@ impl CheckedSource {
             device,
             used: RefCell::new(BTreeSet::new()),
             problems: RefCell::new(Vec::new()),
+            trainable: None,
         }
+    }
+
+    /// Hand out every weight as a trainable `Var` (full fine-tuning).
+    pub fn make_trainable(mut self) -> Self {
+        self.trainable = Some(RefCell::new(Vec::new()));
+        self
+    }
+
+    /// The trainable weights handed out so far, by checkpoint name.
+    pub fn trainable_params(&self) -> Vec<(String, Var)> {
+        self.trainable
+            .as_ref()
+            .map(|v| v.borrow().clone())
+            .unwrap_or_default()
     }
 
     /// Mark a key as consumed without loading it through `get` (e.g. a tied head).
@@ -159,7 +176,17 @@ impl WeightSource for CheckedSource {
         self.used.borrow_mut().insert(name.to_string());
         let placeholder = || Tensor::zeros(shape, self.dtype, &self.device);
         match self.store.load(name, &self.device) {
-            Ok(Some(t)) if t.dims() == shape => t.to_dtype(self.dtype),
+            Ok(Some(t)) if t.dims() == shape => {
+                let t = t.to_dtype(self.dtype)?;
+                match &self.trainable {
+                    Some(vars) => {
+                        let v = Var::from_tensor(&t)?;
+                        vars.borrow_mut().push((name.to_string(), v.clone()));
+                        Ok(v.as_tensor().clone())
+                    }
+                    None => Ok(t),
+                }
+            }
             Ok(Some(t)) => {
                 self.problems.borrow_mut().push(format!(
                     "shape mismatch for {name}: file has {:?}, model expects {:?}",

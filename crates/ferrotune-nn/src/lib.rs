@@ -24,11 +24,13 @@ pub use weights::{Vb, WeightSource};
 
 /// How a forward pass runs: with or without the LoRA adapters (off = the frozen reference
 /// model, used for KL and DPO without a second copy of the weights), and in train mode or not
-/// (train mode enables LoRA dropout).
+/// (train mode enables LoRA dropout, whose masks are a pure function of `dropout_seed`, the
+/// slot and the element, so a resumed run draws exactly the same masks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mode {
     pub adapters: bool,
     pub train: bool,
+    pub dropout_seed: u64,
 }
 
 impl Mode {
@@ -36,15 +38,35 @@ impl Mode {
     pub const EVAL: Mode = Mode {
         adapters: true,
         train: false,
+        dropout_seed: 0,
     };
     /// Training with adapters on.
     pub const TRAIN: Mode = Mode {
         adapters: true,
         train: true,
+        dropout_seed: 0,
     };
     /// The frozen base model (adapters off).
     pub const REFERENCE: Mode = Mode {
         adapters: false,
         train: false,
+        dropout_seed: 0,
     };
+
+    /// Train mode whose dropout masks derive from `seed` (e.g. hash of run seed, step, micro-batch).
+    pub fn train_with_seed(seed: u64) -> Mode {
+        Mode {
+            dropout_seed: seed,
+            ..Mode::TRAIN
+        }
+    }
+}
+
+/// SplitMix64: a fast, well-mixed 64-bit hash used for counter-based random numbers.
+pub fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }

@@ -11,7 +11,33 @@ use rand::Rng;
 
 use crate::ops;
 use crate::weights::Vb;
-use crate::Mode;
+use crate::{splitmix64, Mode};
+
+/// FNV-1a hash of a slot path: a stable per-slot stream for dropout masks.
+fn path_hash(path: &str) -> u64 {
+    path.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Inverted dropout with a counter-based mask: element k is kept when
+/// `splitmix64(seed + k) / 2^64 >= p`, and kept values are scaled by 1 / (1 - p).
+fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    let n = x.elem_count();
+    let keep = 1.0 / (1.0 - p);
+    let threshold = (p as f64 * u64::MAX as f64) as u64;
+    let mask: Vec<f32> = (0..n as u64)
+        .map(|k| {
+            if splitmix64(seed.wrapping_add(k)) >= threshold {
+                keep
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * mask
+}
 
 /// Which linear slots get an adapter (PEFT's `target_modules`).
 #[derive(Debug, Clone, PartialEq)]
@@ -130,8 +156,12 @@ impl Linear {
         let y = ops::linear(x, &self.weight, self.bias.as_ref())?;
         match &self.lora {
             Some(l) if mode.adapters => {
-                // LoRA dropout is applied by the trainer's data path later; see LoraConfig.
-                let xa = ops::linear(x, &l.a.as_tensor().to_dtype(x.dtype())?, None)?; // (..., r)
+                let xd = if mode.train && l.dropout > 0.0 {
+                    dropout(x, l.dropout, mode.dropout_seed ^ path_hash(&self.path))?
+                } else {
+                    x.clone()
+                };
+                let xa = ops::linear(&xd, &l.a.as_tensor().to_dtype(x.dtype())?, None)?; // (..., r)
                 let xab = ops::linear(&xa, &l.b.as_tensor().to_dtype(x.dtype())?, None)?; // (..., out)
                 y + (xab * l.scale)?
             }

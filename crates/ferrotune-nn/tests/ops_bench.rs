@@ -50,6 +50,9 @@ fn bench_ops() {
     let ours = time(iters, || step(ops::linear(x.as_tensor(), &w, None)?));
     let stock = time(iters, || step(reference::linear(x.as_tensor(), &w, None)?));
     report("linear 576->1536 frozen W", ours, stock);
+    let ours = time(iters, || ops::linear(x.as_tensor(), &w, None).map(|_| ()));
+    let stock = time(iters, || reference::linear(x.as_tensor(), &w, None).map(|_| ()));
+    report("  forward only", ours, stock);
 
     let nw = randn(&[h]);
     let ours = time(iters, || step(ops::rms_norm(x.as_tensor(), &nw, 1e-5)?));

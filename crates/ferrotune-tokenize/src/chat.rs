@@ -13,22 +13,27 @@
 //!
 //! ## The assistant-mask rule
 //!
-//! For an assistant message at index k, with `render(msgs, gen)` the template's text:
+//! For an assistant message at index k, with `render(msgs, gen)` the template's text and `full`
+//! the render of the whole conversation:
 //!
-//! - `start` = length of `render(messages[..k], add_generation_prompt = true)` — where the model
-//!   begins to write;
-//! - `end` = length of `render(messages[..=k], add_generation_prompt = false)` — where the turn
-//!   ends, minus the whitespace the template puts after its end-of-turn marker (the `"\n"` after
-//!   `<|im_end|>`), which the model never writes because it stops at the marker.
+//! - `before` = `render(messages[..k], add_generation_prompt = true)`: the turn starts in `full`
+//!   where `full` stops agreeing with `before` (right after the generation prompt, e.g.
+//!   `<|im_start|>assistant\n`), and never before the previous assistant span ends;
+//! - `turn` = what `render(messages[..=k], add_generation_prompt = false)` adds after `before`,
+//!   minus trailing whitespace (the `"\n"` a template writes after its end-of-turn marker, which
+//!   the model never writes because it stops at the marker);
+//! - the span is the longest tail of `turn` that `full` holds exactly at the turn's start. For
+//!   templates that render earlier turns unchanged (SmolLM2, Qwen2.5, Llama 3) this is all of
+//!   `turn`: the reply plus its end marker (`<|im_end|>`, `<|eot_id|>`) and anything the template
+//!   writes between the generation prompt and the reply (e.g. Qwen3's empty `<think></think>` on
+//!   the last turn). For templates that rewrite earlier turns once later ones exist (Qwen3 drops
+//!   past reasoning) it is the part of the turn that survives (reply + end marker).
 //!
-//! Both renders must be prefixes of the whole conversation's render, or the mask would describe a
-//! different text than the one trained on; otherwise `MaskNotPrefixStable` is returned. The span
-//! `[start, end)` therefore covers the reply plus the end marker (`<|im_end|>`, `<|eot_id|>`), and
-//! everything the template writes between the generation prompt and the reply (e.g. an empty
-//! `<think></think>` block). A token is masked when it overlaps a span, as transformers does for
-//! `{% generation %}` spans. Templates with `{% generation %}` tags are accepted (the tags are
-//! read as plain blocks); the mask still comes from the rule above, which gives the same spans for
-//! templates that wrap "reply + end marker" in the tags.
+//! If no tail matches, `MaskNotPrefixStable` is returned rather than a guessed mask. A token is
+//! masked when it overlaps a span, as transformers does for `{% generation %}` spans. Templates
+//! with `{% generation %}` tags are accepted (the tags are read as plain blocks); the mask still
+//! comes from the rule above, which gives the same spans as transformers for templates that wrap
+//! "reply + end marker" in the tags (checked in `tests/chat.rs`).
 
 use std::ops::Range;
 
@@ -106,7 +111,9 @@ impl ChatTemplate {
         env.set_formatter(python::python_formatter);
         env.add_filter("tojson", python::tojson_filter);
         env.add_function("raise_exception", raise_exception);
-        env.add_function("strftime_now", |format: String| python::strftime_now(&format));
+        env.add_function("strftime_now", |format: String| {
+            python::strftime_now(&format)
+        });
         env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(source))
             .map_err(|e| TokenizeError::template(name, &e))?;
         Ok(ChatTemplate {
@@ -137,7 +144,12 @@ impl ChatTemplate {
             ("messages", Value::from(Serde(messages))),
             ("add_generation_prompt", Value::from(add_generation_prompt)),
             // transformers passes these explicitly, so templates see None, not undefined.
-            ("tools", tools.map(|t| Value::from(Serde(t))).unwrap_or(Value::from(()))),
+            (
+                "tools",
+                tools
+                    .map(|t| Value::from(Serde(t)))
+                    .unwrap_or(Value::from(())),
+            ),
             ("documents", Value::from(())),
         ];
         for (key, token) in [
@@ -182,34 +194,49 @@ impl ChatTemplate {
         tokens: &TemplateTokens,
     ) -> Result<(String, Vec<Range<usize>>)> {
         let text = self.render_text(messages, add_generation_prompt, tools, tokens)?;
-        let mut spans = Vec::new();
+        let mut spans: Vec<Range<usize>> = Vec::new();
         for (k, message) in messages.iter().enumerate() {
             if message.role != "assistant" {
                 continue;
             }
             let before = self.render_text(&messages[..k], true, tools, tokens)?;
             let through = self.render_text(&messages[..=k], false, tools, tokens)?;
-            if !text.starts_with(&through) {
-                return Err(TokenizeError::MaskNotPrefixStable {
+            // Where the turn starts in the whole render, and what the turn adds when it is last.
+            let prev_end = spans.last().map_or(0, |s| s.end);
+            let start = common_prefix_len(&text, &before).max(prev_end);
+            let turn = through[common_prefix_len(&through, &before)..].trim_end();
+            let span = longest_tail_at(&text, start, turn).ok_or_else(|| {
+                TokenizeError::MaskNotPrefixStable {
                     message_index: k,
-                    reason: "the render up to this message is not a prefix of the whole render"
-                        .into(),
-                });
-            }
-            if !through.starts_with(&before) {
-                return Err(TokenizeError::MaskNotPrefixStable {
-                    message_index: k,
-                    reason: "the render before this message with the generation prompt is not a \
-                             prefix of the render through it"
-                        .into(),
-                });
-            }
-            let start = before.len();
-            let end = start + through[start..].trim_end().len();
-            spans.push(start..end);
+                    reason: format!(
+                        "no tail of the turn's text {turn:?} appears where the turn starts \
+                         (byte {start}) in the whole render"
+                    ),
+                }
+            })?;
+            spans.push(span);
         }
         Ok((text, spans))
     }
+}
+
+/// Length in bytes of the longest common prefix of `a` and `b`, on a char boundary.
+fn common_prefix_len(a: &str, b: &str) -> usize {
+    a.char_indices()
+        .zip(b.chars())
+        .find(|((_, ca), cb)| ca != cb)
+        .map_or(a.len().min(b.len()), |((i, _), _)| i)
+}
+
+/// The longest non-empty tail of `turn` that `text` holds at byte `start`, as a byte range of
+/// `text`. For a template that renders earlier turns unchanged the tail is the whole turn; for
+/// one that rewrites them (drops a `<think>` block) it is the part that survived.
+fn longest_tail_at(text: &str, start: usize, turn: &str) -> Option<Range<usize>> {
+    let rest = text.get(start..)?;
+    turn.char_indices()
+        .map(|(i, _)| &turn[i..])
+        .find(|tail| rest.starts_with(tail))
+        .map(|tail| start..start + tail.len())
 }
 
 fn raise_exception(message: String) -> std::result::Result<Value, Error> {
@@ -289,9 +316,11 @@ mod tests {
     fn overlap_rule_marks_boundary_tokens() {
         // Tokens: [0,3) [3,6) [6,9) [9,12); span [4,7) overlaps tokens 1 and 2.
         let offsets = [(0, 3), (3, 6), (6, 9), (9, 12)];
-        assert_eq!(mask_from_spans(&offsets, &[4..7]), vec![0, 1, 1, 0]);
+        let one_span = [Range { start: 4, end: 7 }];
+        assert_eq!(mask_from_spans(&offsets, &one_span), vec![0, 1, 1, 0]);
         assert_eq!(mask_from_spans(&offsets, &[0..3, 9..12]), vec![1, 0, 0, 1]);
-        assert_eq!(mask_from_spans(&offsets, &[5..5]), vec![0, 0, 0, 0]);
+        let empty_span = [Range { start: 5, end: 5 }];
+        assert_eq!(mask_from_spans(&offsets, &empty_span), vec![0, 0, 0, 0]);
     }
 
     #[test]

@@ -65,14 +65,17 @@ pub enum TokenizeError {
     #[error("chat template `{name}`: {detail}")]
     Template { name: String, detail: String },
 
-    /// The assistant mask needs each conversation prefix to render as a prefix of the whole chat;
-    /// this template rewrites earlier turns depending on later ones.
+    /// The assistant mask could not locate an assistant turn in the whole render: the template
+    /// renders that turn unrecognisably once later turns exist.
     #[error(
         "cannot compute the assistant mask for message {message_index}: {reason}. The template \
-         renders earlier turns differently once later turns exist (e.g. it drops past reasoning); \
-         use a template whose renders of conversation prefixes are prefixes of the full render"
+         renders this turn differently once later turns exist; use a template whose earlier \
+         turns keep (a tail of) their text"
     )]
-    MaskNotPrefixStable { message_index: usize, reason: String },
+    MaskNotPrefixStable {
+        message_index: usize,
+        reason: String,
+    },
 }
 
 impl TokenizeError {

@@ -213,14 +213,21 @@ impl Tokenizer {
             None => Vec::new(),
         };
 
-        Tokenizer::assemble(inner, special, templates, extra_eos, "GGUF metadata".to_string())
+        Tokenizer::assemble(
+            inner,
+            special,
+            templates,
+            extra_eos,
+            "GGUF metadata".to_string(),
+        )
     }
 }
 
 /// GPT-2's byte → printable-character table: bytes that are printable Latin-1 map to
 /// themselves, the others to U+0100 onwards in byte order.
 fn byte_alphabet() -> Vec<char> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut next = 256u32;
     (0u32..256)
         .map(|b| {
@@ -327,7 +334,11 @@ mod tests {
             tensor_data_offset: 0,
         };
         let err = Tokenizer::from_gguf(&content).unwrap_err();
-        assert!(matches!(err, TokenizeError::UnsupportedTokenizerModel { ref model } if model == "llama"));
-        assert!(err.to_string().contains("unsupported tokenizer model `llama`"));
+        assert!(
+            matches!(err, TokenizeError::UnsupportedTokenizerModel { ref model } if model == "llama")
+        );
+        assert!(err
+            .to_string()
+            .contains("unsupported tokenizer model `llama`"));
     }
 }

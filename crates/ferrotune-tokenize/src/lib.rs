@@ -22,4 +22,4 @@ mod tokenizer;
 pub use chat::{mask_from_spans, ChatTemplate, Message, Rendered, TemplateTokens};
 pub use error::{Result, TokenizeError};
 pub use python::strftime_utc;
-pub use tokenizer::{Tokenizer, DEFAULT_TEMPLATE, TOOL_USE_TEMPLATE};
+pub use tokenizer::{ByteSpan, Tokenizer, DEFAULT_TEMPLATE, TOOL_USE_TEMPLATE};

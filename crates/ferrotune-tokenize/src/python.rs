@@ -87,12 +87,19 @@ pub(crate) fn tojson_filter(
     Ok(Value::from_safe_string(out))
 }
 
-fn write_json(out: &mut String, value: &Value, opts: &JsonOptions, level: usize) -> Result<(), Error> {
+fn write_json(
+    out: &mut String,
+    value: &Value,
+    opts: &JsonOptions,
+    level: usize,
+) -> Result<(), Error> {
     match value.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
         ValueKind::Number => out.push_str(&number_repr(value, true)),
-        ValueKind::String => write_json_string(out, value.as_str().unwrap_or_default(), opts.ensure_ascii),
+        ValueKind::String => {
+            write_json_string(out, value.as_str().unwrap_or_default(), opts.ensure_ascii)
+        }
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = value.try_iter()?.collect();
             write_container(out, '[', ']', items.len(), opts, level, |out, i| {
@@ -216,7 +223,11 @@ pub(crate) fn python_float_repr(f: f64, json: bool) -> String {
     }
     if f.is_infinite() {
         let s = if json { "Infinity" } else { "inf" };
-        return if f < 0.0 { format!("-{s}") } else { s.to_string() };
+        return if f < 0.0 {
+            format!("-{s}")
+        } else {
+            s.to_string()
+        };
     }
     // Rust's `{:e}` is also shortest-round-trip: "1.2345e-7", "-5e-1", "0e0".
     let sci = format!("{:e}", f);
@@ -264,7 +275,11 @@ pub(crate) fn python_float_repr(f: f64, json: bool) -> String {
 
 /// Prints `{{ value }}` as jinja2 does: Python's `str()`, so `True`, `None`, `1e-07`,
 /// `['a', 1]` and `{'k': 'v'}`; strings and undefined go through minijinja's default.
-pub(crate) fn python_formatter(out: &mut Output, state: &mut State, value: &Value) -> Result<(), Error> {
+pub(crate) fn python_formatter(
+    out: &mut Output,
+    state: &mut State,
+    value: &Value,
+) -> Result<(), Error> {
     match value.kind() {
         ValueKind::Bool | ValueKind::None | ValueKind::Number | ValueKind::Seq | ValueKind::Map => {
             let mut s = String::new();
@@ -321,7 +336,11 @@ fn write_python_repr(out: &mut String, value: &Value) -> Result<(), Error> {
 
 /// `repr(str)`: single quotes unless the text holds `'` and no `"`.
 fn write_python_string_repr(out: &mut String, s: &str) {
-    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
     out.push(quote);
     for c in s.chars() {
         match c {
@@ -353,11 +372,27 @@ pub(crate) fn strftime_now(format: &str) -> Result<String, Error> {
 }
 
 const MONTHS: [&str; 12] = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ];
 const WEEKDAYS: [&str; 7] = [
-    "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
 ];
 
 /// Formats a Unix timestamp (UTC) with the common `strftime` directives: `%Y %y %m %d %e %H %I
@@ -368,7 +403,11 @@ pub fn strftime_utc(timestamp: i64, format: &str) -> Result<String, Error> {
     let (year, month, day) = civil_from_days(days);
     // 1970-01-01 was a Thursday (index 3 with Monday = 0).
     let weekday = (days + 3).rem_euclid(7) as usize;
-    let (hour, minute, second) = (secs_of_day / 3600, (secs_of_day / 60) % 60, secs_of_day % 60);
+    let (hour, minute, second) = (
+        secs_of_day / 3600,
+        (secs_of_day / 60) % 60,
+        secs_of_day % 60,
+    );
     let day_of_year = days - days_from_civil(year, 1, 1) + 1;
     let mut out = String::new();
     let mut chars = format.chars();

@@ -19,6 +19,9 @@ pub const DEFAULT_TEMPLATE: &str = "default";
 /// The template transformers picks when tools are passed and the model has one by this name.
 pub const TOOL_USE_TEMPLATE: &str = "tool_use";
 
+/// A token's `(start, end)` byte range in the encoded text.
+pub type ByteSpan = (usize, usize);
+
 /// A tokenizer with its special tokens and chat templates.
 #[derive(Clone, Debug)]
 pub struct Tokenizer {
@@ -123,12 +126,15 @@ impl Tokenizer {
         let id_of = |token: &Option<String>, field: &str| -> Result<Option<u32>> {
             match token {
                 None => Ok(None),
-                Some(t) => inner.token_to_id(t).map(Some).ok_or_else(|| {
-                    TokenizeError::UnknownToken {
-                        token: t.clone(),
-                        context: format!("{field} of {source_desc}"),
-                    }
-                }),
+                Some(t) => {
+                    inner
+                        .token_to_id(t)
+                        .map(Some)
+                        .ok_or_else(|| TokenizeError::UnknownToken {
+                            token: t.clone(),
+                            context: format!("{field} of {source_desc}"),
+                        })
+                }
             }
         };
         let bos_id = id_of(&special.bos_token, "bos_token")?;
@@ -143,8 +149,16 @@ impl Tokenizer {
         let explicit = special.add_bos_token.is_some() || special.add_eos_token.is_some();
         if explicit || inner.get_post_processor().is_none() {
             let processor = bos_eos_processor(
-                special.bos_token.as_deref().zip(bos_id).filter(|_| add_bos_token),
-                special.eos_token.as_deref().zip(eos_id).filter(|_| add_eos_token),
+                special
+                    .bos_token
+                    .as_deref()
+                    .zip(bos_id)
+                    .filter(|_| add_bos_token),
+                special
+                    .eos_token
+                    .as_deref()
+                    .zip(eos_id)
+                    .filter(|_| add_eos_token),
             )?;
             inner.with_post_processor(Some(processor));
         }
@@ -191,7 +205,7 @@ impl Tokenizer {
     }
 
     /// Ids plus each token's byte range in `text` (no special tokens added).
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<ByteSpan>)> {
         let enc = self
             .inner
             .encode(text, false)
@@ -474,7 +488,11 @@ fn token_field(config: &Json, field: &str, path: &Path) -> Result<Option<String>
         Some(Json::String(s)) => Ok(Some(s.clone())),
         Some(Json::Object(obj)) => match obj.get("content") {
             Some(Json::String(s)) => Ok(Some(s.clone())),
-            _ => Err(field_err(path, field, "is an object without a string `content`")),
+            _ => Err(field_err(
+                path,
+                field,
+                "is an object without a string `content`",
+            )),
         },
         Some(other) => Err(field_err(
             path,
@@ -488,7 +506,11 @@ fn bool_field(config: &Json, field: &str, path: &Path) -> Result<Option<bool>> {
     match config.get(field) {
         None | Some(Json::Null) => Ok(None),
         Some(Json::Bool(b)) => Ok(Some(*b)),
-        Some(other) => Err(field_err(path, field, format!("must be a boolean, got {other}"))),
+        Some(other) => Err(field_err(
+            path,
+            field,
+            format!("must be a boolean, got {other}"),
+        )),
     }
 }
 

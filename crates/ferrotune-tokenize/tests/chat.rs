@@ -1,7 +1,7 @@
 //! Chat-template parity with transformers' `apply_chat_template` (text and ids) for SmolLM2's,
-//! Qwen2.5's and Llama-3.1's templates, the assistant mask (against transformers'
-//! `return_assistant_tokens_mask` on a `{% generation %}` version of SmolLM2's template, and by
-//! decoding the masked tokens), and the Python behaviour templates rely on (`tojson`, string
+//! Qwen2.5's, Llama-3.1's and Qwen3's templates, the assistant mask (against transformers'
+//! `return_assistant_tokens_mask` on `{% generation %}` versions of SmolLM2's and Qwen3's
+//! templates, and by decoding the masked tokens), and the Python behaviour templates rely on (`tojson`, string
 //! methods, printing, `strftime`). Expected values: fixtures/tokenize/expected.json, written by
 //! fixtures/tokenize/make_tokenize_fixtures.py.
 
@@ -22,18 +22,27 @@ fn chat_text_and_ids_match_transformers() {
     let tok = smollm2();
     let exp = expected();
     let cases = exp["chat"].as_array().unwrap();
-    assert_eq!(cases.len(), 14);
+    assert_eq!(cases.len(), 18);
     let mut failures = Vec::new();
     for (i, case) in cases.iter().enumerate() {
         let name = case["template"].as_str().unwrap();
         let template = template_for(&tok, name);
         let msgs = messages(&case["messages"]);
         let gen = case["add_generation_prompt"].as_bool().unwrap();
-        let tools = if case["tools"].is_null() { None } else { Some(&case["tools"]) };
-        let r = tok.render_with_template(&template, &msgs, gen, tools).unwrap();
+        let tools = if case["tools"].is_null() {
+            None
+        } else {
+            Some(&case["tools"])
+        };
+        let r = tok
+            .render_with_template(&template, &msgs, gen, tools)
+            .unwrap();
         let want_text = case["text"].as_str().unwrap();
         if r.text != want_text {
-            failures.push(format!("case {i} ({name}, gen={gen}): text\n got: {:?}\nwant: {want_text:?}", r.text));
+            failures.push(format!(
+                "case {i} ({name}, gen={gen}): text\n got: {:?}\nwant: {want_text:?}",
+                r.text
+            ));
         }
         if r.ids != ids(&case["ids"]) {
             failures.push(format!("case {i} ({name}, gen={gen}): ids differ"));
@@ -58,18 +67,46 @@ fn default_template_render_equals_transformers() {
 #[test]
 fn assistant_mask_matches_transformers_generation_mask() {
     let tok = smollm2();
-    let generation = ChatTemplate::new("gen", &template_source("smollm2_generation")).unwrap();
-    for case in expected()["assistant_mask"].as_array().unwrap() {
+    let cases = expected()["assistant_mask"].as_array().unwrap().clone();
+    assert_eq!(cases.len(), 5);
+    for (i, case) in cases.iter().enumerate() {
+        let name = case["template"].as_str().unwrap();
+        let template = template_for(&tok, name);
+        let generation =
+            ChatTemplate::new("gen", &template_source(&format!("{name}_generation"))).unwrap();
         let msgs = messages(&case["messages"]);
-        let want_mask: Vec<u8> = ids(&case["assistant_mask"]).iter().map(|&x| x as u8).collect();
-        let r = tok.render(&msgs, false).unwrap();
-        assert_eq!(r.text, case["text"].as_str().unwrap());
-        assert_eq!(r.ids, ids(&case["ids"]));
-        assert_eq!(r.assistant_mask, want_mask, "mask differs from transformers'");
+        let want_mask: Vec<u8> = ids(&case["assistant_mask"])
+            .iter()
+            .map(|&x| x as u8)
+            .collect();
+        let r = tok
+            .render_with_template(&template, &msgs, false, None)
+            .unwrap();
+        assert_eq!(r.text, case["text"].as_str().unwrap(), "case {i} ({name})");
+        assert_eq!(r.ids, ids(&case["ids"]), "case {i} ({name})");
+        assert_eq!(
+            r.assistant_mask, want_mask,
+            "case {i} ({name}): mask differs from transformers'"
+        );
         // The {% generation %} tags are accepted and change nothing.
-        let g = tok.render_with_template(&generation, &msgs, false, None).unwrap();
-        assert_eq!(g, r);
+        let g = tok
+            .render_with_template(&generation, &msgs, false, None)
+            .unwrap();
+        assert_eq!(g, r, "case {i} ({name})");
     }
+}
+
+#[test]
+fn default_template_mask_matches_transformers() {
+    let tok = smollm2();
+    let case = &expected()["assistant_mask"][0];
+    assert_eq!(case["template"], "smollm2");
+    let r = tok.render(&messages(&case["messages"]), false).unwrap();
+    let want_mask: Vec<u8> = ids(&case["assistant_mask"])
+        .iter()
+        .map(|&x| x as u8)
+        .collect();
+    assert_eq!(r.assistant_mask, want_mask);
 }
 
 /// Maximal runs of masked tokens.
@@ -106,14 +143,27 @@ fn assistant_mask_covers_exactly_replies_and_end_markers() {
         let template = template_for(&tok, name);
         let msgs = messages(&case["messages"]);
         let gen = case["add_generation_prompt"].as_bool().unwrap();
-        let tools = if case["tools"].is_null() { None } else { Some(&case["tools"]) };
-        let r = tok.render_with_template(&template, &msgs, gen, tools).unwrap();
+        let tools = if case["tools"].is_null() {
+            None
+        } else {
+            Some(&case["tools"])
+        };
+        let r = tok
+            .render_with_template(&template, &msgs, gen, tools)
+            .unwrap();
+        let n_assistant = msgs.iter().filter(|m| m.role == "assistant").count();
         let want: Vec<String> = msgs
             .iter()
             .filter(|m| m.role == "assistant")
-            .map(|m| match name {
+            .enumerate()
+            .map(|(j, m)| match name {
                 // Llama 3 trims message content and ends turns with <|eot_id|>.
                 "llama3" => format!("{}<|eot_id|>", m.content.trim()),
+                // Qwen3 opens the last turn (after the last user message) with an empty think
+                // block, which the model writes too.
+                "qwen3" if j + 1 == n_assistant => {
+                    format!("<think>\n\n</think>\n\n{}<|im_end|>", m.content)
+                }
                 _ => format!("{}<|im_end|>", m.content),
             })
             .collect();
@@ -127,10 +177,17 @@ fn assistant_mask_covers_exactly_replies_and_end_markers() {
                 let text = tok.decode(run, false).unwrap();
                 assert!(text.starts_with(want.as_str()), "{text:?} vs {want:?}");
                 let shorter = tok.decode(&run[..run.len() - 1], false).unwrap();
-                assert!(shorter.len() < want.len(), "more than one token past the marker: {text:?}");
+                assert!(
+                    shorter.len() < want.len(),
+                    "more than one token past the marker: {text:?}"
+                );
             }
         } else {
-            assert_eq!(masked_runs(&tok, &r.ids, &r.assistant_mask), want, "{name}, gen={gen}");
+            assert_eq!(
+                masked_runs(&tok, &r.ids, &r.assistant_mask),
+                want,
+                "{name}, gen={gen}"
+            );
         }
     }
 }
@@ -142,7 +199,10 @@ fn prompt_completion_masks_the_completion_and_eos() {
     let prompt = &exp["strings"][2];
     let completion = &exp["strings"][0];
     let r = tok
-        .render_prompt_completion(prompt["text"].as_str().unwrap(), completion["text"].as_str().unwrap())
+        .render_prompt_completion(
+            prompt["text"].as_str().unwrap(),
+            completion["text"].as_str().unwrap(),
+        )
         .unwrap();
     let prompt_ids = ids(&prompt["ids"]);
     let mut want = prompt_ids.clone();
@@ -164,12 +224,17 @@ fn chat_prompt_completion_masks_only_the_completion_turns() {
         Message::user("And 3 + 3?"),
     ];
     let completion = [Message::assistant("6.")];
-    let r = tok.render_chat_prompt_completion(&conv, &completion).unwrap();
+    let r = tok
+        .render_chat_prompt_completion(&conv, &completion)
+        .unwrap();
     let mut all = conv.to_vec();
     all.extend_from_slice(&completion);
     let full = tok.render(&all, false).unwrap();
     assert_eq!(r.ids, full.ids);
-    assert_eq!(masked_runs(&tok, &r.ids, &r.assistant_mask), vec!["6.<|im_end|>".to_string()]);
+    assert_eq!(
+        masked_runs(&tok, &r.ids, &r.assistant_mask),
+        vec!["6.<|im_end|>".to_string()]
+    );
 }
 
 #[test]
@@ -177,7 +242,12 @@ fn tojson_matches_python_json_dumps() {
     for case in expected()["tojson"].as_array().unwrap() {
         let t = ChatTemplate::new("t", case["template"].as_str().unwrap()).unwrap();
         let got = t.render_with_vars(&case["vars"]).unwrap();
-        assert_eq!(got, case["text"].as_str().unwrap(), "template {}", case["template"]);
+        assert_eq!(
+            got,
+            case["text"].as_str().unwrap(),
+            "template {}",
+            case["template"]
+        );
     }
 }
 
@@ -186,14 +256,23 @@ fn python_string_methods_and_printing_match_jinja2() {
     for case in expected()["pycompat"].as_array().unwrap() {
         let t = ChatTemplate::new("t", case["template"].as_str().unwrap()).unwrap();
         let got = t.render_with_vars(&case["vars"]).unwrap();
-        assert_eq!(got, case["text"].as_str().unwrap(), "template {}", case["template"]);
+        assert_eq!(
+            got,
+            case["text"].as_str().unwrap(),
+            "template {}",
+            case["template"]
+        );
     }
 }
 
 #[test]
 fn strftime_matches_python() {
     for case in expected()["strftime"].as_array().unwrap() {
-        let got = strftime_utc(case["timestamp"].as_i64().unwrap(), case["format"].as_str().unwrap()).unwrap();
+        let got = strftime_utc(
+            case["timestamp"].as_i64().unwrap(),
+            case["format"].as_str().unwrap(),
+        )
+        .unwrap();
         assert_eq!(got, case["text"].as_str().unwrap());
     }
 }

@@ -68,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         dtype: DType::F32,
         device: dev.clone(),
         lora: (phase == "step").then_some((lora, 0)),
+        trainable_base: false,
     };
     let model = load(&model_path, &opts)?.model;
     let batch = Batch::right_padded(&ids(b, t), 0, &dev)?;

@@ -1,5 +1,6 @@
 //! The ferrotune library behind the binary: model + tokenizer loading as one unit, and the
 //! evaluation room (perplexity). Trainers and the CLI's plumbing live in their own modules.
 
+pub mod config;
 pub mod eval;
 pub mod lm;

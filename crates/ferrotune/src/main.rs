@@ -88,6 +88,7 @@ fn load(m: &ModelArgs) -> Result<Lm> {
         dtype: parse_dtype(&m.dtype)?,
         device: parse_device(&m.device)?,
         lora: None,
+        trainable_base: false,
     };
     Ok(Lm::load(&m.model, &opts)?)
 }

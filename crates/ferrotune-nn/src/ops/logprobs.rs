@@ -4,9 +4,18 @@
 //! Owns: the chunked LM-head product, log-sum-exp, gather, and their backward. Does not own:
 //! which tokens are scored or how log-probs become a loss (the trainers).
 //!
-//! Backward recomputes each chunk's logits: with p = softmax(z), z = hidden W^T / T and
-//! upstream g (N), dz = g (onehot(target) - p) / T; d hidden = dz W; dW = dz^T hidden (only
-//! when W is tracked: a frozen LM head costs one product, not two).
+//! With p = softmax(z), z = hidden W^T / T and upstream g (N): dz = g (onehot(target) - p) / T,
+//! d hidden = dz W, dW = dz^T hidden (only when W is tracked).
+//!
+//! Row i's log-prob depends on hidden row i alone, so d hidden_i = g_i J_i with
+//! J_i = (onehot - p_i) W / T, an (N, H) matrix that does not depend on g. When hidden is
+//! tracked, forward computes J while each chunk's logits are at hand and keeps it (N x H, the
+//! size of hidden); backward is then one scaling, instead of recomputing the logits (the
+//! LM-head products are the most expensive of a small model's step): forward + backward cost
+//! two (rows, V, H) products, as PyTorch's with stored logits. Only a tracked W makes backward
+//! recompute the logits, chunk by chunk, for dW.
+
+use std::sync::OnceLock;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -28,6 +37,16 @@ pub(crate) struct TokenLogprobsOp {
     pub inv_temp: f32,
     /// Rows per chunk; 0 = choose from V.
     pub chunk_rows: usize,
+    /// Whether forward also computes J (hidden is tracked).
+    pub want_jacobian: bool,
+    /// (N, H): row i = d logp_i / d hidden_i, set by forward when `want_jacobian`.
+    pub jacobian: OnceLock<Vec<f32>>,
+}
+
+/// Turns a row of logits into c (onehot(t) - softmax), in place, given its log-sum-exp.
+fn row_grad(zr: &mut [f32], t: u32, lse: f32, c: f32) {
+    zr.iter_mut().for_each(|x| *x = -c * (*x - lse).exp());
+    zr[t as usize] += c;
 }
 
 impl TokenLogprobsOp {
@@ -94,6 +113,7 @@ impl CustomOp2 for TokenLogprobsOp {
         let (n, h, v, chunk) = self.dims(hl.dims(), wl.dims())?;
         let (hid, w) = (f32_view(NAME, hs, hl)?, f32_view(NAME, ws, wl)?);
         let mut out = vec![0f32; n];
+        let mut jac = vec![0f32; if self.want_jacobian { n * h } else { 0 }];
         let mut z = vec![0f32; chunk * v];
         for r0 in (0..n).step_by(chunk) {
             let rows = chunk.min(n - r0);
@@ -102,11 +122,33 @@ impl CustomOp2 for TokenLogprobsOp {
             let tg = &self.targets[r0..r0 + rows];
             out[r0..r0 + rows]
                 .par_iter_mut()
-                .zip(z.par_chunks(v))
+                .zip(z.par_chunks_mut(v))
                 .zip(tg.par_iter())
                 .for_each(|((o, zr), &t)| {
-                    *o = zr[t as usize] - lse(zr);
+                    let l = lse(zr);
+                    *o = zr[t as usize] - l;
+                    if self.want_jacobian {
+                        row_grad(zr, t, l, self.inv_temp);
+                    }
                 });
+            if self.want_jacobian {
+                // J = dz W for g = 1: (rows, V) x (V, H)
+                let jb = &mut jac[r0 * h..(r0 + rows) * h];
+                let dz = Mat::new(z, rows, v);
+                matmul(
+                    jb,
+                    h,
+                    dz,
+                    Mat::new(&w, v, h),
+                    1.0,
+                    false,
+                    par_for(rows, v, h),
+                )?;
+            }
+        }
+        if self.want_jacobian {
+            // A second forward through the same op object cannot happen; ignore the error.
+            let _ = self.jacobian.set(jac);
         }
         Ok((
             storage_from_f32(NAME, out, candle_core::DType::F32)?,
@@ -127,11 +169,31 @@ impl CustomOp2 for TokenLogprobsOp {
         }
         let (n, h, v, chunk) = self.dims(hidden.dims(), w.dims())?;
         let (h32, w32, g32) = (f32_contig(hidden)?, f32_contig(w)?, f32_contig(g)?);
+        let jac = match self.jacobian.get() {
+            Some(j) => Some(j),
+            // Forward computes J whenever hidden is tracked (the wrapper decides both).
+            None if want_h => {
+                return Err(OpError::shape(NAME, "hidden became tracked after forward").into())
+            }
+            None => None,
+        };
         let mut dh = vec![0f32; if want_h { n * h } else { 0 }];
         let mut dw = vec![0f32; if want_w { v * h } else { 0 }];
         with_f32(NAME, &h32, |hid| {
             with_f32(NAME, &w32, |wv| {
                 with_f32(NAME, &g32, |gv| {
+                    if let (true, Some(jac)) = (want_h, jac) {
+                        // d hidden_i = g_i J_i
+                        dh.par_chunks_mut(h)
+                            .zip(jac.par_chunks(h))
+                            .zip(gv.par_iter())
+                            .for_each(|((d, j), &gi)| {
+                                d.iter_mut().zip(j).for_each(|(d, j)| *d = gi * j)
+                            });
+                    }
+                    if !want_w {
+                        return Ok(());
+                    }
                     let mut z = vec![0f32; chunk * v];
                     for r0 in (0..n).step_by(chunk) {
                         let rows = chunk.min(n - r0);
@@ -144,24 +206,9 @@ impl CustomOp2 for TokenLogprobsOp {
                             .zip(gv[r0..r0 + rows].par_iter())
                             .for_each(|((zr, &t), &gi)| {
                                 let l = lse(zr);
-                                let c = gi * self.inv_temp;
-                                zr.iter_mut().for_each(|x| *x = -c * (*x - l).exp());
-                                zr[t as usize] += c;
+                                row_grad(zr, t, l, gi * self.inv_temp);
                             });
                         let dz = Mat::new(z, rows, v);
-                        if want_h {
-                            // d hidden = dz W: (rows, V) x (V, H)
-                            let dhb = &mut dh[r0 * h..(r0 + rows) * h];
-                            matmul(
-                                dhb,
-                                h,
-                                dz,
-                                Mat::new(wv, v, h),
-                                1.0,
-                                false,
-                                par_for(rows, v, h),
-                            )?;
-                        }
                         if want_w {
                             // dW += dz^T hidden: (V, rows) x (rows, H)
                             let hb = Mat::new(&hid[r0 * h..(r0 + rows) * h], rows, h);

@@ -176,6 +176,8 @@ pub fn token_logprobs_chunked(
         targets,
         inv_temp: (1.0 / temperature) as f32,
         chunk_rows,
+        want_jacobian: hidden.track_op(),
+        jacobian: Default::default(),
     };
     hidden.contiguous()?.apply_op2(&w.contiguous()?, op)
 }

@@ -23,7 +23,11 @@ pub fn smollm2() -> Tokenizer {
 }
 
 pub fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 pub fn messages(v: &Value) -> Vec<Message> {
@@ -31,6 +35,8 @@ pub fn messages(v: &Value) -> Vec<Message> {
 }
 
 pub fn template_source(name: &str) -> String {
-    let path = fixtures_dir().join("templates").join(format!("{name}.jinja"));
+    let path = fixtures_dir()
+        .join("templates")
+        .join(format!("{name}.jinja"));
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }

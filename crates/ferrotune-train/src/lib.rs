@@ -1,0 +1,10 @@
+//! Trainers, one visible loop per method (`sft` now; `grpo`, `dpo`, ... later), and the shared
+//! step helpers: token losses, AdamW, LR schedules, clipping, accumulation, non-finite guard.
+//!
+//! Owns: training math and the order of a step. Does not own: file parsing, progress bars,
+//! checkpoint formats (it calls `ferrotune-ckpt`), or when to print.
+
+pub mod loss;
+pub mod optim;
+pub mod schedule;
+pub mod step;

@@ -1,0 +1,60 @@
+//! Token log-probabilities of the scored positions of a right-padded batch, through the fused
+//! chunked vocabulary op (no (B, T, V) tensor is kept for backward), and the SFT loss built on
+//! them. Shared by every trainer that scores tokens (SFT, GRPO, DPO, distillation).
+
+use candle_core::{Device, Result, Tensor};
+use ferrotune_models::{Batch, CausalLm};
+use ferrotune_nn::{ops, Mode};
+
+/// Log-probs (N,) f32 of every token `ids[i][j]` with `score[i][j] == 1` (j >= 1), predicted
+/// from position j - 1 under softmax(logits / temperature). Order: row-major. Also returns the
+/// (row, position) of each.
+pub fn scored_logprobs(
+    model: &dyn CausalLm,
+    batch: &Batch,
+    score: &[Vec<u8>],
+    temperature: f64,
+    mode: Mode,
+) -> Result<(Tensor, Vec<(usize, usize)>)> {
+    if model.lm_head().lora.is_some() && mode.adapters {
+        candle_core::bail!("LoRA on lm_head is not supported: remove lm_head from lora.target_modules");
+    }
+    let h = model.hidden(batch, None, mode)?; // (B, T, H)
+    let (b, t, hd) = h.dims3()?;
+    let ids = batch.input_ids.to_vec2::<u32>()?;
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    let mut where_ = Vec::new();
+    for (i, row) in score.iter().enumerate().take(b) {
+        for j in 1..row.len().min(t) {
+            if row[j] == 1 {
+                rows.push((i * t + j - 1) as u32);
+                targets.push(ids[i][j]);
+                where_.push((i, j));
+            }
+        }
+    }
+    let dev: &Device = h.device();
+    if rows.is_empty() {
+        return Ok((Tensor::zeros(0, candle_core::DType::F32, dev)?, where_));
+    }
+    let flat = h.reshape((b * t, hd))?; // (B*T, H)
+    let sel = flat.index_select(&Tensor::new(rows, dev)?, 0)?; // (N, H)
+    let targets = Tensor::new(targets, dev)?;
+    let lp = ops::token_logprobs(&sel, &model.lm_head().weight, &targets, temperature)?;
+    Ok((lp, where_))
+}
+
+/// Sum of next-token NLL over scored tokens, and their count.
+pub fn nll_sum(
+    model: &dyn CausalLm,
+    batch: &Batch,
+    score: &[Vec<u8>],
+    mode: Mode,
+) -> Result<(Tensor, usize)> {
+    let (lp, where_) = scored_logprobs(model, batch, score, 1.0, mode)?;
+    if where_.is_empty() {
+        return Ok((Tensor::zeros((), candle_core::DType::F32, lp.device())?, 0));
+    }
+    Ok((lp.sum_all()?.neg()?, where_.len()))
+}

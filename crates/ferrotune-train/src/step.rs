@@ -1,0 +1,261 @@
+//! Helpers every trainer's optimizer step uses between `loss.backward()` and `AdamW::step`:
+//! gradient accumulation over micro-batches, global-norm clipping (torch's
+//! `clip_grad_norm_`), non-finite detection, and a guard that skips a bad step but stops the
+//! run after too many in a row.
+//!
+//! Owns: what happens to gradients of the named trainable parameters. Does not own: the loss
+//! (the caller scales it, see [`GradAccumulator`]), the update itself ([`crate::optim`]), or
+//! deciding the step count.
+//!
+//! Gradients are read only for the named parameters: a `GradStore` from `backward()` also
+//! holds the gradient of every intermediate tensor, which is never summed, clipped or kept.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+/// What can go wrong in a step helper.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("clip_grad_norm: max_norm must be positive and finite, got {0}")]
+    MaxNorm(f64),
+    #[error("gradient of `{name}` has shape {grad:?} but the parameter has {param:?}")]
+    GradShape {
+        name: String,
+        grad: Vec<usize>,
+        param: Vec<usize>,
+    },
+    #[error("token-mean loss scale: the accumulated batch has no loss tokens")]
+    NoLossTokens,
+    #[error(
+        "gradients were non-finite (NaN or inf) for {consecutive} optimizer steps in a row, \
+         the last at step {step} (first bad parameter: `{param}`); the run is diverging: \
+         lower the learning rate, enable gradient clipping, or check the data for empty or \
+         extreme examples"
+    )]
+    NonFinite {
+        step: usize,
+        consecutive: usize,
+        param: String,
+    },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Sum of squares of a gradient, accumulated in f64 sequentially (deterministic, and no
+/// overflow: an f32 squared fits an f64), and whether every element is finite.
+fn sum_sq(grad: &Tensor) -> Result<(f64, bool), StepError> {
+    let v = grad.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let mut acc = 0.0f64;
+    let mut finite = true;
+    for x in v {
+        finite &= x.is_finite();
+        acc += (x as f64) * (x as f64);
+    }
+    Ok((acc, finite))
+}
+
+/// Clips the gradients of `params` in `grads` in place so that their global L2 norm is at most
+/// `max_norm`, and returns the norm before clipping — `torch.nn.utils.clip_grad_norm_`:
+/// per-parameter norms (f32), the norm of those, `coef = max_norm / (norm + 1e-6)` clamped to
+/// at most 1, every gradient multiplied by `coef` (in f32, as torch does, and not at all when
+/// `coef` is 1, which torch's multiply by 1.0 leaves unchanged anyway).
+///
+/// Parameters without a gradient are skipped. If the norm is not finite the gradients are left
+/// as they are (torch would turn them all to NaN) and the NaN or inf norm is returned, so
+/// `!norm.is_finite()` doubles as the non-finite check for the step.
+pub fn clip_grad_norm(
+    grads: &mut GradStore,
+    params: &[(String, Var)],
+    max_norm: f64,
+) -> Result<f64, StepError> {
+    if !(max_norm > 0.0 && max_norm.is_finite()) {
+        return Err(StepError::MaxNorm(max_norm));
+    }
+    let mut total_sq = 0.0f64;
+    for (name, var) in params {
+        let Some(g) = grads.get(var.as_tensor()) else {
+            continue;
+        };
+        check_shape(name, g, var)?;
+        let (sq, _) = sum_sq(g)?;
+        let norm = sq.sqrt() as f32; // torch: vector_norm(g) is an f32 tensor
+        total_sq += (norm as f64) * (norm as f64);
+    }
+    let total = total_sq.sqrt() as f32;
+    if !total.is_finite() {
+        return Ok(total as f64);
+    }
+    // torch: `max_norm / (total_norm + 1e-6)` on an f32 tensor is reciprocal, then multiply.
+    let coef = (1.0f32 / (total + 1e-6f32)) * max_norm as f32;
+    if coef < 1.0 {
+        for (_, var) in params {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                let clipped = (g * coef as f64)?;
+                grads.insert(var.as_tensor(), clipped);
+            }
+        }
+    }
+    Ok(total as f64)
+}
+
+/// The name of the first parameter (in `params` order) whose gradient holds a NaN or an
+/// infinity, or `None` if all are finite.
+pub fn first_non_finite(
+    grads: &GradStore,
+    params: &[(String, Var)],
+) -> Result<Option<String>, StepError> {
+    for (name, var) in params {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            if !sum_sq(g)?.1 {
+                return Ok(Some(name.clone()));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// True when every gradient of `params` in `grads` is finite.
+pub fn all_finite(grads: &GradStore, params: &[(String, Var)]) -> Result<bool, StepError> {
+    Ok(first_non_finite(grads, params)?.is_none())
+}
+
+fn check_shape(name: &str, grad: &Tensor, var: &Var) -> Result<(), StepError> {
+    if grad.dims() != var.dims() {
+        return Err(StepError::GradShape {
+            name: name.to_string(),
+            grad: grad.dims().to_vec(),
+            param: var.dims().to_vec(),
+        });
+    }
+    Ok(())
+}
+
+/// The factor to multiply each micro-batch's **summed** token loss by when the loss is a
+/// token mean over the whole accumulated batch: `1 / total_loss_tokens`, where
+/// `total_loss_tokens` counts the loss tokens of *all* micro-batches of the optimizer step.
+pub fn token_mean_scale(total_loss_tokens: usize) -> Result<f64, StepError> {
+    if total_loss_tokens == 0 {
+        return Err(StepError::NoLossTokens);
+    }
+    Ok(1.0 / total_loss_tokens as f64)
+}
+
+/// Sums the gradients of the named parameters across the micro-batches of one optimizer step.
+///
+/// Scaling rule: for batch 1 × accumulation 8 to give the same gradient as batch 8 ×
+/// accumulation 1 with a token-mean loss, each micro-batch's loss must be its **sum** of token
+/// losses divided by the number of loss tokens in the **whole accumulated batch**
+/// ([`token_mean_scale`]) — not the micro-batch's own token mean divided by the number of
+/// micro-batches, which weights a short example's tokens more than a long one's. With that
+/// scaling the accumulator only adds: `sum_k ∇(S_k / N) = ∇(sum_k S_k / N)`.
+pub struct GradAccumulator {
+    params: Vec<(String, Var)>,
+    sums: Vec<Option<Tensor>>,
+    micro_batches: usize,
+}
+
+impl GradAccumulator {
+    /// An empty accumulator for `params` (the trainable parameters, as given to the optimizer).
+    pub fn new(params: &[(String, Var)]) -> GradAccumulator {
+        GradAccumulator {
+            params: params.to_vec(),
+            sums: vec![None; params.len()],
+            micro_batches: 0,
+        }
+    }
+
+    /// Adds one micro-batch's gradients (from `loss.backward()`); the store can be dropped
+    /// afterwards, intermediate gradients are not kept.
+    pub fn add(&mut self, grads: &GradStore) -> Result<(), StepError> {
+        for ((name, var), sum) in self.params.iter().zip(self.sums.iter_mut()) {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            check_shape(name, g, var)?;
+            let g = g.detach();
+            *sum = Some(match sum.take() {
+                None => g,
+                Some(acc) => acc.add(&g)?,
+            });
+        }
+        self.micro_batches += 1;
+        Ok(())
+    }
+
+    /// Micro-batches added since the last [`GradAccumulator::take`].
+    pub fn micro_batches(&self) -> usize {
+        self.micro_batches
+    }
+
+    /// The summed gradients as a `GradStore` holding only the named parameters (ready for
+    /// [`clip_grad_norm`] and `AdamW::step`), and a reset for the next optimizer step.
+    pub fn take(&mut self) -> GradStore {
+        let mut store = GradStore::default();
+        for ((_, var), sum) in self.params.iter().zip(self.sums.iter_mut()) {
+            if let Some(g) = sum.take() {
+                store.insert(var.as_tensor(), g);
+            }
+        }
+        self.micro_batches = 0;
+        store
+    }
+}
+
+/// Whether to apply an optimizer step or skip it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepAction {
+    Apply,
+    Skip,
+}
+
+/// Skips optimizer steps whose gradients are not finite (a single bad batch should not end a
+/// run, as fp16 loss scaling also skips), but fails once `max_consecutive` steps in a row were
+/// bad: then the run is diverging and every further step would be wasted. `max_consecutive =
+/// 1` fails at the first non-finite step. Serialisable so the count survives a resume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NonFiniteGuard {
+    max_consecutive: usize,
+    consecutive: usize,
+    total_skipped: usize,
+}
+
+impl NonFiniteGuard {
+    /// A guard that fails at the `max_consecutive`-th non-finite step in a row (0 is read as 1).
+    pub fn new(max_consecutive: usize) -> NonFiniteGuard {
+        NonFiniteGuard {
+            max_consecutive: max_consecutive.max(1),
+            consecutive: 0,
+            total_skipped: 0,
+        }
+    }
+
+    /// Records optimizer step `step`: `bad` is the first parameter with a non-finite gradient
+    /// ([`first_non_finite`]), or `None` when all are finite. A finite step resets the count.
+    pub fn observe(&mut self, step: usize, bad: Option<&str>) -> Result<StepAction, StepError> {
+        let Some(param) = bad else {
+            self.consecutive = 0;
+            return Ok(StepAction::Apply);
+        };
+        self.consecutive += 1;
+        if self.consecutive >= self.max_consecutive {
+            return Err(StepError::NonFinite {
+                step,
+                consecutive: self.consecutive,
+                param: param.to_string(),
+            });
+        }
+        self.total_skipped += 1;
+        Ok(StepAction::Skip)
+    }
+
+    /// Non-finite steps in a row so far.
+    pub fn consecutive(&self) -> usize {
+        self.consecutive
+    }
+
+    /// Steps skipped over the run.
+    pub fn total_skipped(&self) -> usize {
+        self.total_skipped
+    }
+}

@@ -1,0 +1,434 @@
+//! Run configuration: the TOML file (`ferrotune train --config run.toml`), `--set key=value`
+//! overrides, defaults, unknown-key rejection and the cross-field checks that say why a
+//! combination is refused. The resolved config is what the run folder records.
+//!
+//! Names follow Hugging Face / TRL where one exists (`learning_rate`, `lr_scheduler_type`,
+//! `gradient_accumulation_steps`, `max_grad_norm`, PEFT's `r`, `lora_alpha`, `target_modules`).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    Parse { path: PathBuf, msg: String },
+    #[error("--set {arg}: {msg}")]
+    Set { arg: String, msg: String },
+    #[error("{path}: {field}: {msg}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        msg: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Hugging Face folder or .gguf file.
+    pub path: PathBuf,
+    #[serde(default = "d_dtype")]
+    pub dtype: String,
+    #[serde(default = "d_device")]
+    pub device: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    #[serde(default = "d_r")]
+    pub r: usize,
+    #[serde(default = "d_alpha")]
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f32,
+    /// A list of module names, or "all-linear".
+    #[serde(default = "d_targets")]
+    pub target_modules: toml::Value,
+    #[serde(default)]
+    pub use_rslora: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// Training set: .jsonl, .parquet or .csv with TRL columns.
+    pub train: PathBuf,
+    /// Optional held-out set.
+    #[serde(default)]
+    pub eval: Option<PathBuf>,
+    /// Fraction of `train` held out for eval when `eval` is not given.
+    #[serde(default)]
+    pub eval_fraction: f64,
+    #[serde(default = "d_max_seq_len")]
+    pub max_seq_len: usize,
+    #[serde(default)]
+    pub packing: bool,
+    #[serde(default = "d_true")]
+    pub shuffle: bool,
+    /// Loss only on completion / assistant tokens (TRL's completion_only_loss).
+    #[serde(default = "d_true")]
+    pub completion_only_loss: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OptimSection {
+    #[serde(default = "d_lr")]
+    pub learning_rate: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "d_beta1")]
+    pub adam_beta1: f64,
+    #[serde(default = "d_beta2")]
+    pub adam_beta2: f64,
+    #[serde(default = "d_eps")]
+    pub adam_epsilon: f64,
+    /// Global-norm clipping; 0 disables.
+    #[serde(default = "d_clip")]
+    pub max_grad_norm: f64,
+    /// constant | constant_with_warmup | linear | cosine
+    #[serde(default = "d_sched")]
+    pub lr_scheduler_type: String,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    #[serde(default)]
+    pub warmup_ratio: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    pub output_dir: PathBuf,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    /// Total optimizer steps; 0 = derive from num_train_epochs.
+    #[serde(default)]
+    pub max_steps: usize,
+    #[serde(default = "d_epochs")]
+    pub num_train_epochs: f64,
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    #[serde(default = "d_one")]
+    pub gradient_accumulation_steps: usize,
+    #[serde(default = "d_log_every")]
+    pub log_every: usize,
+    /// Save a checkpoint every N steps (0 = only at the end).
+    #[serde(default)]
+    pub save_every: usize,
+    /// Eval loss every N steps (0 = never).
+    #[serde(default)]
+    pub eval_every: usize,
+    /// Keep the newest N checkpoints (0 = keep all).
+    #[serde(default)]
+    pub keep_last: usize,
+    /// Stop after this many consecutive non-finite steps.
+    #[serde(default = "d_nonfinite")]
+    pub max_nonfinite_steps: usize,
+}
+
+/// `[sft]`: supervised fine-tuning. (Its data options live in `[data]`.)
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SftSection {}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelSection,
+    /// Absent = full fine-tuning (every weight trainable).
+    #[serde(default)]
+    pub lora: Option<LoraSection>,
+    pub data: DataSection,
+    #[serde(default = "d_optim")]
+    pub optim: OptimSection,
+    pub run: RunSection,
+    #[serde(default)]
+    pub sft: Option<SftSection>,
+}
+
+fn d_dtype() -> String {
+    "f32".into()
+}
+fn d_device() -> String {
+    "cpu".into()
+}
+fn d_r() -> usize {
+    16
+}
+fn d_alpha() -> f64 {
+    32.0
+}
+fn d_targets() -> toml::Value {
+    toml::Value::String("all-linear".into())
+}
+fn d_max_seq_len() -> usize {
+    1024
+}
+fn d_true() -> bool {
+    true
+}
+fn d_lr() -> f64 {
+    2e-4
+}
+fn d_beta1() -> f64 {
+    0.9
+}
+fn d_beta2() -> f64 {
+    0.999
+}
+fn d_eps() -> f64 {
+    1e-8
+}
+fn d_clip() -> f64 {
+    1.0
+}
+fn d_sched() -> String {
+    "linear".into()
+}
+fn d_seed() -> u64 {
+    42
+}
+fn d_epochs() -> f64 {
+    1.0
+}
+fn d_batch() -> usize {
+    8
+}
+fn d_one() -> usize {
+    1
+}
+fn d_log_every() -> usize {
+    10
+}
+fn d_nonfinite() -> usize {
+    5
+}
+fn d_optim() -> OptimSection {
+    toml::from_str("").expect("optim defaults deserialize")
+}
+
+/// Every key with its default and meaning, for `ferrotune config --explain`.
+pub const KEYS: &[(&str, &str, &str)] = &[
+    ("model.path", "(required)", "Hugging Face model folder or .gguf file"),
+    ("model.dtype", "\"f32\"", "f32 | bf16 | f16 (adapters always keep f32 master weights)"),
+    ("model.device", "\"cpu\"", "cpu | cuda | cuda:N"),
+    ("lora", "(section)", "present = LoRA on a frozen base; absent = full fine-tuning"),
+    ("lora.r", "16", "adapter rank"),
+    ("lora.lora_alpha", "32", "scale numerator: update = (alpha / r) * B A x"),
+    ("lora.lora_dropout", "0.0", "dropout on the adapter input (PEFT semantics)"),
+    ("lora.target_modules", "\"all-linear\"", "list of module names (e.g. [\"q_proj\", \"v_proj\"]) or \"all-linear\""),
+    ("lora.use_rslora", "false", "rank-stabilised scale alpha / sqrt(r)"),
+    ("data.train", "(required)", "training set: .jsonl, .parquet or .csv with TRL columns (messages | prompt+completion | text)"),
+    ("data.eval", "none", "held-out set in the same format"),
+    ("data.eval_fraction", "0.0", "fraction of data.train held out when data.eval is absent"),
+    ("data.max_seq_len", "1024", "longer examples are truncated (counted and reported)"),
+    ("data.packing", "false", "pack several examples into one sequence"),
+    ("data.shuffle", "true", "seeded shuffle every epoch"),
+    ("data.completion_only_loss", "true", "loss only on completion / assistant tokens"),
+    ("optim.learning_rate", "2e-4", "peak learning rate (AdamW)"),
+    ("optim.weight_decay", "0.0", "decoupled weight decay"),
+    ("optim.adam_beta1", "0.9", "AdamW beta1"),
+    ("optim.adam_beta2", "0.999", "AdamW beta2"),
+    ("optim.adam_epsilon", "1e-8", "AdamW epsilon"),
+    ("optim.max_grad_norm", "1.0", "global-norm gradient clipping (0 = off)"),
+    ("optim.lr_scheduler_type", "\"linear\"", "constant | constant_with_warmup | linear | cosine"),
+    ("optim.warmup_steps", "0", "linear warmup steps"),
+    ("optim.warmup_ratio", "0.0", "warmup as a fraction of total steps (used when warmup_steps = 0)"),
+    ("run.output_dir", "(required)", "run folder: config, metrics, TensorBoard events, checkpoints"),
+    ("run.seed", "42", "seed for adapter init, shuffling and dropout"),
+    ("run.max_steps", "0", "optimizer steps; 0 = num_train_epochs over the data"),
+    ("run.num_train_epochs", "1.0", "epochs when max_steps = 0"),
+    ("run.batch_size", "8", "examples per micro-batch"),
+    ("run.gradient_accumulation_steps", "1", "micro-batches per optimizer step"),
+    ("run.log_every", "10", "log metrics every N steps"),
+    ("run.save_every", "0", "checkpoint every N steps (0 = only at the end)"),
+    ("run.eval_every", "0", "eval loss every N steps (0 = never)"),
+    ("run.keep_last", "0", "keep only the newest N checkpoints (0 = all)"),
+    ("run.max_nonfinite_steps", "5", "stop after N consecutive steps with non-finite loss or gradients"),
+    ("sft", "(section)", "marks the run as supervised fine-tuning"),
+];
+
+/// Apply `key=value` overrides to a parsed TOML table. The value is parsed as a TOML value,
+/// falling back to a plain string (so `--set model.path=dir` works unquoted).
+pub fn apply_set(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {
+    let err = |msg: &str| ConfigError::Set {
+        arg: arg.to_string(),
+        msg: msg.to_string(),
+    };
+    let (key, raw) = arg.split_once('=').ok_or_else(|| err("expected key=value"))?;
+    let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(err("empty key component"));
+    }
+    let mut t = table;
+    for p in &parts[..parts.len() - 1] {
+        t = t
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| err(&format!("`{p}` is not a section")))?;
+    }
+    t.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+impl RunConfig {
+    /// Read a TOML file, apply overrides, deserialize (unknown keys are errors) and validate.
+    /// Relative paths in the file are resolved against the file's folder.
+    pub fn load(path: &Path, sets: &[String]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            msg: one_line(&e.to_string()),
+        })?;
+        for s in sets {
+            apply_set(&mut table, s)?;
+        }
+        let mut cfg: RunConfig =
+            RunConfig::deserialize(table).map_err(|e| ConfigError::Parse {
+                path: path.to_path_buf(),
+                msg: one_line(&e.to_string()),
+            })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.model.path, &mut cfg.data.train, &mut cfg.run.output_dir] {
+            if p.is_relative() && !p.as_os_str().is_empty() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(e) = cfg.data.eval.as_mut() {
+            if e.is_relative() {
+                *e = base.join(&*e);
+            }
+        }
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Cross-field checks, each saying why.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |field: &str, msg: String| {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                field: field.into(),
+                msg,
+            })
+        };
+        if let Some(l) = &self.lora {
+            if l.r == 0 {
+                return bad("lora.r", "must be at least 1".into());
+            }
+            if !(0.0..1.0).contains(&(l.lora_dropout as f64)) {
+                return bad("lora.lora_dropout", "must be in [0, 1)".into());
+            }
+            match &l.target_modules {
+                toml::Value::String(s) if s == "all-linear" => {}
+                toml::Value::Array(a) if !a.is_empty() && a.iter().all(|v| v.is_str()) => {}
+                _ => {
+                    return bad(
+                        "lora.target_modules",
+                        "must be a non-empty list of module names or \"all-linear\"".into(),
+                    )
+                }
+            }
+        }
+        if self.data.max_seq_len < 2 {
+            return bad("data.max_seq_len", "must be at least 2".into());
+        }
+        if !(0.0..1.0).contains(&self.data.eval_fraction) {
+            return bad("data.eval_fraction", "must be in [0, 1)".into());
+        }
+        if self.data.eval.is_some() && self.data.eval_fraction > 0.0 {
+            return bad(
+                "data.eval_fraction",
+                "give either data.eval or data.eval_fraction, not both".into(),
+            );
+        }
+        if self.run.eval_every > 0 && self.data.eval.is_none() && self.data.eval_fraction == 0.0 {
+            return bad(
+                "run.eval_every",
+                "needs an eval set: set data.eval or data.eval_fraction".into(),
+            );
+        }
+        if self.run.batch_size == 0 {
+            return bad("run.batch_size", "must be at least 1".into());
+        }
+        if self.run.gradient_accumulation_steps == 0 {
+            return bad("run.gradient_accumulation_steps", "must be at least 1".into());
+        }
+        if self.run.max_steps == 0 && self.run.num_train_epochs <= 0.0 {
+            return bad(
+                "run.max_steps",
+                "set max_steps or a positive num_train_epochs".into(),
+            );
+        }
+        if self.run.log_every == 0 {
+            return bad("run.log_every", "must be at least 1".into());
+        }
+        let o = &self.optim;
+        if !(o.learning_rate > 0.0 && o.learning_rate.is_finite()) {
+            return bad("optim.learning_rate", "must be a positive number".into());
+        }
+        if !(0.0..1.0).contains(&o.adam_beta1) || !(0.0..1.0).contains(&o.adam_beta2) {
+            return bad("optim.adam_beta1", "betas must be in [0, 1)".into());
+        }
+        if !(0.0..1.0).contains(&o.warmup_ratio) {
+            return bad("optim.warmup_ratio", "must be in [0, 1)".into());
+        }
+        if o.warmup_steps > 0 && o.warmup_ratio > 0.0 {
+            return bad(
+                "optim.warmup_ratio",
+                "give either warmup_steps or warmup_ratio, not both".into(),
+            );
+        }
+        if !["constant", "constant_with_warmup", "linear", "cosine"]
+            .contains(&o.lr_scheduler_type.as_str())
+        {
+            return bad(
+                "optim.lr_scheduler_type",
+                format!(
+                    "`{}` is not one of constant, constant_with_warmup, linear, cosine",
+                    o.lr_scheduler_type
+                ),
+            );
+        }
+        if self.lora.is_none() && self.model.path.extension().is_some_and(|e| e == "gguf") {
+            return bad(
+                "lora",
+                "full fine-tuning of a GGUF base is not supported: add a [lora] section or convert the model to safetensors (ferrotune export)".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The resolved config as TOML (written to the run folder).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Text for `ferrotune config --explain`.
+pub fn explain() -> String {
+    let mut out = String::from("ferrotune run config (TOML). Every key, its default and meaning:\n\n");
+    for (k, d, h) in KEYS {
+        out.push_str(&format!("{k:<34} {d:<16} {h}\n"));
+    }
+    out
+}
