@@ -30,7 +30,10 @@ fn time(iters: usize, f: impl Fn() -> Result<()>) -> f64 {
 }
 
 fn report(name: &str, ours: f64, stock: f64) {
-    println!("{name:<34} ours {ours:>8.2} ms   composite {stock:>8.2} ms   speed-up {:>5.2}x", stock / ours);
+    println!(
+        "{name:<34} ours {ours:>8.2} ms   composite {stock:>8.2} ms   speed-up {:>5.2}x",
+        stock / ours
+    );
 }
 
 #[test]
@@ -51,18 +54,26 @@ fn bench_ops() {
     let stock = time(iters, || step(reference::linear(x.as_tensor(), &w, None)?));
     report("linear 576->1536 frozen W", ours, stock);
     let ours = time(iters, || ops::linear(x.as_tensor(), &w, None).map(|_| ()));
-    let stock = time(iters, || reference::linear(x.as_tensor(), &w, None).map(|_| ()));
+    let stock = time(iters, || {
+        reference::linear(x.as_tensor(), &w, None).map(|_| ())
+    });
     report("  forward only", ours, stock);
 
     let nw = randn(&[h]);
     let ours = time(iters, || step(ops::rms_norm(x.as_tensor(), &nw, 1e-5)?));
-    let stock = time(iters, || step(reference::rms_norm(x.as_tensor(), &nw, 1e-5)?));
+    let stock = time(iters, || {
+        step(reference::rms_norm(x.as_tensor(), &nw, 1e-5)?)
+    });
     report("rms_norm (512, 576)", ours, stock);
 
     let gate = Var::from_tensor(&randn(&[b, t, i])).unwrap();
     let up = Var::from_tensor(&randn(&[b, t, i])).unwrap();
-    let ours = time(iters, || step(ops::swiglu(gate.as_tensor(), up.as_tensor())?));
-    let stock = time(iters, || step(reference::swiglu(gate.as_tensor(), up.as_tensor())?));
+    let ours = time(iters, || {
+        step(ops::swiglu(gate.as_tensor(), up.as_tensor())?)
+    });
+    let stock = time(iters, || {
+        step(reference::swiglu(gate.as_tensor(), up.as_tensor())?)
+    });
     report("swiglu (512, 1536)", ours, stock);
 
     let q = Var::from_tensor(&randn(&[b, hq, t, d])).unwrap();
@@ -76,17 +87,45 @@ fn bench_ops() {
 
     let mask = Tensor::ones((b, t), candle_core::DType::F32, &Device::Cpu).unwrap();
     let scale = 1.0 / (d as f64).sqrt();
-    let ours = time(iters, || step(ops::attention(q.as_tensor(), k.as_tensor(), vv.as_tensor(), Some(&mask), scale)?));
+    let ours = time(iters, || {
+        step(ops::attention(
+            q.as_tensor(),
+            k.as_tensor(),
+            vv.as_tensor(),
+            Some(&mask),
+            scale,
+        )?)
+    });
     let stock = time(iters, || {
-        step(reference::attention(q.as_tensor(), k.as_tensor(), vv.as_tensor(), Some(&mask), scale)?)
+        step(reference::attention(
+            q.as_tensor(),
+            k.as_tensor(),
+            vv.as_tensor(),
+            Some(&mask),
+            scale,
+        )?)
     });
     report("attention (4, 9/3, 128, 64)", ours, stock);
 
     // The LM head: frozen (V, H) weight, every position scored.
     let hid = Var::from_tensor(&randn(&[m, h])).unwrap();
     let lm = (randn(&[v, h]) * 0.05).unwrap();
-    let targets = Tensor::from_vec((0..m as u32).map(|r| (r * 7919) % v as u32).collect(), m, &Device::Cpu).unwrap();
-    let ours = time(3, || step(ops::token_logprobs(hid.as_tensor(), &lm, &targets, 1.0)?));
-    let stock = time(3, || step(reference::token_logprobs(hid.as_tensor(), &lm, &targets, 1.0)?));
+    let targets = Tensor::from_vec(
+        (0..m as u32).map(|r| (r * 7919) % v as u32).collect(),
+        m,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let ours = time(3, || {
+        step(ops::token_logprobs(hid.as_tensor(), &lm, &targets, 1.0)?)
+    });
+    let stock = time(3, || {
+        step(reference::token_logprobs(
+            hid.as_tensor(),
+            &lm,
+            &targets,
+            1.0,
+        )?)
+    });
     report("token_logprobs (512, 576) x 49152", ours, stock);
 }

@@ -17,15 +17,30 @@
 //! - special tokens: the strings at the bos/eos/unknown/padding ids; chat template from
 //!   `tokenizer.chat_template`.
 //!
-//! Sentencepiece (`"llama"`) and unigram (`"t5"`) vocabularies are refused with
-//! `UnsupportedTokenizerModel` for now.
+//! For `tokenizer.ggml.model = "llama"` (sentencepiece BPE), as transformers' `LlamaTokenizer`:
+//! - model: BPE with `byte_fallback` and `fuse_unk`, no unk token; merges from the file, or, as
+//!   llama.cpp files carry none, derived from the vocabulary and the token scores (every split of
+//!   a token into two vocabulary tokens, best score first — transformers' `generate_merges`);
+//! - pre-tokenizer: `Metaspace("▁", prepend_scheme = "first", split = false)`; no normalizer;
+//! - decoder: `Replace("▁", " ")`, `ByteFallback`, `Fuse`, `Strip(" ", 1, 0)`;
+//! - `add_bos_token` defaults to true when the file does not say.
+//!
+//! Refused with `UnsupportedTokenizerModel`: unigram (`"t5"`) vocabularies and the sentencepiece
+//! families transformers rebuilds differently (Gemma, Phi-3 architectures).
 
 use std::collections::HashMap;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::replace::Replace;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
@@ -63,11 +78,25 @@ impl Tokenizer {
     pub fn from_gguf(content: &Content) -> Result<Self> {
         let md = &content.metadata;
         let model = get_str(md, "tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(TokenizeError::UnsupportedTokenizerModel {
-                model: model.to_string(),
-            });
-        }
+        let architecture = md
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+            .unwrap_or("");
+        let byte_level = match model {
+            "gpt2" => true,
+            "llama" if !matches!(architecture, "gemma" | "gemma2" | "gemma3" | "phi3") => false,
+            "llama" => {
+                return Err(TokenizeError::UnsupportedTokenizerModel {
+                    model: format!("llama (sentencepiece) for architecture `{architecture}`"),
+                })
+            }
+            other => {
+                return Err(TokenizeError::UnsupportedTokenizerModel {
+                    model: other.to_string(),
+                })
+            }
+        };
         let tokens = get_str_array(md, "tokenizer.ggml.tokens")?;
         let token_types = match md.get("tokenizer.ggml.token_type") {
             Some(v) => Some(int_array(v, "tokenizer.ggml.token_type")?),
@@ -81,76 +110,42 @@ impl Tokenizer {
                 ));
             }
         }
-        let merges = match md.get("tokenizer.ggml.merges") {
-            Some(_) => get_str_array(md, "tokenizer.ggml.merges")?,
-            None => {
-                return Err(gguf_err(
-                    "tokenizer.ggml.merges",
-                    "missing; a byte-level BPE GGUF without merges is not supported",
-                ))
-            }
-        };
 
         let alphabet = byte_alphabet();
         let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
-        let mut vocab = Vocab::with_capacity(tokens.len());
-        for (id, token) in tokens.iter().enumerate() {
-            let spelled = if in_alphabet(token) {
-                token.clone()
-            } else {
-                token.bytes().map(|b| alphabet[b as usize]).collect()
-            };
-            // Duplicate spellings: the later id wins, as in transformers' dict comprehension.
-            vocab.insert(spelled, id as u32);
-        }
-        let mut pairs = Vec::with_capacity(merges.len());
-        for (i, merge) in merges.iter().enumerate() {
-            match merge.split_once(' ') {
-                Some((a, b)) if !b.contains(' ') => pairs.push((a.to_string(), b.to_string())),
-                _ => {
-                    return Err(gguf_err(
-                        "tokenizer.ggml.merges",
-                        format!("entry {i} {merge:?} is not two tokens separated by one space"),
-                    ))
-                }
-            }
-        }
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, pairs)
-            .build()
-            .map_err(|e| TokenizeError::tokenizers("building BPE from GGUF vocab/merges", &e))?;
+        let mut inner = if byte_level {
+            byte_level_tokenizer(md, &tokens, &alphabet)?
+        } else {
+            sentencepiece_tokenizer(md, &tokens)?
+        };
 
+        // transformers replaces the pre-tokenizer of either kind when `tokenizer.ggml.pre` names
+        // a family whose split regex it knows.
         let pre = md
             .get("tokenizer.ggml.pre")
             .and_then(|v| v.to_string().ok())
             .map(String::as_str)
             .unwrap_or("");
-        let pre_tokenizer: PreTokenizerWrapper = match split_regex_for(pre) {
-            Some(regex) => {
-                let split = Split::new(
-                    SplitPattern::Regex(regex.to_string()),
-                    SplitDelimiterBehavior::Isolated,
-                    false,
-                )
-                .map_err(|e| TokenizeError::tokenizers(format!("split regex for `{pre}`"), &e))?;
-                Sequence::new(vec![
-                    split.into(),
-                    ByteLevel::new(false, true, false).into(),
-                ])
-                .into()
-            }
-            None => ByteLevel::new(false, true, true).into(),
-        };
-
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        inner.with_pre_tokenizer(Some(pre_tokenizer));
-        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        if let Some(regex) = split_regex_for(pre) {
+            let split = Split::new(
+                SplitPattern::Regex(regex.to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| TokenizeError::tokenizers(format!("split regex for `{pre}`"), &e))?;
+            let sequence: PreTokenizerWrapper = Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into();
+            inner.with_pre_tokenizer(Some(sequence));
+        }
 
         if let Some(types) = &token_types {
             let control: Vec<AddedToken> = tokens
                 .iter()
                 .zip(types)
-                .filter(|(t, ty)| **ty == TOKEN_TYPE_CONTROL && in_alphabet(t))
+                .filter(|(t, ty)| **ty == TOKEN_TYPE_CONTROL && (!byte_level || in_alphabet(t)))
                 .map(|(t, _)| AddedToken::from(t.clone(), true))
                 .collect();
             if !control.is_empty() {
@@ -188,7 +183,9 @@ impl Tokenizer {
             eos_token: token_at("tokenizer.ggml.eos_token_id")?,
             unk_token: token_at("tokenizer.ggml.unknown_token_id")?,
             pad_token: token_at("tokenizer.ggml.padding_token_id")?,
-            add_bos_token: get_bool_opt(md, "tokenizer.ggml.add_bos_token")?,
+            // llama.cpp adds BOS to a sentencepiece vocabulary that does not say otherwise.
+            add_bos_token: get_bool_opt(md, "tokenizer.ggml.add_bos_token")?
+                .or((!byte_level).then_some(true)),
             add_eos_token: get_bool_opt(md, "tokenizer.ggml.add_eos_token")?,
         };
 
@@ -221,6 +218,152 @@ impl Tokenizer {
             "GGUF metadata".to_string(),
         )
     }
+}
+
+/// Byte-level BPE (GPT-2 style) from the file's tokens and merges.
+fn byte_level_tokenizer(
+    md: &HashMap<String, Value>,
+    tokens: &[String],
+    alphabet: &[char],
+) -> Result<tokenizers::Tokenizer> {
+    let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
+    let mut vocab = Vocab::with_capacity(tokens.len());
+    for (id, token) in tokens.iter().enumerate() {
+        let spelled = if in_alphabet(token) {
+            token.clone()
+        } else {
+            token.bytes().map(|b| alphabet[b as usize]).collect()
+        };
+        // Duplicate spellings: the later id wins, as in transformers' dict comprehension.
+        vocab.insert(spelled, id as u32);
+    }
+    if !md.contains_key("tokenizer.ggml.merges") {
+        return Err(gguf_err(
+            "tokenizer.ggml.merges",
+            "missing; a byte-level BPE GGUF without merges is not supported",
+        ));
+    }
+    let merges = file_merges(md)?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| TokenizeError::tokenizers("building BPE from GGUF vocab/merges", &e))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    inner.with_decoder(Some(ByteLevelDecoder::default()));
+    Ok(inner)
+}
+
+/// Sentencepiece BPE (Llama 2 / Mistral style) with byte fallback.
+fn sentencepiece_tokenizer(
+    md: &HashMap<String, Value>,
+    tokens: &[String],
+) -> Result<tokenizers::Tokenizer> {
+    let mut vocab = Vocab::with_capacity(tokens.len());
+    for (id, token) in tokens.iter().enumerate() {
+        vocab.insert(token.clone(), id as u32);
+    }
+    let merges = if md.contains_key("tokenizer.ggml.merges") {
+        file_merges(md)?
+    } else {
+        let scores = match md.get("tokenizer.ggml.scores") {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::F32(x) => Ok(f64::from(*x)),
+                    Value::F64(x) => Ok(*x),
+                    _ => Err(gguf_err("tokenizer.ggml.scores", "holds a non-float entry")),
+                })
+                .collect::<Result<Vec<f64>>>()?,
+            Some(_) => return Err(gguf_err("tokenizer.ggml.scores", "is not an array")),
+            None => {
+                return Err(gguf_err(
+                    "tokenizer.ggml.scores",
+                    "missing, and no merges: cannot derive the BPE merges",
+                ))
+            }
+        };
+        if scores.len() != tokens.len() {
+            return Err(gguf_err(
+                "tokenizer.ggml.scores",
+                format!("has {} entries for {} tokens", scores.len(), tokens.len()),
+            ));
+        }
+        merges_from_scores(tokens, &scores, &vocab)
+    };
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .fuse_unk(true)
+        .byte_fallback(true)
+        .build()
+        .map_err(|e| TokenizeError::tokenizers("building sentencepiece BPE from GGUF", &e))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    inner.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::First, false)));
+    let replace = Replace::new("▁", " ")
+        .map_err(|e| TokenizeError::tokenizers("sentencepiece decoder", &e))?;
+    inner.with_decoder(Some(DecoderSequence::new(vec![
+        DecoderWrapper::Replace(replace),
+        DecoderWrapper::ByteFallback(ByteFallback::new()),
+        DecoderWrapper::Fuse(Fuse::new()),
+        DecoderWrapper::Strip(Strip::new(' ', 1, 0)),
+    ])));
+    Ok(inner)
+}
+
+/// `tokenizer.ggml.merges` as pairs: each entry is two tokens separated by one space.
+fn file_merges(md: &HashMap<String, Value>) -> Result<Vec<(String, String)>> {
+    let merges = get_str_array(md, "tokenizer.ggml.merges")?;
+    let mut pairs = Vec::with_capacity(merges.len());
+    for (i, merge) in merges.iter().enumerate() {
+        match merge.split_once(' ') {
+            Some((a, b)) if !b.contains(' ') => pairs.push((a.to_string(), b.to_string())),
+            _ => {
+                return Err(gguf_err(
+                    "tokenizer.ggml.merges",
+                    format!("entry {i} {merge:?} is not two tokens separated by one space"),
+                ))
+            }
+        }
+    }
+    Ok(pairs)
+}
+
+/// Merges implied by a scored vocabulary (transformers' `generate_merges` with scores): every
+/// split of a token into two vocabulary tokens, ordered best score first, then longer left and
+/// right pieces first; ties keep vocabulary order (splits of one token by the pieces' ids).
+fn merges_from_scores(tokens: &[String], scores: &[f64], vocab: &Vocab) -> Vec<(String, String)> {
+    // A token listed twice keeps its first position and its last score (Python dict semantics).
+    let mut order: Vec<&str> = Vec::with_capacity(tokens.len());
+    let mut score_of: HashMap<&str, f64> = HashMap::with_capacity(tokens.len());
+    for (token, &score) in tokens.iter().zip(scores) {
+        if score_of.insert(token.as_str(), score).is_none() {
+            order.push(token.as_str());
+        }
+    }
+    let mut merges: Vec<(String, String, f64)> = Vec::new();
+    for token in order {
+        let score = score_of[token];
+        let mut local: Vec<(String, String, f64)> = token
+            .char_indices()
+            .skip(1)
+            .filter_map(|(i, _)| {
+                let (l, r) = token.split_at(i);
+                (vocab.contains_key(l) && vocab.contains_key(r))
+                    .then(|| (l.to_string(), r.to_string(), score))
+            })
+            .collect();
+        local.sort_by_key(|(l, r, _)| (vocab[l.as_str()], vocab[r.as_str()]));
+        merges.extend(local);
+    }
+    // Stable sort, descending key: equal keys keep their order, as Python's sorted(reverse=True).
+    let key = |m: &(String, String, f64)| (m.2, m.0.chars().count(), m.1.chars().count());
+    merges.sort_by(|a, b| {
+        let (ka, kb) = (key(a), key(b));
+        kb.0.total_cmp(&ka.0)
+            .then(kb.1.cmp(&ka.1))
+            .then(kb.2.cmp(&ka.2))
+    });
+    merges.into_iter().map(|(l, r, _)| (l, r)).collect()
 }
 
 /// GPT-2's byte → printable-character table: bytes that are printable Latin-1 map to
@@ -320,25 +463,60 @@ mod tests {
         assert_eq!(sorted.len(), 256);
     }
 
-    #[test]
-    fn sentencepiece_gguf_is_refused_by_name() {
-        let mut metadata = HashMap::new();
-        metadata.insert(
-            "tokenizer.ggml.model".to_string(),
-            Value::String("llama".to_string()),
-        );
-        let content = Content {
+    fn content_with(pairs: &[(&str, &str)]) -> Content {
+        let metadata = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+            .collect();
+        Content {
             magic: candle_core::quantized::gguf_file::VersionedMagic::GgufV3,
             metadata,
             tensor_infos: HashMap::new(),
             tensor_data_offset: 0,
-        };
-        let err = Tokenizer::from_gguf(&content).unwrap_err();
+        }
+    }
+
+    #[test]
+    fn unsupported_models_are_refused_by_name() {
+        let err =
+            Tokenizer::from_gguf(&content_with(&[("tokenizer.ggml.model", "t5")])).unwrap_err();
         assert!(
-            matches!(err, TokenizeError::UnsupportedTokenizerModel { ref model } if model == "llama")
+            matches!(err, TokenizeError::UnsupportedTokenizerModel { ref model } if model == "t5")
         );
-        assert!(err
-            .to_string()
-            .contains("unsupported tokenizer model `llama`"));
+        assert!(
+            err.to_string().contains("unsupported tokenizer model `t5`"),
+            "{err}"
+        );
+        let err = Tokenizer::from_gguf(&content_with(&[
+            ("tokenizer.ggml.model", "llama"),
+            ("general.architecture", "gemma2"),
+        ]))
+        .unwrap_err();
+        assert!(err.to_string().contains("gemma2"), "{err}");
+    }
+
+    #[test]
+    fn merges_from_scores_follow_score_then_length_order() {
+        // Expected: transformers.tokenization_utils_base.generate_merges on the same vocabulary
+        // and scores returns [('b','c'), ('a','b'), ('ab','c'), ('a','bc')].
+        let tokens: Vec<String> = ["a", "b", "c", "ab", "bc", "abc"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let scores = [0.0, 0.0, 0.0, -1.0, -0.5, -2.0];
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let merges = merges_from_scores(&tokens, &scores, &vocab);
+        let pairs: Vec<(&str, &str)> = merges
+            .iter()
+            .map(|(l, r)| (l.as_str(), r.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            vec![("b", "c"), ("a", "b"), ("ab", "c"), ("a", "bc")]
+        );
     }
 }

@@ -7,8 +7,9 @@
 //! (the caller scales it, see [`GradAccumulator`]), the update itself ([`crate::optim`]), or
 //! deciding the step count.
 //!
-//! Gradients are read only for the named parameters: a `GradStore` from `backward()` also
-//! holds the gradient of every intermediate tensor, which is never summed, clipped or kept.
+//! Gradients are read only for the named parameters: a `GradStore` from `backward()` holds the
+//! gradient of every `Var` the loss depends on, and a `Var` not passed as trainable (say, a
+//! frozen weight someone loaded as a `Var`) is never summed, clipped or kept.
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
@@ -56,10 +57,10 @@ fn sum_sq(grad: &Tensor) -> Result<(f64, bool), StepError> {
 }
 
 /// Clips the gradients of `params` in `grads` in place so that their global L2 norm is at most
-/// `max_norm`, and returns the norm before clipping — `torch.nn.utils.clip_grad_norm_`:
-/// per-parameter norms (f32), the norm of those, `coef = max_norm / (norm + 1e-6)` clamped to
-/// at most 1, every gradient multiplied by `coef` (in f32, as torch does, and not at all when
-/// `coef` is 1, which torch's multiply by 1.0 leaves unchanged anyway).
+/// `max_norm`, and returns the norm before clipping — `torch.nn.utils.clip_grad_norm_`: the L2
+/// norm over all gradients, `coef = max_norm / (norm + 1e-6)` clamped to at most 1, every
+/// gradient multiplied by `coef` in f32 (not at all when `coef` is 1, which torch's multiply by
+/// 1.0 leaves unchanged anyway).
 ///
 /// Parameters without a gradient are skipped. If the norm is not finite the gradients are left
 /// as they are (torch would turn them all to NaN) and the NaN or inf norm is returned, so
@@ -78,16 +79,15 @@ pub fn clip_grad_norm(
             continue;
         };
         check_shape(name, g, var)?;
-        let (sq, _) = sum_sq(g)?;
-        let norm = sq.sqrt() as f32; // torch: vector_norm(g) is an f32 tensor
-        total_sq += (norm as f64) * (norm as f64);
+        total_sq += sum_sq(g)?.0;
     }
-    let total = total_sq.sqrt() as f32;
+    // In f64 where torch works in f32: a huge but finite gradient (norm above f32::MAX) is
+    // clipped rather than reported as non-finite. Agrees with torch to ~1e-7 relative.
+    let total = total_sq.sqrt();
     if !total.is_finite() {
-        return Ok(total as f64);
+        return Ok(total);
     }
-    // torch: `max_norm / (total_norm + 1e-6)` on an f32 tensor is reciprocal, then multiply.
-    let coef = (1.0f32 / (total + 1e-6f32)) * max_norm as f32;
+    let coef = (max_norm / (total + 1e-6)).min(1.0) as f32;
     if coef < 1.0 {
         for (_, var) in params {
             if let Some(g) = grads.get(var.as_tensor()) {
@@ -96,7 +96,7 @@ pub fn clip_grad_norm(
             }
         }
     }
-    Ok(total as f64)
+    Ok(total)
 }
 
 /// The name of the first parameter (in `params` order) whose gradient holds a NaN or an
@@ -166,7 +166,7 @@ impl GradAccumulator {
     }
 
     /// Adds one micro-batch's gradients (from `loss.backward()`); the store can be dropped
-    /// afterwards, intermediate gradients are not kept.
+    /// afterwards, gradients of `Var`s not named at construction are not kept.
     pub fn add(&mut self, grads: &GradStore) -> Result<(), StepError> {
         for ((name, var), sum) in self.params.iter().zip(self.sums.iter_mut()) {
             let Some(g) = grads.get(var.as_tensor()) else {

@@ -4,3 +4,4 @@
 pub mod config;
 pub mod eval;
 pub mod lm;
+pub mod sft_run;

@@ -50,9 +50,26 @@ pub struct Lm {
     pub model: Box<dyn CausalLm>,
     pub tokenizer: Tokenizer,
     pub device: Device,
+    /// Trainable base weights (full fine-tuning only), by checkpoint name.
+    pub base_params: Vec<(String, candle_core::Var)>,
 }
 
 impl Lm {
+    /// Load a model and its tokenizer; with `adapter`, also a PEFT adapter folder on top
+    /// (its own LoRA config replaces `opts.lora`).
+    pub fn load_with(path: &Path, adapter: Option<&Path>, opts: &LoadOptions) -> Result<Lm, LmError> {
+        let mut opts = opts.clone();
+        if let Some(dir) = adapter {
+            let peft = ferrotune_models::adapter::PeftConfig::from_dir(dir)?;
+            opts.lora = Some((peft.lora_config()?, 0));
+        }
+        let lm = Self::load(path, &opts)?;
+        if let Some(dir) = adapter {
+            ferrotune_models::adapter::load_weights(lm.model.as_ref(), dir)?;
+        }
+        Ok(lm)
+    }
+
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Lm, LmError> {
         let loaded = ferrotune_models::load(path, opts)?;
         let tokenizer = if path.is_file() {
@@ -74,6 +91,7 @@ impl Lm {
             model: loaded.model,
             tokenizer,
             device: opts.device.clone(),
+            base_params: loaded.base_params,
         })
     }
 

@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use ferrotune::config::{self, RunConfig};
 use ferrotune::eval::perplexity;
+use ferrotune::sft_run::run_sft;
 use ferrotune::lm::{parse_device, parse_dtype, Lm};
 use ferrotune_generate::{generate, GenerateOptions, SamplingParams};
 use ferrotune_models::LoadOptions;
@@ -33,6 +35,9 @@ struct ModelArgs {
     /// f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// A PEFT LoRA adapter folder to apply on top of the model (unmerged).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -79,6 +84,44 @@ enum Cmd {
         #[arg(long)]
         stride: Option<usize>,
     },
+    /// Train from a TOML config (`[sft]` ...); see `ferrotune config --explain`.
+    Train {
+        /// The run config (TOML).
+        #[arg(long, required_unless_present = "resume")]
+        config: Option<PathBuf>,
+        /// Override a config key: --set run.max_steps=100 (repeatable).
+        #[arg(long = "set")]
+        sets: Vec<String>,
+        /// Continue the run in this folder from its newest complete checkpoint.
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        /// Start afresh in an existing run folder, deleting its checkpoints and logs.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Explain the run config: every key, its default and meaning.
+    Config {
+        #[arg(long)]
+        explain: bool,
+        /// Check a config file (parse, unknown keys, cross-field rules) without running it.
+        #[arg(long)]
+        check: Option<PathBuf>,
+    },
+    /// Merge a LoRA adapter into its base and write a Hugging Face model folder.
+    Export {
+        /// Base model: Hugging Face folder or .gguf file.
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT adapter folder (e.g. RUN/checkpoints/step-N); omit to convert the base only.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Output folder (must be empty or absent).
+        #[arg(long)]
+        out: PathBuf,
+        /// f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
     /// Run the whole recipe on the embedded model (coming with the demo issue).
     Demo,
 }
@@ -90,7 +133,7 @@ fn load(m: &ModelArgs) -> Result<Lm> {
         lora: None,
         trainable_base: false,
     };
-    Ok(Lm::load(&m.model, &opts)?)
+    Ok(Lm::load_with(&m.model, m.adapter.as_deref(), &opts)?)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -175,6 +218,70 @@ fn run(cli: Cli) -> Result<()> {
                 p.mean_nll(),
                 p.tokens,
                 ids.len() as f64 / t.elapsed().as_secs_f64()
+            );
+        }
+        Cmd::Train {
+            config,
+            sets,
+            resume,
+            overwrite,
+        } => {
+            let cfg = match (&config, &resume) {
+                (Some(c), _) => RunConfig::load(c, &sets)?,
+                (None, Some(r)) => RunConfig::load(&r.join("config.toml"), &sets)?,
+                (None, None) => bail!("give --config FILE or --resume RUN_DIR"),
+            };
+            if let Some(r) = &resume {
+                if config.is_some() && r != &cfg.run.output_dir {
+                    bail!(
+                        "--resume {} differs from run.output_dir {} in the config",
+                        r.display(),
+                        cfg.run.output_dir.display()
+                    );
+                }
+            }
+            if cfg.sft.is_none() {
+                bail!("the config has no method section: add [sft] (the only trainer so far)");
+            }
+            let summary = run_sft(&cfg, resume.is_some(), overwrite)?;
+            println!(
+                "done: {} steps, loss {} -> {}{}{}",
+                summary.steps,
+                summary.first_loss.map(|l| format!("{l:.4}")).unwrap_or("-".into()),
+                summary.last_loss.map(|l| format!("{l:.4}")).unwrap_or("-".into()),
+                summary.last_eval_loss.map(|l| format!(", eval loss {l:.4}")).unwrap_or_default(),
+                summary
+                    .last_checkpoint
+                    .map(|p| format!(", checkpoint {}", p.display()))
+                    .unwrap_or_default()
+            );
+        }
+        Cmd::Config { explain, check } => {
+            if let Some(c) = check {
+                let cfg = RunConfig::load(&c, &[])?;
+                println!("{}: ok", c.display());
+                print!("{}", cfg.to_toml());
+            } else if explain {
+                print!("{}", config::explain());
+            } else {
+                bail!("give --explain or --check FILE");
+            }
+        }
+        Cmd::Export {
+            model,
+            adapter,
+            out,
+            dtype,
+        } => {
+            let report = ferrotune_ckpt::export_merged(&model, adapter.as_deref(), &out, parse_dtype(&dtype)?)?;
+            for w in &report.warnings {
+                eprintln!("warning: {w}");
+            }
+            println!(
+                "wrote {} ({} tensors, {} merged with the adapter)",
+                report.out.display(),
+                report.tensors,
+                report.merged.len()
             );
         }
         Cmd::Demo => {

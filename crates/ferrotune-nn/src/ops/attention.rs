@@ -18,7 +18,9 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::cpu::{f32_contig, f32_view, matmul, storage_from_f32, tensor_from_f32, with_f32, Mat};
+use super::cpu::{
+    chunks_or_empty, f32_contig, f32_view, matmul, storage_from_f32, tensor_from_f32, with_f32, Mat,
+};
 use super::OpError;
 
 const NAME: &str = "ferrotune-attention";
@@ -230,19 +232,18 @@ impl CustomOp3 for AttentionOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (want_q, want_k, want_v) = (q.track_op(), k.track_op(), v.track_op());
-        if !(want_q || want_k || want_v) || q.elem_count() == 0 {
+        let want = Wanted {
+            q: q.track_op(),
+            k: k.track_op(),
+            v: v.track_op(),
+        };
+        if !(want.q || want.k || want.v) || q.elem_count() == 0 {
             return Ok((None, None, None));
         }
         let dims = Dims::new(q.dims(), k.dims(), v.dims())?;
         self.check_mask(dims)?;
         let Dims {
-            b,
-            hq,
-            hkv,
-            tq,
-            tk,
-            d,
+            b, hq, tq, tk, d, ..
         } = dims;
         let (q32, k32, v32, g32) = (
             f32_contig(q)?,
@@ -250,139 +251,112 @@ impl CustomOp3 for AttentionOp {
             f32_contig(v)?,
             f32_contig(g)?,
         );
-        let mut dq = vec![0f32; if want_q { b * hq * tq * d } else { 0 }];
-        // dK, dV per query head (B, Hq, Tk, D), summed over each group afterwards.
-        let mut dk = vec![0f32; if want_k { b * hq * tk * d } else { 0 }];
-        let mut dv = vec![0f32; if want_v { b * hq * tk * d } else { 0 }];
         let n = b * hq;
-        let tasks: Vec<_> = split(&mut dq, tq * d, n)
+        let mut dq = vec![0f32; if want.q { n * tq * d } else { 0 }];
+        // dK, dV per query head (B, Hq, Tk, D), summed over each group afterwards.
+        let mut dk = vec![0f32; if want.k { n * tk * d } else { 0 }];
+        let mut dv = vec![0f32; if want.v { n * tk * d } else { 0 }];
+        let tasks: Vec<_> = chunks_or_empty(&mut dq, tq * d, n)
             .into_iter()
-            .zip(split(&mut dk, tk * d, n))
-            .zip(split(&mut dv, tk * d, n))
+            .zip(chunks_or_empty(&mut dk, tk * d, n))
+            .zip(chunks_or_empty(&mut dv, tk * d, n))
             .enumerate()
             .collect();
-        with_f32(NAME, &q32, |q| {
-            with_f32(NAME, &k32, |k| {
-                with_f32(NAME, &v32, |v| {
-                    with_f32(NAME, &g32, |go| {
-                        tasks.into_par_iter().try_for_each(
-                            |(bh, ((dqh, dkh), dvh))| -> Result<()> {
-                                let (bi, h) = (bh / hq, bh % hq);
-                                let kv = (bi * hkv + h / dims.groups()) * tk * d;
-                                let (kh, vh) = (&k[kv..kv + tk * d], &v[kv..kv + tk * d]);
-                                let qh = &q[bh * tq * d..(bh + 1) * tq * d];
-                                let gh = &go[bh * tq * d..(bh + 1) * tq * d];
-                                let (mut buf, mut dp) = (Vec::new(), Vec::new());
-                                let none = Parallelism::None;
-                                self.for_blocks(qh, kh, bi, dims, &mut buf, |i0, rows, kmax, p| {
-                                    let pm = Mat::new(p, rows, kmax);
-                                    let gb = Mat::new(&gh[i0 * d..], rows, d);
-                                    if want_v {
-                                        // dV[..kmax] += P^T dO: (kmax, rows) x (rows, D)
-                                        matmul(
-                                            &mut dvh[..kmax * d],
-                                            d,
-                                            pm.t(),
-                                            gb,
-                                            1.0,
-                                            true,
-                                            none,
-                                        )?;
-                                    }
-                                    if !(want_q || want_k) {
-                                        return Ok(());
-                                    }
-                                    // dP = dO V^T: (rows, D) x (D, kmax)
-                                    dp.resize(rows * kmax, 0.0);
-                                    let ds = &mut dp[..rows * kmax];
-                                    matmul(
-                                        ds,
-                                        kmax,
-                                        gb,
-                                        Mat::new(vh, kmax, d).t(),
-                                        1.0,
-                                        false,
-                                        none,
-                                    )?;
-                                    // dS = P * (dP - rowsum(P * dP)), in place
-                                    for (dr, pr) in
-                                        ds.chunks_exact_mut(kmax).zip(p.chunks_exact(kmax))
-                                    {
-                                        let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                                        dr.iter_mut()
-                                            .zip(pr)
-                                            .for_each(|(a, b)| *a = b * (*a - dot));
-                                    }
-                                    let dsm = Mat::new(ds, rows, kmax);
-                                    if want_q {
-                                        // dQ = scale dS K: (rows, kmax) x (kmax, D)
-                                        let dqb = &mut dqh[i0 * d..(i0 + rows) * d];
-                                        matmul(
-                                            dqb,
-                                            d,
-                                            dsm,
-                                            Mat::new(kh, kmax, d),
-                                            self.scale,
-                                            false,
-                                            none,
-                                        )?;
-                                    }
-                                    if want_k {
-                                        // dK[..kmax] += scale dS^T Q: (kmax, rows) x (rows, D)
-                                        let qb = Mat::new(&qh[i0 * d..], rows, d);
-                                        matmul(
-                                            &mut dkh[..kmax * d],
-                                            d,
-                                            dsm.t(),
-                                            qb,
-                                            self.scale,
-                                            true,
-                                            none,
-                                        )?;
-                                    }
-                                    Ok(())
-                                })
-                            },
-                        )
-                    })
+        with_f32(NAME, [&q32, &k32, &v32, &g32], |[q, k, v, go]| {
+            tasks
+                .into_par_iter()
+                .try_for_each(|(bh, ((dqh, dkh), dvh))| {
+                    let (bi, h) = (bh / hq, bh % hq);
+                    let kv = (bi * dims.hkv + h / dims.groups()) * tk * d;
+                    let head = Head {
+                        bi,
+                        q: &q[bh * tq * d..(bh + 1) * tq * d],
+                        k: &k[kv..kv + tk * d],
+                        v: &v[kv..kv + tk * d],
+                        g: &go[bh * tq * d..(bh + 1) * tq * d],
+                    };
+                    self.bwd_head(head, dims, want, dqh, dkh, dvh)
                 })
-            })
         })?;
-        let dq = if want_q {
-            Some(tensor_from_f32(dq, q.dims(), q.dtype(), q)?)
-        } else {
-            None
-        };
-        let dk = if want_k {
-            Some(tensor_from_f32(
-                sum_groups(dk, dims),
-                k.dims(),
-                k.dtype(),
-                k,
-            )?)
-        } else {
-            None
-        };
-        let dv = if want_v {
-            Some(tensor_from_f32(
-                sum_groups(dv, dims),
-                v.dims(),
-                v.dtype(),
-                v,
-            )?)
-        } else {
-            None
-        };
-        Ok((dq, dk, dv))
+        let dq = want
+            .q
+            .then(|| tensor_from_f32(dq, q.dims(), q.dtype(), q))
+            .transpose()?;
+        let dk = want
+            .k
+            .then(|| tensor_from_f32(sum_groups(dk, dims), k.dims(), k.dtype(), k));
+        let dv = want
+            .v
+            .then(|| tensor_from_f32(sum_groups(dv, dims), v.dims(), v.dtype(), v));
+        Ok((dq, dk.transpose()?, dv.transpose()?))
     }
 }
 
-/// `n` chunks of `size` of `v`, or `n` empty slices when `v` is empty (a gradient not wanted).
-fn split(v: &mut [f32], size: usize, n: usize) -> Vec<&mut [f32]> {
-    if v.is_empty() {
-        (0..n).map(|_| <&mut [f32]>::default()).collect()
-    } else {
-        v.chunks_mut(size).collect()
+/// Which of q, k, v need a gradient.
+#[derive(Clone, Copy)]
+struct Wanted {
+    q: bool,
+    k: bool,
+    v: bool,
+}
+
+/// One (batch, query head)'s inputs: q and the upstream gradient (Tq, D), its kv head's k and
+/// v (Tk, D).
+struct Head<'a> {
+    bi: usize,
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    g: &'a [f32],
+}
+
+impl AttentionOp {
+    /// Backward of one (batch, query head): writes dq (Tq, D) and this head's share of dk, dv
+    /// (Tk, D); a slice is empty when that gradient is not wanted.
+    fn bwd_head(
+        &self,
+        x: Head<'_>,
+        dims: Dims,
+        want: Wanted,
+        dq: &mut [f32],
+        dk: &mut [f32],
+        dv: &mut [f32],
+    ) -> Result<()> {
+        let d = dims.d;
+        let none = Parallelism::None;
+        let (mut buf, mut dp) = (Vec::new(), Vec::new());
+        self.for_blocks(x.q, x.k, x.bi, dims, &mut buf, |i0, rows, kmax, p| {
+            let pm = Mat::new(p, rows, kmax);
+            let gb = Mat::new(&x.g[i0 * d..], rows, d);
+            if want.v {
+                // dV[..kmax] += P^T dO: (kmax, rows) x (rows, D)
+                matmul(&mut dv[..kmax * d], d, pm.t(), gb, 1.0, true, none)?;
+            }
+            if !(want.q || want.k) {
+                return Ok(());
+            }
+            // dP = dO V^T: (rows, D) x (D, kmax)
+            dp.resize(rows * kmax, 0.0);
+            let ds = &mut dp[..rows * kmax];
+            matmul(ds, kmax, gb, Mat::new(x.v, kmax, d).t(), 1.0, false, none)?;
+            // dS = P * (dP - rowsum(P * dP)), in place
+            for (dr, pr) in ds.chunks_exact_mut(kmax).zip(p.chunks_exact(kmax)) {
+                let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                dr.iter_mut().zip(pr).for_each(|(a, b)| *a = b * (*a - dot));
+            }
+            let dsm = Mat::new(ds, rows, kmax);
+            if want.q {
+                // dQ = scale dS K: (rows, kmax) x (kmax, D)
+                let dqb = &mut dq[i0 * d..(i0 + rows) * d];
+                matmul(dqb, d, dsm, Mat::new(x.k, kmax, d), self.scale, false, none)?;
+            }
+            if want.k {
+                // dK[..kmax] += scale dS^T Q: (kmax, rows) x (rows, D)
+                let qb = Mat::new(&x.q[i0 * d..], rows, d);
+                matmul(&mut dk[..kmax * d], d, dsm.t(), qb, self.scale, true, none)?;
+            }
+            Ok(())
+        })
     }
 }
 

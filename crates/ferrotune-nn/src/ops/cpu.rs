@@ -23,7 +23,7 @@ pub(crate) fn f32_view<'a>(
 ) -> Result<Cow<'a, [f32]>> {
     let (start, end) = l
         .contiguous_offsets()
-        .ok_or_else(|| OpError::NotContiguous { op })?;
+        .ok_or(OpError::NotContiguous { op })?;
     Ok(match s {
         CpuStorage::F32(v) => Cow::Borrowed(&v[start..end]),
         CpuStorage::BF16(v) => Cow::Owned(v[start..end].iter().map(|x| x.to_f32()).collect()),
@@ -56,20 +56,23 @@ pub(crate) fn f32_contig(t: &Tensor) -> Result<Tensor> {
     t.to_dtype(DType::F32)?.contiguous()
 }
 
-/// Runs `f` on the f32 contents of a tensor made by [`f32_contig`] (CPU only).
-pub(crate) fn with_f32<R>(
+/// Runs `f` on the f32 contents of tensors made by [`f32_contig`] (CPU only), all borrowed
+/// at once so a backward reads its inputs without nesting.
+pub(crate) fn with_f32<const N: usize, R>(
     op: &'static str,
-    t: &Tensor,
-    f: impl FnOnce(&[f32]) -> Result<R>,
+    ts: [&Tensor; N],
+    f: impl FnOnce([&[f32]; N]) -> Result<R>,
 ) -> Result<R> {
-    let (s, l) = t.storage_and_layout();
-    match &*s {
-        Storage::Cpu(cpu) => {
-            let v = f32_view(op, cpu, l)?;
-            f(&v)
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut views = Vec::with_capacity(N);
+    for (s, l) in &guards {
+        match &**s {
+            Storage::Cpu(cpu) => views.push(f32_view(op, cpu, l)?),
+            _ => return Err(OpError::Device { op }.into()),
         }
-        _ => Err(OpError::Device { op }.into()),
     }
+    let slices: [&[f32]; N] = std::array::from_fn(|i| &*views[i]);
+    f(slices)
 }
 
 /// Builds a tensor of dtype `dt` from an f32 result, on the device of `like`.
@@ -186,4 +189,14 @@ pub(crate) fn matmul(
         );
     }
     Ok(())
+}
+
+/// `n` chunks of `size` of `v`, or `n` empty slices when `v` is empty (a
+/// gradient not wanted), so one parallel loop serves every combination of wanted gradients.
+pub(crate) fn chunks_or_empty(v: &mut [f32], size: usize, n: usize) -> Vec<&mut [f32]> {
+    if v.is_empty() {
+        (0..n).map(|_| <&mut [f32]>::default()).collect()
+    } else {
+        v.chunks_mut(size).collect()
+    }
 }

@@ -97,19 +97,10 @@ fn backward(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Optio
     let dx = if want_x {
         let w32 = f32_contig(w)?;
         let mut dx = vec![0f32; m * k];
-        with_f32(NAME, &g, |g| {
-            with_f32(NAME, &w32, |w| {
-                // dx = g W: (M, N) x (N, K)
-                matmul(
-                    &mut dx,
-                    k,
-                    Mat::new(g, m, n),
-                    Mat::new(w, n, k),
-                    1.0,
-                    false,
-                    par_for(m, n, k),
-                )
-            })
+        with_f32(NAME, [&g, &w32], |[g, w]| {
+            // dx = g W: (M, N) x (N, K)
+            let (gm, wm) = (Mat::new(g, m, n), Mat::new(w, n, k));
+            matmul(&mut dx, k, gm, wm, 1.0, false, par_for(m, n, k))
         })?;
         Some(tensor_from_f32(dx, x.dims(), x.dtype(), x)?)
     } else {
@@ -118,19 +109,10 @@ fn backward(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Optio
     let dw = if want_w {
         let x32 = f32_contig(x)?;
         let mut dw = vec![0f32; n * k];
-        with_f32(NAME, &g, |g| {
-            with_f32(NAME, &x32, |x| {
-                // dW = g^T x: (N, M) x (M, K)
-                matmul(
-                    &mut dw,
-                    k,
-                    Mat::new(g, m, n).t(),
-                    Mat::new(x, m, k),
-                    1.0,
-                    false,
-                    par_for(m, n, k),
-                )
-            })
+        with_f32(NAME, [&g, &x32], |[g, x]| {
+            // dW = g^T x: (N, M) x (M, K)
+            let (gt, xm) = (Mat::new(g, m, n).t(), Mat::new(x, m, k));
+            matmul(&mut dw, k, gt, xm, 1.0, false, par_for(m, n, k))
         })?;
         Some(tensor_from_f32(dw, &[n, k], w.dtype(), w)?)
     } else {

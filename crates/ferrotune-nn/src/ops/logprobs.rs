@@ -68,27 +68,18 @@ impl TokenLogprobsOp {
         Ok((n, h, v, chunk.min(n).max(1)))
     }
 
-    /// z = hidden[r0..r0+rows] W^T / T into `z` (rows, V).
+    /// z = hidden_rows W^T / T into `z` (rows, V); hidden_rows: (rows, H).
     fn logits(
         &self,
         z: &mut [f32],
-        hid: &[f32],
+        hidden_rows: &[f32],
         w: &[f32],
-        r0: usize,
-        rows: usize,
         h: usize,
         v: usize,
     ) -> Result<()> {
-        let hb = Mat::new(&hid[r0 * h..(r0 + rows) * h], rows, h);
-        matmul(
-            z,
-            v,
-            hb,
-            Mat::new(w, v, h).t(),
-            self.inv_temp,
-            false,
-            par_for(rows, v, h),
-        )
+        let rows = hidden_rows.len() / h.max(1);
+        let (hb, wt) = (Mat::new(hidden_rows, rows, h), Mat::new(w, v, h).t());
+        matmul(z, v, hb, wt, self.inv_temp, false, par_for(rows, v, h))
     }
 }
 
@@ -118,7 +109,7 @@ impl CustomOp2 for TokenLogprobsOp {
         for r0 in (0..n).step_by(chunk) {
             let rows = chunk.min(n - r0);
             let z = &mut z[..rows * v];
-            self.logits(z, &hid, &w, r0, rows, h, v)?;
+            self.logits(z, &hid[r0 * h..(r0 + rows) * h], &w, h, v)?;
             let tg = &self.targets[r0..r0 + rows];
             out[r0..r0 + rows]
                 .par_iter_mut()
@@ -168,63 +159,55 @@ impl CustomOp2 for TokenLogprobsOp {
             return Ok((None, None));
         }
         let (n, h, v, chunk) = self.dims(hidden.dims(), w.dims())?;
-        let (h32, w32, g32) = (f32_contig(hidden)?, f32_contig(w)?, f32_contig(g)?);
-        let jac = match self.jacobian.get() {
-            Some(j) => Some(j),
+        let g32 = f32_contig(g)?;
+        let dh = match (want_h, self.jacobian.get()) {
+            (false, _) => None,
+            (true, Some(jac)) => {
+                let mut dh = vec![0f32; n * h];
+                with_f32(NAME, [&g32], |[gv]| {
+                    // d hidden_i = g_i J_i
+                    let rows = dh
+                        .par_chunks_mut(h)
+                        .zip(jac.par_chunks(h))
+                        .zip(gv.par_iter());
+                    rows.for_each(|((d, j), &gi)| {
+                        d.iter_mut().zip(j).for_each(|(d, j)| *d = gi * j)
+                    });
+                    Ok(())
+                })?;
+                Some(tensor_from_f32(dh, hidden.dims(), hidden.dtype(), hidden)?)
+            }
             // Forward computes J whenever hidden is tracked (the wrapper decides both).
-            None if want_h => {
+            (true, None) => {
                 return Err(OpError::shape(NAME, "hidden became tracked after forward").into())
             }
-            None => None,
-        };
-        let mut dh = vec![0f32; if want_h { n * h } else { 0 }];
-        let mut dw = vec![0f32; if want_w { v * h } else { 0 }];
-        with_f32(NAME, &h32, |hid| {
-            with_f32(NAME, &w32, |wv| {
-                with_f32(NAME, &g32, |gv| {
-                    if let (true, Some(jac)) = (want_h, jac) {
-                        // d hidden_i = g_i J_i
-                        dh.par_chunks_mut(h)
-                            .zip(jac.par_chunks(h))
-                            .zip(gv.par_iter())
-                            .for_each(|((d, j), &gi)| {
-                                d.iter_mut().zip(j).for_each(|(d, j)| *d = gi * j)
-                            });
-                    }
-                    if !want_w {
-                        return Ok(());
-                    }
-                    let mut z = vec![0f32; chunk * v];
-                    for r0 in (0..n).step_by(chunk) {
-                        let rows = chunk.min(n - r0);
-                        let z = &mut z[..rows * v];
-                        self.logits(z, hid, wv, r0, rows, h, v)?;
-                        let tg = &self.targets[r0..r0 + rows];
-                        // z -> dz = g (onehot - softmax(z)) / T, row by row
-                        z.par_chunks_mut(v)
-                            .zip(tg.par_iter())
-                            .zip(gv[r0..r0 + rows].par_iter())
-                            .for_each(|((zr, &t), &gi)| {
-                                let l = lse(zr);
-                                row_grad(zr, t, l, gi * self.inv_temp);
-                            });
-                        let dz = Mat::new(z, rows, v);
-                        if want_w {
-                            // dW += dz^T hidden: (V, rows) x (rows, H)
-                            let hb = Mat::new(&hid[r0 * h..(r0 + rows) * h], rows, h);
-                            matmul(&mut dw, h, dz.t(), hb, 1.0, true, par_for(rows, v, h))?;
-                        }
-                    }
-                    Ok(())
-                })
-            })
-        })?;
-        let dh = if want_h {
-            Some(tensor_from_f32(dh, hidden.dims(), hidden.dtype(), hidden)?)
-        } else {
-            None
         };
         let dw = if want_w {
+            let (h32, w32) = (f32_contig(hidden)?, f32_contig(w)?);
+            let mut dw = vec![0f32; v * h];
+            with_f32(NAME, [&h32, &w32, &g32], |[hid, wv, gv]| {
+                let mut z = vec![0f32; chunk * v];
+                for r0 in (0..n).step_by(chunk) {
+                    let rows = chunk.min(n - r0);
+                    let z = &mut z[..rows * v];
+                    self.logits(z, &hid[r0 * h..(r0 + rows) * h], wv, h, v)?;
+                    let tg = &self.targets[r0..r0 + rows];
+                    // z -> dz = g (onehot - softmax(z)) / T, row by row
+                    let gs = &gv[r0..r0 + rows];
+                    z.par_chunks_mut(v)
+                        .zip(tg.par_iter())
+                        .zip(gs.par_iter())
+                        .for_each(|((zr, &t), &gi)| {
+                            let l = lse(zr);
+                            row_grad(zr, t, l, gi * self.inv_temp);
+                        });
+                    // dW += dz^T hidden: (V, rows) x (rows, H)
+                    let dz = Mat::new(z, rows, v);
+                    let hb = Mat::new(&hid[r0 * h..(r0 + rows) * h], rows, h);
+                    matmul(&mut dw, h, dz.t(), hb, 1.0, true, par_for(rows, v, h))?;
+                }
+                Ok(())
+            })?;
             Some(tensor_from_f32(dw, w.dims(), w.dtype(), w)?)
         } else {
             None

@@ -127,43 +127,38 @@ impl CustomOp2 for RmsNormOp {
         let (x32, w32, g32) = (f32_contig(x)?, f32_contig(w)?, f32_contig(g)?);
         let h = w.elem_count();
         let eps = self.eps;
-        with_f32(RMS, &x32, |xv| {
-            with_f32(RMS, &w32, |wv| {
-                with_f32(RMS, &g32, |gv| {
-                    let dx = if want_x {
-                        let mut dx = vec![0f32; xv.len()];
-                        dx.par_chunks_mut(h)
-                            .zip(xv.par_chunks(h).zip(gv.par_chunks(h)))
-                            .for_each(|(dr, (xr, gr))| {
-                                // dx = r * (g w) - r^3 / H * x * sum(g w x)
-                                let r = rms_inv(xr, eps);
-                                let dot: f32 =
-                                    xr.iter().zip(gr).zip(wv).map(|((x, g), w)| g * w * x).sum();
-                                let c = r * r * r * dot / h as f32;
-                                for (((d, x), g), w) in dr.iter_mut().zip(xr).zip(gr).zip(wv) {
-                                    *d = r * g * w - c * x;
-                                }
-                            });
-                        Some(tensor_from_f32(dx, x.dims(), x.dtype(), x)?)
-                    } else {
-                        None
-                    };
-                    let dw = if want_w {
-                        // dw = sum over rows of g * x * r
-                        let dw = param_grad(xv, gv, h, |xr, gr, acc| {
-                            let r = rms_inv(xr, eps);
-                            for ((a, x), g) in acc.iter_mut().zip(xr).zip(gr) {
-                                *a += g * x * r;
-                            }
-                        });
-                        Some(tensor_from_f32(dw, w.dims(), w.dtype(), w)?)
-                    } else {
-                        None
-                    };
-                    Ok((dx, dw))
+        let (dx, dw) = with_f32(RMS, [&x32, &w32, &g32], |[xv, wv, gv]| {
+            let dx = want_x.then(|| {
+                let mut dx = vec![0f32; xv.len()];
+                let rows = xv.par_chunks(h).zip(gv.par_chunks(h));
+                dx.par_chunks_mut(h).zip(rows).for_each(|(dr, (xr, gr))| {
+                    // dx = r (g w) - r^3 / H * x * sum(g w x)
+                    let r = rms_inv(xr, eps);
+                    let dot: f32 = xr.iter().zip(gr).zip(wv).map(|((x, g), w)| g * w * x).sum();
+                    let c = r * r * r * dot / h as f32;
+                    for (((d, x), g), w) in dr.iter_mut().zip(xr).zip(gr).zip(wv) {
+                        *d = r * g * w - c * x;
+                    }
+                });
+                dx
+            });
+            // dw = sum over rows of g x r
+            let dw = want_w.then(|| {
+                param_grad(xv, gv, h, |xr, gr, acc| {
+                    let r = rms_inv(xr, eps);
+                    for ((a, x), g) in acc.iter_mut().zip(xr).zip(gr) {
+                        *a += g * x * r;
+                    }
                 })
-            })
-        })
+            });
+            Ok((dx, dw))
+        })?;
+        Ok((
+            dx.map(|v| tensor_from_f32(v, x.dims(), x.dtype(), x))
+                .transpose()?,
+            dw.map(|v| tensor_from_f32(v, w.dims(), w.dtype(), w))
+                .transpose()?,
+        ))
     }
 }
 
@@ -215,54 +210,48 @@ impl CustomOp3 for LayerNormOp {
         let (x32, w32, g32) = (f32_contig(x)?, f32_contig(w)?, f32_contig(g)?);
         let h = w.elem_count();
         let eps = self.eps;
-        with_f32(LN, &x32, |xv| {
-            with_f32(LN, &w32, |wv| {
-                with_f32(LN, &g32, |gv| {
-                    let dx = if want_x {
-                        let mut dx = vec![0f32; xv.len()];
-                        dx.par_chunks_mut(h)
-                            .zip(xv.par_chunks(h).zip(gv.par_chunks(h)))
-                            .for_each(|(dr, (xr, gr))| {
-                                // dx = r * (gw - mean(gw) - xhat * mean(gw * xhat))
-                                let (mean, r) = mean_inv_std(xr, eps);
-                                let (mut s1, mut s2) = (0f32, 0f32);
-                                for ((x, g), w) in xr.iter().zip(gr).zip(wv) {
-                                    let gw = g * w;
-                                    s1 += gw;
-                                    s2 += gw * (x - mean) * r;
-                                }
-                                let (s1, s2) = (s1 / h as f32, s2 / h as f32);
-                                for (((d, x), g), w) in dr.iter_mut().zip(xr).zip(gr).zip(wv) {
-                                    *d = r * (g * w - s1 - (x - mean) * r * s2);
-                                }
-                            });
-                        Some(tensor_from_f32(dx, x.dims(), x.dtype(), x)?)
-                    } else {
-                        None
-                    };
-                    let dw = if want_w {
-                        // dw = sum over rows of g * xhat
-                        let dw = param_grad(xv, gv, h, |xr, gr, acc| {
-                            let (mean, r) = mean_inv_std(xr, eps);
-                            for ((a, x), g) in acc.iter_mut().zip(xr).zip(gr) {
-                                *a += g * (x - mean) * r;
-                            }
-                        });
-                        Some(tensor_from_f32(dw, w.dims(), w.dtype(), w)?)
-                    } else {
-                        None
-                    };
-                    let db = if want_b {
-                        let db = param_grad(xv, gv, h, |_, gr, acc| {
-                            acc.iter_mut().zip(gr).for_each(|(a, g)| *a += g);
-                        });
-                        Some(tensor_from_f32(db, b.dims(), b.dtype(), b)?)
-                    } else {
-                        None
-                    };
-                    Ok((dx, dw, db))
+        let (dx, dw, db) = with_f32(LN, [&x32, &w32, &g32], |[xv, wv, gv]| {
+            let dx = want_x.then(|| {
+                let mut dx = vec![0f32; xv.len()];
+                let rows = xv.par_chunks(h).zip(gv.par_chunks(h));
+                dx.par_chunks_mut(h).zip(rows).for_each(|(dr, (xr, gr))| {
+                    // dx = r (gw - mean(gw) - xhat mean(gw xhat))
+                    let (mean, r) = mean_inv_std(xr, eps);
+                    let (mut s1, mut s2) = (0f32, 0f32);
+                    for ((x, g), w) in xr.iter().zip(gr).zip(wv) {
+                        s1 += g * w;
+                        s2 += g * w * (x - mean) * r;
+                    }
+                    let (s1, s2) = (s1 / h as f32, s2 / h as f32);
+                    for (((d, x), g), w) in dr.iter_mut().zip(xr).zip(gr).zip(wv) {
+                        *d = r * (g * w - s1 - (x - mean) * r * s2);
+                    }
+                });
+                dx
+            });
+            // dw = sum over rows of g xhat; db = sum over rows of g
+            let dw = want_w.then(|| {
+                param_grad(xv, gv, h, |xr, gr, acc| {
+                    let (mean, r) = mean_inv_std(xr, eps);
+                    for ((a, x), g) in acc.iter_mut().zip(xr).zip(gr) {
+                        *a += g * (x - mean) * r;
+                    }
                 })
-            })
-        })
+            });
+            let db = want_b.then(|| {
+                param_grad(xv, gv, h, |_, gr, acc| {
+                    acc.iter_mut().zip(gr).for_each(|(a, g)| *a += g)
+                })
+            });
+            Ok((dx, dw, db))
+        })?;
+        Ok((
+            dx.map(|v| tensor_from_f32(v, x.dims(), x.dtype(), x))
+                .transpose()?,
+            dw.map(|v| tensor_from_f32(v, w.dims(), w.dtype(), w))
+                .transpose()?,
+            db.map(|v| tensor_from_f32(v, b.dims(), b.dtype(), b))
+                .transpose()?,
+        ))
     }
 }

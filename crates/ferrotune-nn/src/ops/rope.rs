@@ -104,10 +104,8 @@ impl CustomOp3 for RopeOp {
         }
         let dims = dims(x.dims(), cos.dims(), sin.dims())?;
         let (g32, c32, s32) = (f32_contig(g)?, f32_contig(cos)?, f32_contig(sin)?);
-        let dx = with_f32(NAME, &g32, |gv| {
-            with_f32(NAME, &c32, |cv| {
-                with_f32(NAME, &s32, |sv| Ok(rotate(gv, cv, sv, dims, -1.0)))
-            })
+        let dx = with_f32(NAME, [&g32, &c32, &s32], |[g, c, s]| {
+            Ok(rotate(g, c, s, dims, -1.0))
         })?;
         Ok((
             Some(tensor_from_f32(dx, x.dims(), x.dtype(), x)?),

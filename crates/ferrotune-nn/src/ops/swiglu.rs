@@ -8,7 +8,9 @@ use candle_core::backend::BackendStorage as _;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{f32_contig, f32_view, storage_from_f32, tensor_from_f32, with_f32};
+use super::cpu::{
+    chunks_or_empty, f32_contig, f32_view, storage_from_f32, tensor_from_f32, with_f32,
+};
 use super::OpError;
 
 const NAME: &str = "ferrotune-swiglu";
@@ -68,41 +70,28 @@ impl CustomOp2 for SwigluOp {
         let n = gate.elem_count();
         let mut dg = vec![0f32; if want_g { n } else { 0 }];
         let mut du = vec![0f32; if want_u { n } else { 0 }];
-        with_f32(NAME, &g32, |gv| {
-            with_f32(NAME, &u32_, |uv| {
-                with_f32(NAME, &d32, |dv| {
-                    let work = |i0: usize, dg: &mut [f32], du: &mut [f32]| {
-                        let len = dg.len().max(du.len());
-                        for i in 0..len {
-                            let (x, u, d) = (gv[i0 + i], uv[i0 + i], dv[i0 + i]);
-                            let s = sigmoid(x);
-                            if !dg.is_empty() {
-                                // d silu(x) / dx = s (1 + x (1 - s))
-                                dg[i] = d * u * s * (1.0 + x * (1.0 - s));
-                            }
-                            if !du.is_empty() {
-                                du[i] = d * x * s;
-                            }
+        with_f32(NAME, [&g32, &u32_, &d32], |[gv, uv, dv]| {
+            let tasks = n.div_ceil(CHUNK);
+            let dgs = chunks_or_empty(&mut dg, CHUNK, tasks);
+            let dus = chunks_or_empty(&mut du, CHUNK, tasks);
+            dgs.into_par_iter()
+                .zip(dus)
+                .enumerate()
+                .for_each(|(c, (dg, du))| {
+                    let i0 = c * CHUNK;
+                    for i in 0..dg.len().max(du.len()) {
+                        let (x, u, d) = (gv[i0 + i], uv[i0 + i], dv[i0 + i]);
+                        let s = sigmoid(x);
+                        if !dg.is_empty() {
+                            // d silu(x) / dx = s (1 + x (1 - s))
+                            dg[i] = d * u * s * (1.0 + x * (1.0 - s));
                         }
-                    };
-                    match (want_g, want_u) {
-                        (true, true) => dg
-                            .par_chunks_mut(CHUNK)
-                            .zip(du.par_chunks_mut(CHUNK))
-                            .enumerate()
-                            .for_each(|(c, (a, b))| work(c * CHUNK, a, b)),
-                        (true, false) => dg
-                            .par_chunks_mut(CHUNK)
-                            .enumerate()
-                            .for_each(|(c, a)| work(c * CHUNK, a, &mut [])),
-                        _ => du
-                            .par_chunks_mut(CHUNK)
-                            .enumerate()
-                            .for_each(|(c, b)| work(c * CHUNK, &mut [], b)),
+                        if !du.is_empty() {
+                            du[i] = d * x * s;
+                        }
                     }
-                    Ok(())
-                })
-            })
+                });
+            Ok(())
         })?;
         let dg = if want_g {
             Some(tensor_from_f32(dg, gate.dims(), gate.dtype(), gate)?)

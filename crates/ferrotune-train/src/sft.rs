@@ -1,0 +1,334 @@
+//! Supervised fine-tuning: token-level cross-entropy on the completion / assistant tokens, one
+//! loop you can read top to bottom: batch → loss → backward (accumulated) → clip → AdamW →
+//! log → eval → save. Exact resume: the adapter (or weights), the optimizer moments, the data
+//! cursor, the non-finite guard and the step are saved; dropout masks are a pure function of
+//! (seed, step, micro-batch), so 2N steps = N + resume + N bit for bit on CPU.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use ferrotune_ckpt::{
+    prune, save_checkpoint, Checkpoint, CheckpointParts, CkptError, RunDir, Weights,
+};
+use ferrotune_data::{collate_right, Collated, Cursor, Loader, Shuffler, Tokenized};
+use ferrotune_models::{Batch, CausalLm};
+use ferrotune_nn::{splitmix64, LoraConfig, Mode};
+use serde::{Deserialize, Serialize};
+
+use crate::loss::nll_sum;
+use crate::optim::{AdamW, AdamWConfig, OptimError};
+use crate::schedule::Schedule;
+use crate::step::{
+    clip_grad_norm, first_non_finite, GradAccumulator, NonFiniteGuard, StepAction, StepError,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Step(#[from] StepError),
+    #[error(transparent)]
+    Optim(#[from] OptimError),
+    #[error(transparent)]
+    Ckpt(#[from] CkptError),
+    #[error(transparent)]
+    Data(#[from] ferrotune_data::DataError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{0}")]
+    Plan(String),
+    #[error("checkpoint {path}: trainer_state.json: {msg}")]
+    State { path: String, msg: String },
+}
+
+pub type Result<T> = std::result::Result<T, TrainError>;
+
+/// What to train: named parameters, and how a checkpoint stores them.
+pub enum Trainable<'a> {
+    /// LoRA adapters (PEFT names) on a frozen base.
+    Lora {
+        params: Vec<(String, Var)>,
+        config: &'a LoraConfig,
+        base_name: String,
+    },
+    /// Every weight (HF names).
+    Full { params: Vec<(String, Var)> },
+}
+
+impl Trainable<'_> {
+    pub fn params(&self) -> &[(String, Var)] {
+        match self {
+            Trainable::Lora { params, .. } | Trainable::Full { params } => params,
+        }
+    }
+}
+
+/// The resolved schedule of a run (from the config, with totals computed).
+#[derive(Debug, Clone)]
+pub struct SftPlan {
+    pub seed: u64,
+    pub total_steps: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub learning_rate: f64,
+    pub schedule: Schedule,
+    pub adamw: AdamWConfig,
+    /// 0 = no clipping (the norm is still measured).
+    pub max_grad_norm: f64,
+    pub log_every: usize,
+    pub save_every: usize,
+    pub eval_every: usize,
+    pub keep_last: usize,
+    pub max_nonfinite_steps: usize,
+    pub shuffle: bool,
+    pub pad_id: u32,
+}
+
+/// What the loop saves besides weights and optimizer moments.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    pub step: usize,
+    pub cursor: Cursor,
+    pub guard: NonFiniteGuard,
+    pub tokens_seen: u64,
+    pub seed: u64,
+}
+
+/// Where the loop reports to (the CLI prints, logs metrics and draws progress).
+pub trait Observer {
+    /// Metrics of `step` (train: every `log_every`; eval: every `eval_every`).
+    fn metrics(&mut self, step: usize, values: &[(&str, f64)]);
+    /// A line for the user (saves, skipped steps).
+    fn message(&mut self, msg: &str);
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SftSummary {
+    pub steps: usize,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub last_eval_loss: Option<f64>,
+    pub skipped_steps: usize,
+    pub last_checkpoint: Option<std::path::PathBuf>,
+}
+
+/// A right-padded collated batch as model input.
+pub fn batch_tensors(c: &Collated, device: &Device) -> candle_core::Result<Batch> {
+    let (b, t) = c.shape();
+    let flat = |v: &Vec<Vec<u32>>| v.iter().flatten().copied().collect::<Vec<u32>>();
+    let mask: Vec<u8> = c.attention_mask.iter().flatten().copied().collect();
+    Ok(Batch {
+        input_ids: Tensor::from_vec(flat(&c.ids), (b, t), device)?,
+        position_ids: Tensor::from_vec(flat(&c.position_ids), (b, t), device)?,
+        key_mask: if mask.iter().all(|&m| m == 1) {
+            None
+        } else {
+            Some(Tensor::from_vec(mask, (b, t), device)?)
+        },
+    })
+}
+
+/// Mean token NLL of `examples` (no update), in batches of `batch_size`.
+pub fn eval_loss(
+    model: &dyn CausalLm,
+    examples: &[Tokenized],
+    batch_size: usize,
+    pad_id: u32,
+    device: &Device,
+) -> Result<Option<f64>> {
+    let (mut sum, mut n) = (0.0f64, 0usize);
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let refs: Vec<&Tokenized> = chunk.iter().collect();
+        let c = collate_right(&refs, pad_id);
+        let batch = batch_tensors(&c, device)?;
+        let (nll, k) = nll_sum(model, &batch, &c.loss_mask, Mode::EVAL)?;
+        sum += nll.detach().to_scalar::<f32>()? as f64;
+        n += k;
+    }
+    Ok((n > 0).then(|| sum / n as f64))
+}
+
+/// Run SFT from step 0, or from `resume`, up to `plan.total_steps`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_sft(
+    model: &dyn CausalLm,
+    trainable: &Trainable,
+    train: &[Tokenized],
+    eval: &[Tokenized],
+    plan: &SftPlan,
+    run: &RunDir,
+    resume: Option<&Checkpoint>,
+    obs: &mut dyn Observer,
+    device: &Device,
+) -> Result<SftSummary> {
+    let params = trainable.params().to_vec();
+    let mut opt = AdamW::new(params.clone(), plan.adamw)?;
+    let shuffler = Shuffler::new(plan.seed, plan.shuffle);
+    let mut state = TrainerState {
+        step: 0,
+        cursor: Cursor::default(),
+        guard: NonFiniteGuard::new(plan.max_nonfinite_steps),
+        tokens_seen: 0,
+        seed: plan.seed,
+    };
+    if let Some(ck) = resume {
+        state = serde_json::from_value(ck.trainer_state.clone()).map_err(|e| TrainError::State {
+            path: ck.dir.display().to_string(),
+            msg: e.to_string(),
+        })?;
+        restore_weights(trainable, model, ck)?;
+        let moments = ck.optimizer.iter().cloned().collect();
+        opt.load_state(&moments)?;
+        obs.message(&format!("resumed from {} (step {})", ck.dir.display(), state.step));
+    }
+    let mut loader = Loader::resume(train.len(), shuffler, state.cursor)?;
+    let mut summary = SftSummary {
+        steps: state.step,
+        first_loss: None,
+        last_loss: None,
+        last_eval_loss: None,
+        skipped_steps: 0,
+        last_checkpoint: None,
+    };
+    let mut acc = GradAccumulator::new(&params);
+    while state.step < plan.total_steps {
+        let t0 = Instant::now();
+        // 1. The micro-batches of this optimizer step, and the loss-token count over all of
+        //    them (the token-mean denominator, so batch 1 × accum 8 = batch 8 × accum 1).
+        let micro: Vec<Collated> = (0..plan.grad_accum)
+            .map(|_| {
+                let idx = loader.next_batch(plan.batch_size)?;
+                let refs: Vec<&Tokenized> = idx.iter().map(|&i| &train[i]).collect();
+                Ok(collate_right(&refs, plan.pad_id))
+            })
+            .collect::<Result<_>>()?;
+        let total_tokens: usize = micro.iter().map(|c| c.loss_tokens()).sum();
+        let seq_tokens: usize = micro.iter().map(|c| c.shape().0 * c.shape().1).sum();
+        // 2. Forward + backward per micro-batch, gradients summed.
+        let mut nll_total = 0.0f64;
+        for (k, c) in micro.iter().enumerate() {
+            if c.loss_tokens() == 0 {
+                continue;
+            }
+            let batch = batch_tensors(c, device)?;
+            let mode = Mode::train_with_seed(splitmix64(
+                plan.seed ^ splitmix64(((state.step as u64) << 16) | k as u64),
+            ));
+            let (nll, _) = nll_sum(model, &batch, &c.loss_mask, mode)?;
+            nll_total += nll.detach().to_scalar::<f32>()? as f64;
+            let loss = (nll / total_tokens.max(1) as f64)?;
+            acc.add(&loss.backward()?)?;
+        }
+        let mut grads = acc.take();
+        // 3. Clip (or just measure), skip non-finite steps, update.
+        let grad_norm = if plan.max_grad_norm > 0.0 {
+            clip_grad_norm(&mut grads, &params, plan.max_grad_norm)?
+        } else {
+            clip_grad_norm(&mut grads, &params, f64::MAX)?
+        };
+        let bad = first_non_finite(&grads, &params)?;
+        let lr = plan.schedule.lr_at(state.step, plan.learning_rate);
+        match state.guard.observe(state.step, bad.as_deref())? {
+            StepAction::Apply => opt.step(&grads, lr)?,
+            StepAction::Skip => {
+                summary.skipped_steps += 1;
+                obs.message(&format!(
+                    "step {}: non-finite gradients (first: {}), update skipped",
+                    state.step + 1,
+                    bad.unwrap_or_default()
+                ));
+            }
+        }
+        state.step += 1;
+        state.cursor = loader.cursor();
+        state.tokens_seen += total_tokens as u64;
+        let loss = nll_total / total_tokens.max(1) as f64;
+        summary.first_loss.get_or_insert(loss);
+        summary.last_loss = Some(loss);
+        summary.steps = state.step;
+        // 4. Log, eval, save.
+        if state.step % plan.log_every == 0 || state.step == plan.total_steps {
+            let secs = t0.elapsed().as_secs_f64();
+            obs.metrics(
+                state.step,
+                &[
+                    ("loss", loss),
+                    ("lr", lr),
+                    ("grad_norm", grad_norm),
+                    ("loss_tokens", total_tokens as f64),
+                    ("tokens_per_s", seq_tokens as f64 / secs),
+                    ("epoch", loader.cursor().epoch as f64 + loader.cursor().index as f64 / train.len().max(1) as f64),
+                ],
+            );
+        }
+        if plan.eval_every > 0 && (state.step % plan.eval_every == 0 || state.step == plan.total_steps) {
+            if let Some(e) = eval_loss(model, eval, plan.batch_size, plan.pad_id, device)? {
+                summary.last_eval_loss = Some(e);
+                obs.metrics(state.step, &[("eval_loss", e)]);
+            }
+        }
+        let save_now = (plan.save_every > 0 && state.step % plan.save_every == 0)
+            || state.step == plan.total_steps;
+        if save_now {
+            let path = save(trainable, model, &opt, &state, run)?;
+            obs.message(&format!("saved {}", path.display()));
+            summary.last_checkpoint = Some(path);
+            if plan.keep_last > 0 {
+                prune(run, plan.keep_last)?;
+            }
+        }
+    }
+    Ok(summary)
+}
+
+fn save(
+    trainable: &Trainable,
+    model: &dyn CausalLm,
+    opt: &AdamW,
+    state: &TrainerState,
+    run: &RunDir,
+) -> Result<std::path::PathBuf> {
+    let optimizer = opt.state_tensors()?;
+    let trainer_state = serde_json::to_value(state).map_err(|e| TrainError::Plan(e.to_string()))?;
+    let full: Vec<(String, Tensor)>;
+    let weights = match trainable {
+        Trainable::Lora {
+            config, base_name, ..
+        } => Weights::Adapter {
+            model,
+            lora: config,
+            base_name,
+        },
+        Trainable::Full { params } => {
+            full = params
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                .collect();
+            Weights::Full(&full)
+        }
+    };
+    let parts = CheckpointParts {
+        weights,
+        optimizer: &optimizer,
+        trainer_state: &trainer_state,
+    };
+    Ok(save_checkpoint(run, state.step as u64, &parts)?)
+}
+
+fn restore_weights(trainable: &Trainable, model: &dyn CausalLm, ck: &Checkpoint) -> Result<()> {
+    match trainable {
+        Trainable::Lora { .. } => Ok(ck.restore_adapter(model)?),
+        Trainable::Full { params } => {
+            let saved: std::collections::HashMap<String, Tensor> =
+                ck.full_weights()?.into_iter().collect();
+            for (name, var) in params {
+                let t = saved.get(name).ok_or_else(|| TrainError::State {
+                    path: ck.dir.display().to_string(),
+                    msg: format!("checkpoint lacks weight {name}"),
+                })?;
+                var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! `ferrotune train` for an `[sft]` config: resolve the config into a plan (model + adapters,
+//! tokenized data, step totals, schedule), set up the run folder, wire metrics/TensorBoard and
+//! the progress display to the trainer, run it, then draw the plots. The math lives in
+//! `ferrotune-train`; this file only connects rooms.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use ferrotune_ckpt::{latest_complete, load_checkpoint, OnExisting, RunDir};
+use ferrotune_data::{read_rows, sft_examples, split_items, tokenize_sft_all, EvalSize, SftOptions, Tokenized};
+use ferrotune_models::LoadOptions;
+use ferrotune_nn::{LoraConfig, TargetModules};
+use ferrotune_report::{plot_metrics, Progress, RunLog};
+use ferrotune_train::optim::AdamWConfig;
+use ferrotune_train::schedule::{Schedule, ScheduleKind, Warmup};
+use ferrotune_train::sft::{train_sft, Observer, SftPlan, SftSummary, Trainable};
+
+use crate::config::{LoraSection, RunConfig};
+use crate::lm::{parse_device, parse_dtype, Lm};
+
+/// LoRA config from the `[lora]` section.
+pub fn lora_config(l: &LoraSection) -> LoraConfig {
+    let target_modules = match &l.target_modules {
+        toml::Value::Array(a) => TargetModules::Names(
+            a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+        ),
+        _ => TargetModules::AllLinear,
+    };
+    LoraConfig {
+        r: l.r,
+        lora_alpha: l.lora_alpha,
+        lora_dropout: l.lora_dropout,
+        use_rslora: l.use_rslora,
+        target_modules,
+    }
+}
+
+/// Read and tokenize one data file for SFT.
+fn load_sft_data(lm: &Lm, path: &Path, cfg: &RunConfig) -> Result<(Vec<Tokenized>, String)> {
+    let rows = read_rows(path)?;
+    if rows.is_empty() {
+        bail!("{}: no rows", path.display());
+    }
+    let examples = sft_examples(&rows, path)?;
+    let opts = SftOptions {
+        completion_only_loss: cfg.data.completion_only_loss,
+        assistant_only_loss: cfg.data.completion_only_loss,
+    };
+    let set = tokenize_sft_all(&lm.tokenizer, &examples, cfg.data.max_seq_len, &opts, true)?;
+    let s = set.stats;
+    let note = format!(
+        "{}: {} examples, {} truncated to {} tokens ({} tokens dropped), {} skipped with no trained token",
+        path.display(),
+        s.examples,
+        s.truncated,
+        cfg.data.max_seq_len,
+        s.tokens_dropped,
+        s.no_loss
+    );
+    if set.items.is_empty() {
+        bail!("{}: no example has a trained token left (check max_seq_len and the columns)", path.display());
+    }
+    Ok((set.items, note))
+}
+
+struct CliObserver {
+    log: RunLog,
+    progress: Progress,
+}
+
+impl Observer for CliObserver {
+    fn metrics(&mut self, step: usize, values: &[(&str, f64)]) {
+        if let Err(e) = self.log.log(step as u64, values) {
+            self.progress.println(&format!("warning: cannot write metrics: {e}"));
+        }
+        self.progress.update(step as u64, values);
+    }
+    fn message(&mut self, msg: &str) {
+        self.progress.println(msg);
+    }
+}
+
+/// Run (or resume) an SFT config. `resume` = the run folder to continue.
+pub fn run_sft(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<SftSummary> {
+    let out = &cfg.run.output_dir;
+    let (run, checkpoint) = if resume {
+        let run = RunDir::open(out)?;
+        let latest = latest_complete(&run)?
+            .with_context(|| format!("{}: no complete checkpoint to resume from", out.display()))?;
+        if let Some(w) = latest.warning() {
+            eprintln!("warning: {w}");
+        }
+        let ck = load_checkpoint(&latest.path)?;
+        (run, Some(ck))
+    } else {
+        let on = if overwrite { OnExisting::Overwrite } else { OnExisting::Refuse };
+        (RunDir::create(out, on)?, None)
+    };
+    let lora = cfg.lora.as_ref().map(lora_config);
+    let opts = LoadOptions {
+        dtype: parse_dtype(&cfg.model.dtype)?,
+        device: parse_device(&cfg.model.device)?,
+        lora: lora.clone().map(|l| (l, cfg.run.seed)),
+        trainable_base: lora.is_none(),
+    };
+    if lora.is_none() && opts.dtype != candle_core::DType::F32 {
+        bail!("{}: full fine-tuning needs model.dtype = \"f32\" (f32 master weights)", cfg.model.path.display());
+    }
+    let lm = Lm::load(&cfg.model.path, &opts)?;
+    let trainable = match &lora {
+        Some(l) => {
+            let params: Vec<_> = lm
+                .model
+                .linear_slots()
+                .iter()
+                .filter_map(|s| s.lora.as_ref().map(|a| (s.path.clone(), a)))
+                .flat_map(|(p, a)| {
+                    [
+                        (ferrotune_models::adapter::peft_key(&p, "lora_A"), a.a.clone()),
+                        (ferrotune_models::adapter::peft_key(&p, "lora_B"), a.b.clone()),
+                    ]
+                })
+                .collect();
+            if params.is_empty() {
+                bail!(
+                    "lora.target_modules {:?} matches no linear layer of {} (its layers: {})",
+                    l.target_modules,
+                    cfg.model.path.display(),
+                    lm.model.linear_slots().iter().take(7).map(|s| s.path.rsplit('.').next().unwrap_or("")).collect::<Vec<_>>().join(", ")
+                );
+            }
+            Trainable::Lora {
+                params,
+                config: l,
+                base_name: cfg.model.path.display().to_string(),
+            }
+        }
+        None => Trainable::Full {
+            params: lm_base_params(&lm)?,
+        },
+    };
+    let (mut train, note) = load_sft_data(&lm, &cfg.data.train, cfg)?;
+    eprintln!("{note}");
+    let mut eval = Vec::new();
+    if let Some(e) = &cfg.data.eval {
+        let (items, note) = load_sft_data(&lm, e, cfg)?;
+        eprintln!("{note}");
+        eval = items;
+    } else if cfg.data.eval_fraction > 0.0 {
+        let (t, e) = split_items(train, EvalSize::Fraction(cfg.data.eval_fraction), cfg.run.seed)?;
+        train = t;
+        eval = e;
+    }
+    let per_step = cfg.run.batch_size * cfg.run.gradient_accumulation_steps;
+    let total_steps = if cfg.run.max_steps > 0 {
+        cfg.run.max_steps
+    } else {
+        ((cfg.run.num_train_epochs * train.len() as f64) / per_step as f64).ceil().max(1.0) as usize
+    };
+    let kind = match cfg.optim.lr_scheduler_type.as_str() {
+        "constant" => ScheduleKind::Constant,
+        "constant_with_warmup" => ScheduleKind::ConstantWithWarmup,
+        "cosine" => ScheduleKind::Cosine,
+        _ => ScheduleKind::Linear,
+    };
+    let warmup = if cfg.optim.warmup_ratio > 0.0 {
+        Warmup::Ratio(cfg.optim.warmup_ratio)
+    } else {
+        Warmup::Steps(cfg.optim.warmup_steps)
+    };
+    let schedule = Schedule::new(kind, warmup, total_steps)
+        .map_err(|e| anyhow::anyhow!("optim.lr_scheduler_type: {e}"))?;
+    let plan = SftPlan {
+        seed: cfg.run.seed,
+        total_steps,
+        batch_size: cfg.run.batch_size,
+        grad_accum: cfg.run.gradient_accumulation_steps,
+        learning_rate: cfg.optim.learning_rate,
+        schedule,
+        adamw: AdamWConfig {
+            betas: (cfg.optim.adam_beta1, cfg.optim.adam_beta2),
+            eps: cfg.optim.adam_epsilon,
+            weight_decay: cfg.optim.weight_decay,
+        },
+        max_grad_norm: cfg.optim.max_grad_norm,
+        log_every: cfg.run.log_every,
+        save_every: cfg.run.save_every,
+        eval_every: cfg.run.eval_every,
+        keep_last: cfg.run.keep_last,
+        max_nonfinite_steps: cfg.run.max_nonfinite_steps,
+        shuffle: cfg.data.shuffle,
+        pad_id: lm.pad_id(),
+    };
+    let resumed_step = checkpoint.as_ref().map(|c| c.step).unwrap_or(0);
+    if checkpoint.is_none() {
+        std::fs::write(run.config_toml(), cfg.to_toml())
+            .with_context(|| format!("{}: cannot write", run.config_toml().display()))?;
+    }
+    let log = if checkpoint.is_some() {
+        RunLog::resume(run.root(), resumed_step, true)?
+    } else {
+        RunLog::new(run.root(), true)?
+    };
+    let mut obs = CliObserver {
+        log,
+        progress: Progress::auto(total_steps as u64)
+            .with_log_every(cfg.run.log_every as u64)
+            .resumed_from(resumed_step),
+    };
+    eprintln!(
+        "sft: {} train / {} eval examples, {} steps of {} examples, {} trainable parameters",
+        train.len(),
+        eval.len(),
+        total_steps,
+        per_step,
+        trainable.params().iter().map(|(_, v)| v.elem_count()).sum::<usize>()
+    );
+    let summary = train_sft(
+        lm.model.as_ref(),
+        &trainable,
+        &train,
+        &eval,
+        &plan,
+        &run,
+        checkpoint.as_ref(),
+        &mut obs,
+        &lm.device,
+    )?;
+    obs.progress.finish();
+    if let Err(e) = plot_metrics(run.root(), &["loss", "eval_loss", "lr", "grad_norm"]) {
+        eprintln!("warning: plots not written: {e}");
+    }
+    Ok(summary)
+}
+
+fn lm_base_params(lm: &Lm) -> Result<Vec<(String, candle_core::Var)>> {
+    let p = lm.base_params.clone();
+    if p.is_empty() {
+        bail!("full fine-tuning: the model exposed no trainable weights");
+    }
+    Ok(p)
+}
