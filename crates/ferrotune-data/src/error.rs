@@ -56,9 +56,7 @@ pub enum DataError {
     #[error("{path}: the dataset has no rows")]
     Empty { path: PathBuf },
 
-    #[error(
-        "{path}:{line}: cannot tell the dataset format from columns [{columns}]; {expected}"
-    )]
+    #[error("{path}:{line}: cannot tell the dataset format from columns [{columns}]; {expected}")]
     UnknownFormat {
         path: PathBuf,
         line: usize,

@@ -34,7 +34,10 @@ pub enum Example {
     /// Language modelling: every token is trained on.
     Text { text: String },
     /// Prompt/completion; both plain text or both chat (checked when tokenizing).
-    PromptCompletion { prompt: Segment, completion: Segment },
+    PromptCompletion {
+        prompt: Segment,
+        completion: Segment,
+    },
     /// A whole conversation; the loss is on the assistant turns.
     Messages { messages: Vec<Message> },
     /// Preference pair (DPO, reward models).
@@ -124,15 +127,14 @@ pub fn preference_examples(rows: &[Row], path: &Path) -> Result<Vec<Example>> {
                     rejected,
                 });
             }
-            let (prompt, chosen, rejected) = extract_prompt(chosen, rejected).ok_or_else(|| {
-                DataError::WrongType {
+            let (prompt, chosen, rejected) =
+                extract_prompt(chosen, rejected).ok_or_else(|| DataError::WrongType {
                     path: path.to_path_buf(),
                     line: row.line,
                     column: "rejected".into(),
                     expected: "the same kind (text or messages) as `chosen`",
                     found: "the other kind".into(),
-                }
-            })?;
+                })?;
             Ok(Example::Preference {
                 prompt,
                 chosen,

@@ -36,4 +36,6 @@ pub use example::{
 pub use order::{split, split_items, Cursor, EvalSize, Loader, Shuffler, Split};
 pub use pack::{pack, Packed};
 pub use read::{read_rows, FileFormat, Row};
-pub use sft::{tokenize_sft, tokenize_sft_all, SftOptions, TokenizedSet, Tokenized, TruncationStats};
+pub use sft::{
+    tokenize_sft, tokenize_sft_all, SftOptions, Tokenized, TokenizedSet, TruncationStats,
+};

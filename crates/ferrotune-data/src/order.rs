@@ -202,7 +202,9 @@ impl Loader {
     /// The next `batch_size` example indices, wrapping into the next epoch when this one ends.
     pub fn next_batch(&mut self, batch_size: usize) -> Result<Vec<usize>> {
         if batch_size == 0 {
-            return Err(DataError::InvalidOption("batch_size must be at least 1".into()));
+            return Err(DataError::InvalidOption(
+                "batch_size must be at least 1".into(),
+            ));
         }
         let mut batch = Vec::with_capacity(batch_size);
         while batch.len() < batch_size {

@@ -42,7 +42,9 @@ impl Packed {
 /// first); empty examples are left out.
 pub fn pack(examples: &[Tokenized], max_seq_len: usize) -> Result<Vec<Packed>> {
     if max_seq_len == 0 {
-        return Err(DataError::InvalidOption("max_seq_len must be at least 1".into()));
+        return Err(DataError::InvalidOption(
+            "max_seq_len must be at least 1".into(),
+        ));
     }
     if let Some((index, t)) = examples
         .iter()
@@ -59,7 +61,7 @@ pub fn pack(examples: &[Tokenized], max_seq_len: usize) -> Result<Vec<Packed>> {
         .filter(|&i| !examples[i].is_empty())
         .collect();
     by_len.sort_by_key(|&i| std::cmp::Reverse(examples[i].len())); // stable
-    // Open bins keyed by (free space, bin id): the first key with free >= len is the best fit.
+                                                                   // Open bins keyed by (free space, bin id): the first key with free >= len is the best fit.
     let mut free: BTreeSet<(usize, usize)> = BTreeSet::new();
     let mut bins: Vec<Vec<usize>> = Vec::new();
     for i in by_len {

@@ -69,10 +69,14 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DataError + '_ {
 /// exporting a list of dicts with `json.dump` is common.
 fn read_jsonl(path: &Path) -> Result<Vec<Row>> {
     let text = fs::read_to_string(path).map_err(io_err(path))?;
-    let is_array = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"))
+    // Editors on Windows may write a byte-order mark, which JSON does not allow.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let is_array = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"))
         && text.trim_start().starts_with('[');
     if is_array {
-        return read_json_array(path, &text);
+        return read_json_array(path, text);
     }
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -118,7 +122,9 @@ fn object_row(path: &Path, line: usize, value: Value) -> Result<Row> {
 /// (e.g. a `messages` list) are parsed later, by the column's reader in `example.rs`.
 fn read_csv(path: &Path) -> Result<Vec<Row>> {
     let file = fs::File::open(path).map_err(io_err(path))?;
-    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(file);
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .from_reader(file);
     let csv_err = |e: csv::Error| {
         let line = e.position().map(|p| p.line() as usize).unwrap_or(0);
         match e.into_kind() {
@@ -221,7 +227,9 @@ fn field_to_json(field: &Field) -> Value {
                 .map(|(k, v)| (k.clone(), field_to_json(v)))
                 .collect(),
         ),
-        Field::ListInternal(list) => Value::Array(list.elements().iter().map(field_to_json).collect()),
+        Field::ListInternal(list) => {
+            Value::Array(list.elements().iter().map(field_to_json).collect())
+        }
         Field::MapInternal(map) => Value::Object(
             map.entries()
                 .iter()

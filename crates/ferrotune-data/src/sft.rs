@@ -121,7 +121,9 @@ fn tokenize_sft_at(
     index: usize,
 ) -> Result<Tokenized> {
     if max_seq_len == 0 {
-        return Err(DataError::InvalidOption("max_seq_len must be at least 1".into()));
+        return Err(DataError::InvalidOption(
+            "max_seq_len must be at least 1".into(),
+        ));
     }
     let tok_err = |source| DataError::Tokenize { index, source };
     let (ids, mut loss_mask) = match example {

@@ -15,8 +15,14 @@ use serde_json::json;
 fn format_is_picked_messages_then_prompt_completion_then_text() {
     let dir = temp_dir("detect");
     let cases = [
-        ("{\"messages\": [], \"prompt\": \"p\", \"completion\": \"c\", \"text\": \"t\"}", SftFormat::Messages),
-        ("{\"prompt\": \"p\", \"completion\": \"c\", \"text\": \"t\"}", SftFormat::PromptCompletion),
+        (
+            "{\"messages\": [], \"prompt\": \"p\", \"completion\": \"c\", \"text\": \"t\"}",
+            SftFormat::Messages,
+        ),
+        (
+            "{\"prompt\": \"p\", \"completion\": \"c\", \"text\": \"t\"}",
+            SftFormat::PromptCompletion,
+        ),
         ("{\"text\": \"t\", \"other\": 1}", SftFormat::Text),
     ];
     for (i, (line, want)) in cases.iter().enumerate() {
@@ -25,8 +31,13 @@ fn format_is_picked_messages_then_prompt_completion_then_text() {
         assert_eq!(detect_sft_format(&rows[0], &path).unwrap(), *want, "{line}");
     }
     let path = write(&dir, "none.jsonl", "{\"question\": \"q\"}");
-    let msg = sft_examples(&read_rows(&path).unwrap(), &path).unwrap_err().to_string();
-    assert!(msg.contains("none.jsonl:1:") && msg.contains("`question`"), "{msg}");
+    let msg = sft_examples(&read_rows(&path).unwrap(), &path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("none.jsonl:1:") && msg.contains("`question`"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -73,12 +84,20 @@ fn missing_column_names_file_and_line() {
         "{err:?}"
     );
     let msg = err.to_string();
-    assert!(msg.ends_with("pc.jsonl:2: missing column `completion`"), "{msg}");
+    assert!(
+        msg.ends_with("pc.jsonl:2: missing column `completion`"),
+        "{msg}"
+    );
 
     // CSV: the first record is on line 2.
     let csv = write(&dir, "t.csv", "prompt\nhello\n");
-    let msg = sft_examples(&read_rows(&csv).unwrap(), &csv).unwrap_err().to_string();
-    assert!(msg.ends_with("t.csv:2: missing column `completion`"), "{msg}");
+    let msg = sft_examples(&read_rows(&csv).unwrap(), &csv)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.ends_with("t.csv:2: missing column `completion`"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -90,17 +109,32 @@ fn wrong_types_name_the_nested_column() {
         "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n\
          {\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": 5}]}\n",
     );
-    let msg = sft_examples(&read_rows(&path).unwrap(), &path).unwrap_err().to_string();
+    let msg = sft_examples(&read_rows(&path).unwrap(), &path)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("m.jsonl:2:"), "{msg}");
-    assert!(msg.contains("`messages[1].content` must be a string, found a number"), "{msg}");
+    assert!(
+        msg.contains("`messages[1].content` must be a string, found a number"),
+        "{msg}"
+    );
 
     let path = write(&dir, "t.jsonl", "{\"text\": null}\n");
-    let msg = sft_examples(&read_rows(&path).unwrap(), &path).unwrap_err().to_string();
-    assert!(msg.contains("t.jsonl:1: column `text` must be a string, found null"), "{msg}");
+    let msg = sft_examples(&read_rows(&path).unwrap(), &path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("t.jsonl:1: column `text` must be a string, found null"),
+        "{msg}"
+    );
 
     let path = write(&dir, "r.jsonl", "{\"messages\": [{\"content\": \"hi\"}]}\n");
-    let msg = sft_examples(&read_rows(&path).unwrap(), &path).unwrap_err().to_string();
-    assert!(msg.contains("r.jsonl:1: missing column `messages[0].role`"), "{msg}");
+    let msg = sft_examples(&read_rows(&path).unwrap(), &path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("r.jsonl:1: missing column `messages[0].role`"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -113,9 +147,17 @@ fn csv_messages_column_may_hold_json() {
     );
     let rows = read_rows(&path).unwrap();
     let first = sft_examples(&rows[..1], &path).unwrap();
-    assert_eq!(first[0], Example::Messages { messages: vec![Message::user("hi")] });
+    assert_eq!(
+        first[0],
+        Example::Messages {
+            messages: vec![Message::user("hi")]
+        }
+    );
     let msg = sft_examples(&rows, &path).unwrap_err().to_string();
-    assert!(msg.contains("m.csv:3:") && msg.contains("not JSON"), "{msg}");
+    assert!(
+        msg.contains("m.csv:3:") && msg.contains("not JSON"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -152,7 +194,11 @@ fn preference_with_explicit_and_implicit_prompt() {
     let text = |s: &str| Segment::Text(s.into());
     assert_eq!(
         ex[0],
-        Example::Preference { prompt: text("Q"), chosen: text(" yes"), rejected: text(" no") }
+        Example::Preference {
+            prompt: text("Q"),
+            chosen: text(" yes"),
+            rejected: text(" no")
+        }
     );
     // As TRL's `extract_prompt`: the space before the first difference goes to the answers.
     assert_eq!(
@@ -177,7 +223,12 @@ fn preference_with_explicit_and_implicit_prompt() {
 fn grpo_prompts_keep_answer_and_extra_columns() {
     let path = data_fixtures().join("tiny.parquet");
     let ex = prompt_examples(&read_rows(&path).unwrap(), &path).unwrap();
-    let Example::Prompt { prompt, answer, fields } = &ex[0] else {
+    let Example::Prompt {
+        prompt,
+        answer,
+        fields,
+    } = &ex[0]
+    else {
         panic!("{:?}", ex[0]);
     };
     assert_eq!(prompt, &Segment::Text("What is 2+2?".into()));
@@ -185,11 +236,17 @@ fn grpo_prompts_keep_answer_and_extra_columns() {
     assert_eq!(fields["id"], json!(1));
     assert!(!fields.contains_key("prompt"));
     // A null answer (row 2) is no answer.
-    let Example::Prompt { answer, .. } = &ex[1] else { panic!() };
+    let Example::Prompt { answer, .. } = &ex[1] else {
+        panic!()
+    };
     assert_eq!(answer, &None);
 
     let dir = temp_dir("grpo");
-    let p = write(&dir, "g.jsonl", "{\"prompt\": \"x\", \"answer\": 72}\n{\"prompt\": \"y\", \"answer\": [1]}\n");
+    let p = write(
+        &dir,
+        "g.jsonl",
+        "{\"prompt\": \"x\", \"answer\": 72}\n{\"prompt\": \"y\", \"answer\": [1]}\n",
+    );
     let rows = read_rows(&p).unwrap();
     let Example::Prompt { answer, .. } = &prompt_examples(&rows[..1], &p).unwrap()[0] else {
         panic!()

@@ -17,7 +17,10 @@ fn split_is_deterministic_disjoint_and_complete() {
     assert_eq!(all.len(), 100);
     assert_eq!(all, (0..100).collect());
     // Rounded up like `datasets.train_test_split`.
-    assert_eq!(split(10, EvalSize::Fraction(0.05), 0).unwrap().eval.len(), 1);
+    assert_eq!(
+        split(10, EvalSize::Fraction(0.05), 0).unwrap().eval.len(),
+        1
+    );
     assert_eq!(split(10, EvalSize::Count(3), 0).unwrap().eval.len(), 3);
     // The eval part is not simply the first examples.
     assert_ne!(a.eval, (0..10).collect::<Vec<_>>());
@@ -29,7 +32,10 @@ fn split_is_deterministic_disjoint_and_complete() {
     let items: Vec<String> = (0..20).map(|i| format!("ex{i}")).collect();
     let (train, eval) = split_items(items, EvalSize::Count(4), 3).unwrap();
     let s = split(20, EvalSize::Count(4), 3).unwrap();
-    assert_eq!(eval, s.eval.iter().map(|i| format!("ex{i}")).collect::<Vec<_>>());
+    assert_eq!(
+        eval,
+        s.eval.iter().map(|i| format!("ex{i}")).collect::<Vec<_>>()
+    );
     assert_eq!(train.len(), 16);
 }
 
@@ -49,7 +55,10 @@ fn epochs_are_seeded_permutations() {
         sorted.sort_unstable();
         assert_eq!(sorted, (0..50).collect::<Vec<_>>());
     }
-    assert_eq!(Shuffler::new(42, false).epoch_order(5, 3), vec![0, 1, 2, 3, 4]);
+    assert_eq!(
+        Shuffler::new(42, false).epoch_order(5, 3),
+        vec![0, 1, 2, 3, 4]
+    );
 }
 
 #[test]
@@ -78,7 +87,13 @@ fn batches_wrap_into_the_next_epoch() {
     let mut want = shuffler.epoch_order(10, 0);
     want.extend(shuffler.epoch_order(10, 1));
     assert_eq!(seen, want);
-    assert_eq!(loader.cursor(), Cursor { epoch: 1, index: 10 });
+    assert_eq!(
+        loader.cursor(),
+        Cursor {
+            epoch: 1,
+            index: 10
+        }
+    );
     assert!(loader.next_batch(0).is_err());
     assert!(Loader::new(0, shuffler).is_err());
 }
@@ -91,7 +106,8 @@ fn resuming_from_a_saved_cursor_gives_the_same_batches() {
 
     for stop in [0, 1, 2, 3, 7, 13] {
         let mut first = Loader::new(13, shuffler).unwrap();
-        let mut batches: Vec<Vec<usize>> = (0..stop).map(|_| first.next_batch(5).unwrap()).collect();
+        let mut batches: Vec<Vec<usize>> =
+            (0..stop).map(|_| first.next_batch(5).unwrap()).collect();
         // Through JSON, as a checkpoint would store it.
         let saved = serde_json::to_string(&first.cursor()).unwrap();
         let cursor: Cursor = serde_json::from_str(&saved).unwrap();
@@ -99,6 +115,9 @@ fn resuming_from_a_saved_cursor_gives_the_same_batches() {
         batches.extend((stop..20).map(|_| resumed.next_batch(5).unwrap()));
         assert_eq!(batches, uninterrupted, "stopped after {stop} batches");
     }
-    let bad = Cursor { epoch: 0, index: 14 };
+    let bad = Cursor {
+        epoch: 0,
+        index: 14,
+    };
     assert!(Loader::resume(13, shuffler, bad).is_err());
 }

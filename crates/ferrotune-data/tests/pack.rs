@@ -90,7 +90,8 @@ fn collate_right_pads_every_field() {
     assert_eq!(c.position_ids[0], vec![0, 1, 2, 3, 4]);
     assert_eq!(c.loss_tokens(), 2 + 3);
 
-    let packs: Vec<Packed> = pack(&[example(0, 2, 0), example(1, 3, 0), example(2, 6, 0)], 6).unwrap();
+    let packs: Vec<Packed> =
+        pack(&[example(0, 2, 0), example(1, 3, 0), example(2, 6, 0)], 6).unwrap();
     let refs: Vec<&Packed> = packs.iter().collect();
     let c = collate_right(&refs, 9);
     assert_eq!(c.shape(), (2, 6));

@@ -17,7 +17,10 @@ fn jsonl_rows_keep_their_line_numbers_and_skip_blank_lines() {
         "{\"text\": \"a\"}\n\n   \n{\"text\": \"b\", \"n\": 2}\n{\"text\": \"c\"}",
     );
     let rows = read_rows(&path).unwrap();
-    assert_eq!(rows.iter().map(|r| r.line).collect::<Vec<_>>(), vec![1, 4, 5]);
+    assert_eq!(
+        rows.iter().map(|r| r.line).collect::<Vec<_>>(),
+        vec![1, 4, 5]
+    );
     assert_eq!(rows[1].fields["text"], json!("b"));
     assert_eq!(rows[1].fields["n"], json!(2));
 }
@@ -45,7 +48,10 @@ fn csv_uses_the_header_and_record_start_lines() {
         "prompt,completion\nhi,there\n\"multi\nline\",x\n\"a, b\",\"say \"\"c\"\"\"\n",
     );
     let rows = read_rows(&path).unwrap();
-    assert_eq!(rows.iter().map(|r| r.line).collect::<Vec<_>>(), vec![2, 3, 5]);
+    assert_eq!(
+        rows.iter().map(|r| r.line).collect::<Vec<_>>(),
+        vec![2, 3, 5]
+    );
     assert_eq!(rows[1].fields["prompt"], json!("multi\nline"));
     assert_eq!(rows[2].fields["prompt"], json!("a, b"));
     assert_eq!(rows[2].fields["completion"], json!("say \"c\""));
@@ -62,7 +68,12 @@ fn parquet_rows_match_pyarrow_for_every_codec() {
         assert_eq!(rows.len(), expected.len(), "{name}");
         for (i, (row, want)) in rows.iter().zip(&expected).enumerate() {
             assert_eq!(row.line, i + 1, "{name}");
-            assert_eq!(&Value::Object(row.fields.clone()), want, "{name} row {}", i + 1);
+            assert_eq!(
+                &Value::Object(row.fields.clone()),
+                want,
+                "{name} row {}",
+                i + 1
+            );
         }
     }
 }
@@ -70,7 +81,11 @@ fn parquet_rows_match_pyarrow_for_every_codec() {
 #[test]
 fn malformed_json_names_file_and_line() {
     let dir = temp_dir("badjson");
-    let path = write(&dir, "bad.jsonl", "{\"text\": \"a\"}\n{\"text\": \"b\"}\n{\"text\": \"c\n");
+    let path = write(
+        &dir,
+        "bad.jsonl",
+        "{\"text\": \"a\"}\n{\"text\": \"b\"}\n{\"text\": \"c\n",
+    );
     let err = read_rows(&path).unwrap_err();
     assert!(matches!(err, DataError::Json { line: 3, .. }), "{err:?}");
     let msg = err.to_string();
@@ -92,7 +107,10 @@ fn unknown_extension_and_missing_file_are_errors() {
     let dir = temp_dir("ext");
     let txt = write(&dir, "d.txt", "hello\n");
     let msg = read_rows(&txt).unwrap_err().to_string();
-    assert!(msg.contains("d.txt") && msg.contains("unknown dataset extension"), "{msg}");
+    assert!(
+        msg.contains("d.txt") && msg.contains("unknown dataset extension"),
+        "{msg}"
+    );
 
     let missing = dir.join("nope.jsonl");
     let err = read_rows(&missing).unwrap_err();

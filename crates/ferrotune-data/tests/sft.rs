@@ -66,7 +66,13 @@ fn plain_completion_mask_is_the_completion_plus_eos() {
 fn eos_is_not_doubled_when_the_completion_ends_with_it() {
     let tok = smollm2();
     let a = tokenize_sft(&tok, &pc("Q:", " yes"), 64, &SftOptions::default()).unwrap();
-    let b = tokenize_sft(&tok, &pc("Q:", " yes<|im_end|>"), 64, &SftOptions::default()).unwrap();
+    let b = tokenize_sft(
+        &tok,
+        &pc("Q:", " yes<|im_end|>"),
+        64,
+        &SftOptions::default(),
+    )
+    .unwrap();
     assert_eq!(a, b);
     let eos = tok.eos_ids()[0];
     assert_eq!(a.ids.iter().filter(|&&i| i == eos).count(), 1);
@@ -83,7 +89,10 @@ fn messages_mask_covers_assistant_turns_only() {
     ];
     let ex = Example::Messages { messages };
     let t = tokenize_sft(&tok, &ex, 1024, &SftOptions::default()).unwrap();
-    assert_eq!(decode(&tok, &masked(&t)), "Bonjour !<|im_end|>Hallo!<|im_end|>");
+    assert_eq!(
+        decode(&tok, &masked(&t)),
+        "Bonjour !<|im_end|>Hallo!<|im_end|>"
+    );
     // The whole render is ids; the mask does not change which ids there are.
     let all = tokenize_sft(
         &tok,
@@ -103,7 +112,11 @@ fn messages_mask_covers_assistant_turns_only() {
 fn conversational_prompt_completion_masks_only_the_completion_turn() {
     let tok = smollm2();
     let ex = Example::PromptCompletion {
-        prompt: Segment::Chat(vec![Message::user("2+2?"), Message::assistant("5"), Message::user("Sure?")]),
+        prompt: Segment::Chat(vec![
+            Message::user("2+2?"),
+            Message::assistant("5"),
+            Message::user("Sure?"),
+        ]),
         completion: Segment::Chat(vec![Message::assistant("No, 4.")]),
     };
     let t = tokenize_sft(&tok, &ex, 1024, &SftOptions::default()).unwrap();
@@ -113,15 +126,27 @@ fn conversational_prompt_completion_masks_only_the_completion_turn() {
         prompt: Segment::Chat(vec![Message::user("2+2?")]),
         completion: Segment::Text("4".into()),
     };
-    let msg = tokenize_sft(&tok, &mixed, 64, &SftOptions::default()).unwrap_err().to_string();
-    assert!(msg.contains("both be text or both be message lists"), "{msg}");
+    let msg = tokenize_sft(&tok, &mixed, 64, &SftOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("both be text or both be message lists"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn text_trains_every_token_and_ends_with_eos() {
     let tok = smollm2();
-    let t = tokenize_sft(&tok, &Example::Text { text: "Once upon a time".into() }, 64, &SftOptions::default())
-        .unwrap();
+    let t = tokenize_sft(
+        &tok,
+        &Example::Text {
+            text: "Once upon a time".into(),
+        },
+        64,
+        &SftOptions::default(),
+    )
+    .unwrap();
     assert_eq!(decode(&tok, &t.ids), "Once upon a time<|im_end|>");
     assert!(t.loss_mask.iter().all(|&m| m == 1));
 }
@@ -142,7 +167,10 @@ fn completion_only_loss_off_trains_the_prompt_too() {
 fn truncation_is_from_the_right_and_counted() {
     let tok = smollm2();
     let opts = SftOptions::default();
-    let long = pc("Count:", " one two three four five six seven eight nine ten");
+    let long = pc(
+        "Count:",
+        " one two three four five six seven eight nine ten",
+    );
     let full = tokenize_sft(&tok, &long, 1024, &opts).unwrap();
     let cut = tokenize_sft(&tok, &long, 6, &opts).unwrap();
     assert!(cut.truncated);
@@ -154,7 +182,10 @@ fn truncation_is_from_the_right_and_counted() {
     let no_loss = pc("a b c d e f g h i j k l m n o p", " z");
     let examples = vec![pc("Q:", " yes"), long.clone(), no_loss];
     let set = tokenize_sft_all(&tok, &examples, 6, &opts, true).unwrap();
-    let n_prompt = tok.encode("a b c d e f g h i j k l m n o p", true).unwrap().len();
+    let n_prompt = tok
+        .encode("a b c d e f g h i j k l m n o p", true)
+        .unwrap()
+        .len();
     let n_short = full.ids.len();
     assert_eq!(
         set.stats,

@@ -303,16 +303,15 @@ impl RunConfig {
                 path: path.to_path_buf(),
                 msg: one_line(&e.to_string()),
             })?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        // Relative paths are relative to the config file; the resolved config (written to the
+        // run folder) holds absolute ones, so `--resume` reads the same files from anywhere.
+        let base = std::path::absolute(path.parent().unwrap_or(Path::new(".")))
+            .unwrap_or_else(|_| PathBuf::from("."));
         for p in [&mut cfg.model.path, &mut cfg.data.train, &mut cfg.run.output_dir] {
-            if p.is_relative() && !p.as_os_str().is_empty() {
-                *p = base.join(&*p);
-            }
+            *p = normalize(&base.join(&*p));
         }
         if let Some(e) = cfg.data.eval.as_mut() {
-            if e.is_relative() {
-                *e = base.join(&*e);
-            }
+            *e = normalize(&base.join(&*e));
         }
         cfg.validate(path)?;
         Ok(cfg)
@@ -418,6 +417,21 @@ impl RunConfig {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
     }
+}
+
+/// Lexically remove `.` and `..` components (no file system access).
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 fn one_line(s: &str) -> String {

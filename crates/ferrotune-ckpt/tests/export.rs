@@ -1,0 +1,176 @@
+//! Merge-and-export against PEFT and transformers. Fixtures: fixtures/ckpt/make_ckpt_fixtures.py
+//! (PEFT `merge_and_unload()` weights), fixtures/tiny/make_tiny.py (PEFT adapter logits) and
+//! fixtures/gguf/make_gguf_fixtures.py (transformers' logits for the tiny GGUF files).
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use ferrotune_ckpt::{export_merged, CkptError};
+use ferrotune_models::{load, Batch, LoadOptions};
+use ferrotune_nn::Mode;
+
+#[test]
+fn merged_export_equals_peft_merge_and_adapter_logits() {
+    for name in ["llama", "gpt2"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("merged");
+        let report = export_merged(&tiny(name), Some(&tiny(name).join("adapter")), &out, DType::F32).unwrap();
+        assert_eq!(report.merged.len(), if name == "llama" { 14 } else { 8 }, "{name}");
+        for f in ["config.json", "model.safetensors", "generation_config.json"] {
+            assert!(out.join(f).is_file(), "{name}: {f} missing");
+        }
+
+        // Tensors equal PEFT's merge_and_unload(), name for name.
+        let ours = st(&out.join("model.safetensors"));
+        let peft = st(&ckpt_fixtures().join(format!("merged_{name}.safetensors")));
+        let mut a: Vec<&String> = ours.keys().collect();
+        let mut b: Vec<&String> = peft.keys().collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "{name}: tensor names differ from transformers' save");
+        let mut worst = 0f32;
+        for (k, t) in &peft {
+            assert_eq!(ours[k].dims(), t.dims(), "{name} {k}");
+            worst = worst.max(max_abs(&ours[k], t));
+        }
+        assert!(worst < 1e-6, "{name}: merged weights differ from PEFT's by {worst}");
+        // The merge did something: some weight differs from the base.
+        let base = st(&tiny(name).join("model.safetensors"));
+        let k = &report.merged[0];
+        assert!(max_abs(&ours[k], &base[k]) > 1e-3, "{name}: {k} unchanged by the merge");
+
+        // Our loader on the export, with no adapter, gives PEFT's adapter logits.
+        let model = load(&out, &LoadOptions::default()).unwrap().model;
+        assert!(model.linear_slots().iter().all(|s| s.lora.is_none()));
+        let want = st(&tiny(name).join("lora_grads.safetensors"));
+        let bt = right_batch(name);
+        let logits = model.forward(&bt, None, Mode::EVAL).unwrap();
+        let err = masked_max_abs(&logits, &want["logits"], bt.key_mask.as_ref().unwrap());
+        assert!(err < 1e-4, "{name}: merged export logits differ from PEFT's by {err}");
+    }
+}
+
+#[test]
+fn export_without_adapter_and_in_bf16() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bf16");
+    let report = export_merged(&tiny("qwen2"), None, &out, DType::BF16).unwrap();
+    assert!(report.merged.is_empty());
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["dtype"], "bfloat16");
+    let t = st(&out.join("model.safetensors"));
+    assert!(t.values().all(|t| t.dtype() == DType::BF16));
+    // With no adapter the export is a pure cast: each tensor is the base tensor rounded to bf16.
+    let base = st(&tiny("qwen2").join("model.safetensors"));
+    assert_eq!(t.len(), base.len());
+    for (k, w) in &base {
+        assert_eq!(max_abs(&t[k], &w.to_dtype(DType::BF16).unwrap()), 0.0, "{k}");
+    }
+    // And the logits stay close to transformers' f32 reference (bf16 keeps 8 mantissa bits).
+    let model = load(&out, &LoadOptions::default()).unwrap().model;
+    let r = st(&tiny("qwen2").join("reference.safetensors"));
+    let b = right_batch("qwen2");
+    let logits = model.forward(&b, None, Mode::EVAL).unwrap();
+    let scale = max_abs(&r["right.logits"], &r["right.logits"].zeros_like().unwrap());
+    let err = masked_max_abs(&logits, &r["right.logits"], b.key_mask.as_ref().unwrap());
+    assert!(err < 0.05 * scale.max(1.0), "bf16 export logits off by {err} (max |logit| {scale})");
+}
+
+#[test]
+fn gguf_export_matches_transformers() {
+    // Dequantized GGUF -> HF folder with a generated config.json: our loader on the export gives
+    // the logits transformers computed from the GGUF itself.
+    let refs = st(&repo().join("fixtures/gguf/tiny_ref.safetensors"));
+    for name in ["llama", "qwen2", "qwen3", "gpt2"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("hf");
+        let gguf = repo().join(format!("fixtures/gguf/tiny_{name}.gguf"));
+        let report = export_merged(&gguf, None, &out, DType::F32).unwrap();
+        // These tiny files have a vocabulary without merges: no tokenizer, and a warning says so.
+        assert!(report.warnings.iter().any(|w| w.contains("tokenizer")), "{name}: {:?}", report.warnings);
+        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["model_type"], name);
+        let model = load(&out, &LoadOptions::default()).unwrap().model;
+        let ids = refs[&format!("{name}.input_ids")].to_dtype(DType::U32).unwrap(); // (1, T)
+        let t = ids.dim(1).unwrap();
+        let b = Batch {
+            input_ids: ids,
+            position_ids: Tensor::arange(0u32, t as u32, &Device::Cpu).unwrap().unsqueeze(0).unwrap(),
+            key_mask: None,
+        };
+        let logits = model.forward(&b, None, Mode::EVAL).unwrap().squeeze(0).unwrap(); // (T, V)
+        let err = max_abs(&logits, &refs[&format!("{name}.logits")]);
+        assert!(err < 1e-3, "{name}: GGUF export logits differ from transformers by {err}");
+    }
+}
+
+#[test]
+fn gguf_export_with_adapter_merges_in_hf_layout() {
+    // An adapter trained on the GGUF model (HF layout in memory) merged into the export: the
+    // export without adapter equals the GGUF model with the adapter on.
+    let gguf = repo().join("fixtures/gguf/tiny_qwen2.gguf");
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = LoadOptions {
+        lora: Some((llama_lora(), 3)),
+        ..LoadOptions::default()
+    };
+    let model = load(&gguf, &opts).unwrap().model;
+    for slot in model.linear_slots() {
+        if let Some(l) = &slot.lora {
+            let b = Tensor::randn(0f32, 0.05, l.b.dims(), &Device::Cpu).unwrap();
+            l.b.set(&b).unwrap();
+        }
+    }
+    let adir = tmp.path().join("adapter");
+    ferrotune_ckpt::save_adapter(model.as_ref(), &llama_lora(), "tiny_qwen2.gguf", &adir).unwrap();
+    let out = tmp.path().join("merged");
+    export_merged(&gguf, Some(&adir), &out, DType::F32).unwrap();
+    let merged = load(&out, &LoadOptions::default()).unwrap().model;
+    let ids = Tensor::new(&[[5u32, 9, 17, 33, 2, 64, 80]], &Device::Cpu).unwrap();
+    let b = Batch {
+        input_ids: ids,
+        position_ids: Tensor::arange(0u32, 7, &Device::Cpu).unwrap().unsqueeze(0).unwrap(),
+        key_mask: None,
+    };
+    let want = model.forward(&b, None, Mode::EVAL).unwrap();
+    let base = model.forward(&b, None, Mode::REFERENCE).unwrap();
+    let got = merged.forward(&b, None, Mode::EVAL).unwrap();
+    assert!(max_abs(&want, &base) > 1e-2, "adapter too small to test");
+    let err = max_abs(&got, &want);
+    assert!(err < 1e-4, "merged GGUF export differs from model + adapter by {err}");
+}
+
+#[test]
+fn export_never_writes_into_a_non_empty_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("model.safetensors"), b"precious").unwrap();
+    let err = export_merged(&tiny("llama"), None, &out, DType::F32).err().unwrap();
+    assert!(matches!(err, CkptError::OutputExists { .. }), "{err}");
+    assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), b"precious");
+    // A failed export (bad adapter) leaves nothing behind.
+    let out2 = tmp.path().join("out2");
+    let err = export_merged(&tiny("llama"), Some(&tiny("gpt2").join("adapter")), &out2, DType::F32).err().unwrap();
+    assert!(matches!(err, CkptError::NoTargetMatch { .. }), "{err}");
+    assert!(!out2.exists());
+    let names: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    // Unsupported dtype is refused up front.
+    assert!(export_merged(&tiny("llama"), None, &tmp.path().join("x"), DType::U32).is_err());
+}
+
+/// Writes `target/ckpt-export-{llama,gpt2}` for fixtures/ckpt/check_export.py (run by hand).
+#[test]
+#[ignore]
+fn write_export_for_python() {
+    for name in ["llama", "gpt2"] {
+        let out = repo().join(format!("target/ckpt-export-{name}"));
+        if out.exists() {
+            std::fs::remove_dir_all(&out).unwrap();
+        }
+        export_merged(&tiny(name), Some(&tiny(name).join("adapter")), &out, DType::F32).unwrap();
+        println!("wrote {}", out.display());
+    }
+}
