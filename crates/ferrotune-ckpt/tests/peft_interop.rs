@@ -65,6 +65,7 @@ fn ferrotune_adapter_loads_in_peft() {
     let b = right_batch("llama");
     let logits = model.forward(&b, None, Mode::EVAL).unwrap();
     let err = masked_max_abs(&logits, &peft["logits"], b.key_mask.as_ref().unwrap());
+    println!("ferrotune adapter: max |ours - PEFT| = {err:.3e}");
     assert!(err < 1e-4, "ferrotune adapter in PEFT: logits differ by {err}");
     // And the adapter matters: without it the logits are far from PEFT's.
     let base = model.forward(&b, None, Mode::REFERENCE).unwrap();
@@ -83,6 +84,7 @@ fn peft_adapters_load_and_match_peft_logits() {
         let b = right_batch(name);
         let logits = model.forward(&b, None, Mode::EVAL).unwrap();
         let err = masked_max_abs(&logits, &want["logits"], b.key_mask.as_ref().unwrap());
+        println!("{name}: PEFT adapter, max |ours - PEFT| = {err:.3e}");
         assert!(err < 1e-4, "{name}: PEFT adapter logits differ by {err}");
     }
 }

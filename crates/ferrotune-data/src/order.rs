@@ -191,6 +191,12 @@ impl Loader {
         self.cursor
     }
 
+    /// Epochs done as a fraction (`epoch + index / n`), for logs: 1.0 right after the last
+    /// example of epoch 0 (the cursor moves to the next epoch only when a batch needs it).
+    pub fn epochs_done(&self) -> f64 {
+        self.cursor.epoch as f64 + self.cursor.index as f64 / self.n as f64
+    }
+
     pub fn len(&self) -> usize {
         self.n
     }

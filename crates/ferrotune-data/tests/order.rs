@@ -94,6 +94,7 @@ fn batches_wrap_into_the_next_epoch() {
             index: 10
         }
     );
+    assert_eq!(loader.epochs_done(), 2.0);
     assert!(loader.next_batch(0).is_err());
     assert!(Loader::new(0, shuffler).is_err());
 }

@@ -130,3 +130,17 @@ fn ragged_csv_and_non_parquet_bytes_are_errors() {
     assert!(matches!(err, DataError::Parquet { .. }), "{err:?}");
     assert!(err.to_string().contains("d.parquet"));
 }
+
+#[test]
+fn byte_order_mark_and_crlf_line_ends_are_accepted() {
+    let dir = temp_dir("bom");
+    let path = write(
+        &dir,
+        "w.jsonl",
+        "\u{feff}{\"text\": \"a\"}\r\n{\"text\": \"b\"}\r\n",
+    );
+    let rows = read_rows(&path).unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].fields["text"], json!("a"));
+    assert_eq!(rows[1].fields["text"], json!("b"));
+}

@@ -47,7 +47,8 @@ use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use crate::error::{Result, TokenizeError};
-use crate::tokenizer::{SpecialConfig, Tokenizer, DEFAULT_TEMPLATE};
+use crate::hf_files::SpecialConfig;
+use crate::tokenizer::{Tokenizer, DEFAULT_TEMPLATE};
 
 /// llama.cpp token types (`llama_token_type`).
 const TOKEN_TYPE_CONTROL: i64 = 3;

@@ -16,6 +16,7 @@
 mod chat;
 mod error;
 mod gguf;
+mod hf_files;
 mod python;
 mod tokenizer;
 

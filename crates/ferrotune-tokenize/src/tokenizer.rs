@@ -1,18 +1,22 @@
 //! Our `Tokenizer`: a `tokenizers::Tokenizer` plus what Hugging Face keeps beside it — the special
 //! tokens of `tokenizer_config.json`, the end-of-turn ids of `generation_config.json` and the chat
 //! templates — and the one function that turns a conversation into ids and a loss mask
-//! (`render`). It owns loading from a model folder; loading from GGUF metadata is in `gguf.rs`,
-//! template semantics in `chat.rs`. It never touches tensors.
+//! (`render`). It owns putting a tokenizer together from a model folder (the side files' formats
+//! are read in `hf_files.rs`); loading from GGUF metadata is in `gguf.rs`, template semantics in
+//! `chat.rs`. It never touches tensors.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use serde_json::Value as Json;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::AddedToken;
 
 use crate::chat::{mask_from_spans, ChatTemplate, Message, Rendered, TemplateTokens};
 use crate::error::{Result, TokenizeError};
+use crate::hf_files::{
+    parse_config_templates, parse_eos_ids, parse_special_config, read_json_opt,
+    read_template_files, SpecialConfig,
+};
 
 /// The template name transformers uses for a single template, and picks by default.
 pub const DEFAULT_TEMPLATE: &str = "default";
@@ -36,18 +40,6 @@ pub struct Tokenizer {
     pub(crate) templates: Vec<ChatTemplate>,
     /// Where it was loaded from, for error messages.
     pub(crate) source_desc: String,
-}
-
-/// The fields of `tokenizer_config.json` we use; unknown keys are ignored (the file carries many
-/// keys for other libraries).
-#[derive(Default)]
-pub(crate) struct SpecialConfig {
-    pub bos_token: Option<String>,
-    pub eos_token: Option<String>,
-    pub unk_token: Option<String>,
-    pub pad_token: Option<String>,
-    pub add_bos_token: Option<bool>,
-    pub add_eos_token: Option<bool>,
 }
 
 impl Tokenizer {
@@ -450,156 +442,4 @@ fn bos_eos_processor(
     builder.try_pair(pair).map_err(|e| err(e.to_string()))?;
     builder.special_tokens(specials);
     builder.build().map_err(|e| err(e.to_string()))
-}
-
-/// Reads and parses a JSON file that may be absent.
-fn read_json_opt(path: &Path) -> Result<Option<Json>> {
-    let text = match fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(TokenizeError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-    };
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|source| TokenizeError::Json {
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
-fn field_err(path: &Path, field: &str, reason: impl Into<String>) -> TokenizeError {
-    TokenizeError::Field {
-        path: path.to_path_buf(),
-        field: field.to_string(),
-        reason: reason.into(),
-    }
-}
-
-/// A special token is a string, an AddedToken object (`{"content": ..., "__type": "AddedToken"}`)
-/// or null.
-fn token_field(config: &Json, field: &str, path: &Path) -> Result<Option<String>> {
-    match config.get(field) {
-        None | Some(Json::Null) => Ok(None),
-        Some(Json::String(s)) => Ok(Some(s.clone())),
-        Some(Json::Object(obj)) => match obj.get("content") {
-            Some(Json::String(s)) => Ok(Some(s.clone())),
-            _ => Err(field_err(
-                path,
-                field,
-                "is an object without a string `content`",
-            )),
-        },
-        Some(other) => Err(field_err(
-            path,
-            field,
-            format!("must be a string or an AddedToken object, got {other}"),
-        )),
-    }
-}
-
-fn bool_field(config: &Json, field: &str, path: &Path) -> Result<Option<bool>> {
-    match config.get(field) {
-        None | Some(Json::Null) => Ok(None),
-        Some(Json::Bool(b)) => Ok(Some(*b)),
-        Some(other) => Err(field_err(
-            path,
-            field,
-            format!("must be a boolean, got {other}"),
-        )),
-    }
-}
-
-pub(crate) fn parse_special_config(config: &Json, path: &Path) -> Result<SpecialConfig> {
-    if !config.is_object() {
-        return Err(field_err(path, "<root>", "must be a JSON object"));
-    }
-    Ok(SpecialConfig {
-        bos_token: token_field(config, "bos_token", path)?,
-        eos_token: token_field(config, "eos_token", path)?,
-        unk_token: token_field(config, "unk_token", path)?,
-        pad_token: token_field(config, "pad_token", path)?,
-        add_bos_token: bool_field(config, "add_bos_token", path)?,
-        add_eos_token: bool_field(config, "add_eos_token", path)?,
-    })
-}
-
-/// `chat_template` is a string or a list of `{"name": ..., "template": ...}`.
-fn parse_config_templates(config: &Json, path: &Path) -> Result<Vec<(String, String)>> {
-    match config.get("chat_template") {
-        None | Some(Json::Null) => Ok(Vec::new()),
-        Some(Json::String(s)) => Ok(vec![(DEFAULT_TEMPLATE.to_string(), s.clone())]),
-        Some(Json::Array(items)) => items
-            .iter()
-            .enumerate()
-            .map(|(i, item)| {
-                let name = item.get("name").and_then(Json::as_str);
-                let template = item.get("template").and_then(Json::as_str);
-                match (name, template) {
-                    (Some(n), Some(t)) => Ok((n.to_string(), t.to_string())),
-                    _ => Err(field_err(
-                        path,
-                        &format!("chat_template[{i}]"),
-                        "must be an object with string `name` and `template`",
-                    )),
-                }
-            })
-            .collect(),
-        Some(other) => Err(field_err(
-            path,
-            "chat_template",
-            format!("must be a string or a list of {{name, template}}, got {other}"),
-        )),
-    }
-}
-
-/// transformers v5 saves templates as `chat_template.jinja` (the default) and
-/// `chat_templates/<name>.jinja`.
-fn read_template_files(dir: &Path) -> Result<Vec<(String, String)>> {
-    let mut out = Vec::new();
-    let read = |path: PathBuf| {
-        fs::read_to_string(&path).map_err(|source| TokenizeError::Io { path, source })
-    };
-    let default = dir.join("chat_template.jinja");
-    if default.is_file() {
-        out.push((DEFAULT_TEMPLATE.to_string(), read(default)?));
-    }
-    let extra_dir = dir.join("chat_templates");
-    if extra_dir.is_dir() {
-        let entries = fs::read_dir(&extra_dir).map_err(|source| TokenizeError::Io {
-            path: extra_dir.clone(),
-            source,
-        })?;
-        let mut paths: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "jinja"))
-            .collect();
-        paths.sort();
-        for p in paths {
-            let name = p
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            out.push((name, read(p)?));
-        }
-    }
-    Ok(out)
-}
-
-/// `eos_token_id` of `generation_config.json`: an integer or a list of integers.
-fn parse_eos_ids(value: Option<&Json>, path: &Path) -> Result<Vec<u32>> {
-    let as_id = |v: &Json| {
-        v.as_u64()
-            .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| field_err(path, "eos_token_id", format!("holds {v}, not a token id")))
-    };
-    match value {
-        None | Some(Json::Null) => Ok(Vec::new()),
-        Some(Json::Array(items)) => items.iter().map(as_id).collect(),
-        Some(v) => Ok(vec![as_id(v)?]),
-    }
 }

@@ -216,6 +216,7 @@ fn d_optim() -> OptimSection {
 
 /// Every key with its default and meaning, for `ferrotune config --explain`.
 pub const KEYS: &[(&str, &str, &str)] = &[
+    ("model", "(section)", "the base model"),
     ("model.path", "(required)", "Hugging Face model folder or .gguf file"),
     ("model.dtype", "\"f32\"", "f32 | bf16 | f16 (adapters always keep f32 master weights)"),
     ("model.device", "\"cpu\"", "cpu | cuda | cuda:N"),
@@ -225,6 +226,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("lora.lora_dropout", "0.0", "dropout on the adapter input (PEFT semantics)"),
     ("lora.target_modules", "\"all-linear\"", "list of module names (e.g. [\"q_proj\", \"v_proj\"]) or \"all-linear\""),
     ("lora.use_rslora", "false", "rank-stabilised scale alpha / sqrt(r)"),
+    ("data", "(section)", "the training (and eval) data"),
     ("data.train", "(required)", "training set: .jsonl, .parquet or .csv with TRL columns (messages | prompt+completion | text)"),
     ("data.eval", "none", "held-out set in the same format"),
     ("data.eval_fraction", "0.0", "fraction of data.train held out when data.eval is absent"),
@@ -232,6 +234,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("data.packing", "false", "pack several examples into one sequence"),
     ("data.shuffle", "true", "seeded shuffle every epoch"),
     ("data.completion_only_loss", "true", "loss only on completion / assistant tokens"),
+    ("optim", "(section)", "AdamW and the learning-rate schedule"),
     ("optim.learning_rate", "2e-4", "peak learning rate (AdamW)"),
     ("optim.weight_decay", "0.0", "decoupled weight decay"),
     ("optim.adam_beta1", "0.9", "AdamW beta1"),
@@ -241,6 +244,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("optim.lr_scheduler_type", "\"linear\"", "constant | constant_with_warmup | linear | cosine"),
     ("optim.warmup_steps", "0", "linear warmup steps"),
     ("optim.warmup_ratio", "0.0", "warmup as a fraction of total steps (used when warmup_steps = 0)"),
+    ("run", "(section)", "run folder, steps, batching, logging and checkpoints"),
     ("run.output_dir", "(required)", "run folder: config, metrics, TensorBoard events, checkpoints"),
     ("run.seed", "42", "seed for adapter init, shuffling and dropout"),
     ("run.max_steps", "0", "optimizer steps; 0 = num_train_epochs over the data"),
@@ -445,4 +449,64 @@ pub fn explain() -> String {
         out.push_str(&format!("{k:<34} {d:<16} {h}\n"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> toml::Table {
+        toml::from_str(
+            "[model]\npath = \"m\"\n[lora]\n[data]\ntrain = \"t.jsonl\"\n[run]\noutput_dir = \"o\"\n[sft]\n",
+        )
+        .unwrap()
+    }
+
+    fn leaf_keys(prefix: &str, t: &toml::Table, out: &mut Vec<String>) {
+        for (k, v) in t {
+            let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            match v {
+                toml::Value::Table(sub) => {
+                    out.push(key.clone());
+                    leaf_keys(&key, sub, out)
+                }
+                _ => out.push(key),
+            }
+        }
+    }
+
+    /// Every key the config accepts is explained, and every explained key is accepted.
+    #[test]
+    fn explain_table_matches_the_structs() {
+        let cfg = RunConfig::deserialize(minimal()).unwrap();
+        let full: toml::Table = toml::from_str(&cfg.to_toml()).unwrap();
+        let mut keys = Vec::new();
+        leaf_keys("", &full, &mut keys);
+        let explained: Vec<&str> = KEYS.iter().map(|(k, _, _)| *k).collect();
+        for k in &keys {
+            let optional_leaf = k == "data.eval"; // None is not serialised
+            assert!(explained.contains(&k.as_str()) || optional_leaf, "key {k} is not in KEYS");
+        }
+        for k in explained {
+            if ["model", "lora", "data", "optim", "run", "sft"].contains(&k) || k == "data.eval" {
+                continue;
+            }
+            assert!(keys.iter().any(|x| x == k), "KEYS lists {k}, which the structs do not have");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_sets_are_refused() {
+        let mut t = minimal();
+        apply_set(&mut t, "run.max_stepz=3").unwrap();
+        let e = RunConfig::deserialize(t).unwrap_err().to_string();
+        assert!(e.contains("max_stepz"), "{e}");
+        let mut t = minimal();
+        assert!(apply_set(&mut t, "novalue").is_err());
+        apply_set(&mut t, "run.max_steps=7").unwrap();
+        apply_set(&mut t, "model.path=some/dir").unwrap();
+        let cfg = RunConfig::deserialize(t).unwrap();
+        assert_eq!(cfg.run.max_steps, 7);
+        assert_eq!(cfg.model.path, PathBuf::from("some/dir"));
+    }
 }
