@@ -116,8 +116,8 @@ pub fn save_checkpoint(run: &RunDir, step: u64, parts: &CheckpointParts) -> Resu
 pub struct LatestCheckpoint {
     pub step: u64,
     pub path: PathBuf,
-    /// Folders in `checkpoints/` that are not complete checkpoints (half-written saves,
-    /// interrupted prunes, stray entries); never read.
+    /// Checkpoint folders that are not complete (half-written saves `.tmp-step-N`, `step-N`
+    /// without a marker, interrupted prunes `.del-step-N`); never read.
     pub ignored: Vec<PathBuf>,
 }
 
@@ -127,7 +127,11 @@ impl LatestCheckpoint {
         if self.ignored.is_empty() {
             return None;
         }
-        let list: Vec<String> = self.ignored.iter().map(|p| p.display().to_string()).collect();
+        let list: Vec<String> = self
+            .ignored
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
         Some(format!(
             "ignoring {} incomplete checkpoint folder(s) without a {COMPLETE} marker: {}",
             list.len(),
@@ -136,17 +140,26 @@ impl LatestCheckpoint {
     }
 }
 
-/// What `checkpoints/` holds: complete `step-N` folders (ascending) and everything else.
-fn scan(run: &RunDir) -> Result<(Vec<(u64, PathBuf)>, Vec<PathBuf>)> {
+/// Complete `step-N` folders (ascending by step) and incomplete checkpoint folders.
+type Scan = (Vec<(u64, PathBuf)>, Vec<PathBuf>);
+
+/// What `checkpoints/` holds.
+fn scan(run: &RunDir) -> Result<Scan> {
     let cps = run.checkpoints_dir();
     let mut complete = Vec::new();
     let mut other = Vec::new();
     for name in files::entries(&cps)? {
         let p = cps.join(&name);
-        let step = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok());
+        let step = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok());
+        let ours =
+            step.is_some() || name.starts_with(".tmp-step-") || name.starts_with(".del-step-");
         match step {
             Some(s) if p.join(COMPLETE).is_file() => complete.push((s, p)),
-            _ => other.push(p),
+            // Anything else (an editor's or OS's stray file) is not a checkpoint of ours.
+            _ if ours => other.push(p),
+            _ => {}
         }
     }
     complete.sort();

@@ -82,7 +82,12 @@ fn is_gguf(p: &Path) -> bool {
 
 /// Merge `adapter` (if any) into `base` and write a Hugging Face folder at `out` in `dtype`
 /// (f32, bf16 or f16). See the module docs for the files written.
-pub fn export_merged(base: &Path, adapter: Option<&Path>, out: &Path, dtype: DType) -> Result<ExportReport> {
+pub fn export_merged(
+    base: &Path,
+    adapter: Option<&Path>,
+    out: &Path,
+    dtype: DType,
+) -> Result<ExportReport> {
     let dtype_str = dtype_name(dtype).ok_or_else(|| CkptError::Unsupported {
         path: out.to_path_buf(),
         msg: format!("export dtype {dtype:?}; use f32, bf16 or f16"),
@@ -145,9 +150,7 @@ pub fn export_merged(base: &Path, adapter: Option<&Path>, out: &Path, dtype: DTy
         missing.sort();
         return Err(CkptError::AdapterMismatch {
             slot: missing.first().map(|s| s.to_string()).unwrap_or_default(),
-            msg: format!(
-                "adapter slots whose weights are not stored in the base: {missing:?}"
-            ),
+            msg: format!("adapter slots whose weights are not stored in the base: {missing:?}"),
         });
     }
     drop(store);
@@ -190,7 +193,7 @@ fn adapter_deltas(model: &dyn CausalLm, base: &Path) -> Result<HashMap<String, T
         }
         let a = l.a.as_tensor().to_dtype(DType::F32)?; // (r, in)
         let b = l.b.as_tensor().to_dtype(DType::F32)?; // (out, r)
-        // Same order as PEFT's merge: (B @ A) * scaling, then added to W.
+                                                       // Same order as PEFT's merge: (B @ A) * scaling, then added to W.
         let delta = (b.matmul(&a)? * l.scale)?; // (out, in)
         deltas.insert(format!("{}.weight", slot.path), delta);
     }
@@ -240,7 +243,10 @@ fn copy_hf_side_files(base: &Path, dtype_str: &str, staging: &Path) -> Result<()
         }
     }
     files::write_json(&staging.join("config.json"), &cfg)?;
-    for name in TOKENIZER_FILES.iter().chain(["generation_config.json"].iter()) {
+    for name in TOKENIZER_FILES
+        .iter()
+        .chain(["generation_config.json"].iter())
+    {
         let p = base.join(name);
         if p.is_file() {
             files::copy_new(&p, &staging.join(name))?;
@@ -269,6 +275,18 @@ fn ids_value(ids: &[u32]) -> Option<Value> {
     }
 }
 
+/// A float that came from an f32 GGUF field, written as the f32's shortest decimal (1e-5, not
+/// 9.999999747378752e-6), as transformers' own conversion writes it.
+fn f32_clean(x: f64) -> Value {
+    let f = x as f32;
+    if f as f64 == x {
+        if let Ok(clean) = f.to_string().parse::<f64>() {
+            return json!(clean);
+        }
+    }
+    json!(x)
+}
+
 /// `config.json` for a resolved config, with transformers' field names, so that
 /// `AutoModelForCausalLM.from_pretrained` builds the same model.
 pub fn hf_config_json(cfg: &ModelConfig, dtype_str: &str) -> Value {
@@ -282,7 +300,7 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype_str: &str) -> Value {
             "n_head": cfg.num_heads,
             "n_inner": cfg.intermediate_size,
             "n_positions": cfg.max_position_embeddings,
-            "layer_norm_epsilon": cfg.norm_eps,
+            "layer_norm_epsilon": f32_clean(cfg.norm_eps),
             "activation_function": "gelu_new",
             "tie_word_embeddings": cfg.tie_word_embeddings,
         })
@@ -321,44 +339,55 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype_str: &str) -> Value {
             "num_key_value_heads": cfg.num_kv_heads,
             "head_dim": cfg.head_dim,
             "hidden_act": "silu",
-            "rms_norm_eps": cfg.norm_eps,
-            "rope_theta": cfg.rope_theta,
+            "rms_norm_eps": f32_clean(cfg.norm_eps),
+            "rope_theta": f32_clean(cfg.rope_theta),
             "rope_scaling": rope_scaling,
             "max_position_embeddings": cfg.max_position_embeddings,
             "tie_word_embeddings": cfg.tie_word_embeddings,
         });
-        let o = v.as_object_mut().expect("json! object literal");
+        let mut extra = serde_json::Map::new();
         match cfg.family {
             // Qwen2's q/k/v biases are implied by the family; it has no such field.
             Family::Qwen2 => {}
             _ => {
-                o.insert("attention_bias".into(), cfg.attention_bias.into());
+                extra.insert("attention_bias".into(), cfg.attention_bias.into());
             }
         }
         if matches!(cfg.family, Family::Llama) {
-            o.insert("mlp_bias".into(), cfg.mlp_bias.into());
+            extra.insert("mlp_bias".into(), cfg.mlp_bias.into());
         }
         match cfg.family {
             Family::Qwen2 | Family::Qwen3 => {
-                o.insert("use_sliding_window".into(), cfg.sliding_window.is_some().into());
-                o.insert("sliding_window".into(), json!(cfg.sliding_window));
+                extra.insert(
+                    "use_sliding_window".into(),
+                    cfg.sliding_window.is_some().into(),
+                );
+                extra.insert("sliding_window".into(), json!(cfg.sliding_window));
             }
             Family::Mistral => {
-                o.insert("sliding_window".into(), json!(cfg.sliding_window));
+                extra.insert("sliding_window".into(), json!(cfg.sliding_window));
             }
             _ => {}
         }
+        extend(&mut v, extra);
         v
     };
-    let o = v.as_object_mut().expect("json! object literal");
+    let mut tail = serde_json::Map::new();
     if let Some(b) = cfg.bos_token_id {
-        o.insert("bos_token_id".into(), b.into());
+        tail.insert("bos_token_id".into(), b.into());
     }
     if let Some(e) = ids_value(&cfg.eos_token_ids) {
-        o.insert("eos_token_id".into(), e);
+        tail.insert("eos_token_id".into(), e);
     }
-    o.insert("torch_dtype".into(), dtype_str.into());
+    tail.insert("torch_dtype".into(), dtype_str.into());
+    extend(&mut v, tail);
     v
+}
+
+fn extend(v: &mut Value, more: serde_json::Map<String, Value>) {
+    if let Value::Object(o) = v {
+        o.extend(more);
+    }
 }
 
 /// GGUF base: config.json from the resolved config, tokenizer from the metadata, generation
@@ -370,7 +399,10 @@ fn write_gguf_side_files(
     staging: &Path,
     report: &mut ExportReport,
 ) -> Result<()> {
-    files::write_json(&staging.join("config.json"), &hf_config_json(cfg, dtype_str))?;
+    files::write_json(
+        &staging.join("config.json"),
+        &hf_config_json(cfg, dtype_str),
+    )?;
     let mut gen = serde_json::Map::new();
     if let Some(b) = cfg.bos_token_id {
         gen.insert("bos_token_id".into(), b.into());
@@ -399,23 +431,28 @@ fn write_gguf_side_files(
     let tok = match Tokenizer::from_gguf(&content) {
         Ok(t) => t,
         Err(e) => {
-            report.warnings.push(format!(
-                "{}: tokenizer not exported: {e}",
-                base.display()
-            ));
+            report
+                .warnings
+                .push(format!("{}: tokenizer not exported: {e}", base.display()));
             return Ok(());
         }
     };
     let tok_path = staging.join("tokenizer.json");
-    let text = tok.inner().to_string(false).map_err(|e| CkptError::Unsupported {
-        path: tok_path.clone(),
-        msg: format!("cannot serialise the tokenizer: {e}"),
-    })?;
+    let text = tok
+        .inner()
+        .to_string(false)
+        .map_err(|e| CkptError::Unsupported {
+            path: tok_path.clone(),
+            msg: format!("cannot serialise the tokenizer: {e}"),
+        })?;
     files::write_new(&tok_path, text.as_bytes())?;
     let token = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).map(Value::from);
     let mut tc = serde_json::Map::new();
     tc.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
-    tc.insert("model_max_length".into(), cfg.max_position_embeddings.into());
+    tc.insert(
+        "model_max_length".into(),
+        cfg.max_position_embeddings.into(),
+    );
     tc.insert("clean_up_tokenization_spaces".into(), false.into());
     tc.insert("add_bos_token".into(), tok.add_bos_token().into());
     tc.insert("add_eos_token".into(), tok.add_eos_token().into());

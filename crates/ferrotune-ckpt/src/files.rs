@@ -75,8 +75,19 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
         ("format".to_string(), "pt".to_string()),
         (ORDER_KEY.to_string(), order),
     ]);
-    safetensors::serialize_to_file(host.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), path)
-        .map_err(|e| st_err(e.to_string()))?;
+    safetensors::serialize_to_file(
+        host.iter().map(|(n, t)| (n.as_str(), t)),
+        Some(metadata),
+        path,
+    )
+    .map_err(|e| st_err(e.to_string()))?;
+    // The safetensors writer creates the file owner-only; weights are meant to be shared like
+    // every other file we write.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o644)).map_err(io(path))?;
+    }
     File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(io(path))
@@ -92,8 +103,8 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Ten
     let bytes = fs::read(path).map_err(io(path))?;
     let (_, meta) =
         safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| st_err(e.to_string()))?;
-    let mut map = candle_core::safetensors::load_buffer(&bytes, device)
-        .map_err(|e| st_err(e.to_string()))?;
+    let mut map =
+        candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| st_err(e.to_string()))?;
     let order: Option<Vec<String>> = meta
         .metadata()
         .as_ref()

@@ -21,7 +21,12 @@ pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 
 /// Save the model's adapters as a PEFT folder at `dir` (which must not exist, or be empty).
 /// The folder is built beside `dir` and renamed into place, so it appears whole or not at all.
-pub fn save_adapter(model: &dyn CausalLm, lora: &LoraConfig, base_name: &str, dir: &Path) -> Result<()> {
+pub fn save_adapter(
+    model: &dyn CausalLm,
+    lora: &LoraConfig,
+    base_name: &str,
+    dir: &Path,
+) -> Result<()> {
     if !files::entries(dir)?.is_empty() {
         return Err(CkptError::OutputExists {
             path: dir.to_path_buf(),

@@ -125,8 +125,8 @@ impl RunDir {
                 return Err(CkptError::Unsupported {
                     path: marker,
                     msg: format!(
-                        "run format version {other:?}; this ferrotune reads up to {RUN_FORMAT_VERSION}"
-                    ),
+                    "run format version {other:?}; this ferrotune reads up to {RUN_FORMAT_VERSION}"
+                ),
                 })
             }
         }

