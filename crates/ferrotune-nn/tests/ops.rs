@@ -583,3 +583,32 @@ fn target_outside_vocab_is_an_error() {
     let t = Tensor::new(&[0u32, 1, 1], &Device::Cpu).unwrap();
     assert!(ops::token_logprobs(&h, &w, &t, 0.0).is_err());
 }
+
+#[test]
+fn attention_without_mask_and_single_query_match_composite() {
+    let (b, hq, hkv, tk, d) = (2, 6, 2, 9, 8);
+    let k = randn(&[b, hkv, tk, d], 31);
+    let v = randn(&[b, hkv, tk, d], 32);
+    for tq in [tk, 4, 1] {
+        let q = randn(&[b, hq, tq, d], 33);
+        let got = ops::attention(&q, &k, &v, None, 0.3).unwrap();
+        let want = reference::attention(&q, &k, &v, None, 0.3).unwrap();
+        assert_close(&format!("attention no mask, Tq={tq}"), &got, &want, FWD_TOL);
+    }
+}
+
+#[test]
+fn rope_batch_one_cos_sin_broadcasts() {
+    let fx = fixture();
+    let x = get(&fx, "rope.x"); // (2, 4, 5, 8)
+    let cos1 = get(&fx, "rope.cos").narrow(0, 0, 1).unwrap(); // (1, 5, 4)
+    let sin1 = get(&fx, "rope.sin").narrow(0, 0, 1).unwrap();
+    let cos2 = cos1.broadcast_as((2, 5, 4)).unwrap();
+    let sin2 = sin1.broadcast_as((2, 5, 4)).unwrap();
+    let got = ops::rope(&x, &cos1, &sin1).unwrap();
+    let want = ops::rope(&x, &cos2, &sin2).unwrap();
+    assert_close("rope with batch-1 cos/sin", &got, &want, 0.0);
+    // And the batch-2 result is the reference composite's.
+    let want = reference::rope(&x, &cos2, &sin2).unwrap();
+    assert_close("rope broadcast vs composite", &got, &want, FWD_TOL);
+}

@@ -89,9 +89,19 @@ impl AdamWConfig {
         let (b1, b2) = self.betas;
         check("betas.0", b1, (0.0..1.0).contains(&b1), "must be in [0, 1)")?;
         check("betas.1", b2, (0.0..1.0).contains(&b2), "must be in [0, 1)")?;
-        check("eps", self.eps, self.eps >= 0.0 && self.eps.is_finite(), "must be finite and >= 0")?;
+        check(
+            "eps",
+            self.eps,
+            self.eps >= 0.0 && self.eps.is_finite(),
+            "must be finite and >= 0",
+        )?;
         let wd = self.weight_decay;
-        check("weight_decay", wd, wd >= 0.0 && wd.is_finite(), "must be finite and >= 0")
+        check(
+            "weight_decay",
+            wd,
+            wd >= 0.0 && wd.is_finite(),
+            "must be finite and >= 0",
+        )
     }
 }
 
@@ -277,7 +287,7 @@ impl AdamW {
             let bias_correction2 = 1.0 - beta2.powf(step);
             let step_size = lr / bias_correction1;
             let s = Scalars {
-                decay: (wd != 0.0).then(|| (1.0 - lr * wd) as f32),
+                decay: (wd != 0.0).then_some((1.0 - lr * wd) as f32),
                 one_minus_beta1: (1.0 - beta1) as f32,
                 beta2: beta2 as f32,
                 one_minus_beta2: (1.0 - beta2) as f32,
@@ -320,7 +330,9 @@ impl AdamW {
     /// Nothing changes unless the whole state is valid.
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<(), OptimError> {
         let get = |key: String, dims: &[usize], dtype: DType| -> Result<Tensor, OptimError> {
-            let t = state.get(&key).ok_or_else(|| OptimError::MissingState(key.clone()))?;
+            let t = state
+                .get(&key)
+                .ok_or_else(|| OptimError::MissingState(key.clone()))?;
             if t.dims() != dims || t.dtype() != dtype {
                 return Err(OptimError::StateShape {
                     key,
@@ -338,16 +350,16 @@ impl AdamW {
             let v = get(format!("{}.exp_avg_sq", s.name), s.var.dims(), DType::F32)?;
             let key = format!("{}.step", s.name);
             let step = get(key.clone(), &[1], DType::I64)?.to_vec1::<i64>()?[0];
-            let step = u64::try_from(step).map_err(|_| OptimError::StateStep { key, value: step })?;
+            let step =
+                u64::try_from(step).map_err(|_| OptimError::StateStep { key, value: step })?;
             let m = m.flatten_all()?.to_vec1::<f32>()?;
             let v = v.flatten_all()?.to_vec1::<f32>()?;
             loaded.push((step, m, v));
         }
         if let Some(extra) = state.keys().find(|k| {
             !self.slots.iter().any(|s| {
-                k.strip_prefix(s.name.as_str()).is_some_and(|rest| {
-                    matches!(rest, ".exp_avg" | ".exp_avg_sq" | ".step")
-                })
+                k.strip_prefix(s.name.as_str())
+                    .is_some_and(|rest| matches!(rest, ".exp_avg" | ".exp_avg_sq" | ".step"))
             })
         }) {
             return Err(OptimError::UnexpectedState(extra.clone()));

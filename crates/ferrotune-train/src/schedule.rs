@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 /// What can be wrong with a schedule's settings.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ScheduleError {
-    #[error("warmup ratio must be in [0, 1), got {0} (a warmup of 1 or more is a number of steps)")]
+    #[error(
+        "warmup ratio must be in [0, 1), got {0} (a warmup of 1 or more is a number of steps)"
+    )]
     Ratio(f64),
     #[error(
         "schedule `constant` ignores warmup ({0} steps were asked for); \
@@ -25,6 +27,10 @@ pub enum ScheduleError {
     ConstantWithWarmup(usize),
     #[error("schedule `{kind}` needs the total number of optimizer steps, got 0")]
     NoSteps { kind: &'static str },
+    #[error(
+        "unknown lr schedule `{0}`: expected one of constant, constant_with_warmup, linear, cosine"
+    )]
+    UnknownKind(String),
     #[error("warmup of {warmup} steps is longer than the {total} total optimizer steps")]
     WarmupTooLong { warmup: usize, total: usize },
 }
@@ -48,6 +54,24 @@ impl ScheduleKind {
             ScheduleKind::Linear => "linear",
             ScheduleKind::Cosine => "cosine",
         }
+    }
+}
+
+impl std::str::FromStr for ScheduleKind {
+    type Err = ScheduleError;
+
+    /// Parses Hugging Face's `lr_scheduler_type` names; anything else is refused, not
+    /// defaulted, so a typo cannot silently change the schedule.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            ScheduleKind::Constant,
+            ScheduleKind::ConstantWithWarmup,
+            ScheduleKind::Linear,
+            ScheduleKind::Cosine,
+        ]
+        .into_iter()
+        .find(|k| k.name() == s)
+        .ok_or_else(|| ScheduleError::UnknownKind(s.to_string()))
     }
 }
 

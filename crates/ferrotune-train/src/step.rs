@@ -43,17 +43,78 @@ pub enum StepError {
     Candle(#[from] candle_core::Error),
 }
 
-/// Sum of squares of a gradient, accumulated in f64 sequentially (deterministic, and no
-/// overflow: an f32 squared fits an f64), and whether every element is finite.
+/// Sum of squares of a gradient in f64 (no overflow: an f32 squared fits an f64), and whether
+/// every element is finite. A CPU f32 gradient is read where it lies (no copy); others are
+/// copied to host memory first.
 fn sum_sq(grad: &Tensor) -> Result<(f64, bool), StepError> {
-    let v = grad.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    let mut acc = 0.0f64;
-    let mut finite = true;
-    for x in v {
-        finite &= x.is_finite();
-        acc += (x as f64) * (x as f64);
+    if grad.device().is_cpu() && grad.dtype() == DType::F32 {
+        let r = grad
+            .contiguous()?
+            .apply_op1_no_bwd(&SumSq)?
+            .to_vec1::<f64>()?; // (2,)
+        return Ok((r[0], r[1] != 0.0));
     }
-    Ok((acc, finite))
+    let v = grad.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    Ok(sum_sq_slice(&v))
+}
+
+/// Eight lanes summed in a fixed order: deterministic, and it lets the compiler vectorise what
+/// one running sum would serialise.
+fn sum_sq_slice(v: &[f32]) -> (f64, bool) {
+    let mut lanes = [0.0f64; 8];
+    let mut finite = true;
+    let chunks = v.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l += (x as f64) * (x as f64);
+            finite &= x.is_finite();
+        }
+    }
+    for (l, &x) in lanes.iter_mut().zip(tail) {
+        *l += (x as f64) * (x as f64);
+        finite &= x.is_finite();
+    }
+    (lanes.iter().sum(), finite)
+}
+
+/// [`sum_sq_slice`] as a read-only op on CPU storage, returning `[sum, finite as 0/1]` (f64).
+struct SumSq;
+
+impl candle_core::CustomOp1 for SumSq {
+    fn name(&self) -> &'static str {
+        "sum_sq"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("sum_sq: expected f32 storage");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("sum_sq: expected a contiguous tensor");
+        };
+        let (sum, finite) = sum_sq_slice(&data[start..end]);
+        let out = candle_core::CpuStorage::F64(vec![sum, if finite { 1.0 } else { 0.0 }]);
+        Ok((out, candle_core::Shape::from(2)))
+    }
+}
+
+/// The global L2 norm of the gradients of `params` without changing them (what
+/// [`clip_grad_norm`] returns), for logging when clipping is off. NaN or inf when a gradient
+/// is not finite.
+pub fn grad_norm(grads: &GradStore, params: &[(String, Var)]) -> Result<f64, StepError> {
+    let mut total_sq = 0.0f64;
+    for (name, var) in params {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            check_shape(name, g, var)?;
+            total_sq += sum_sq(g)?.0;
+        }
+    }
+    Ok(total_sq.sqrt())
 }
 
 /// Clips the gradients of `params` in `grads` in place so that their global L2 norm is at most
@@ -73,17 +134,9 @@ pub fn clip_grad_norm(
     if !(max_norm > 0.0 && max_norm.is_finite()) {
         return Err(StepError::MaxNorm(max_norm));
     }
-    let mut total_sq = 0.0f64;
-    for (name, var) in params {
-        let Some(g) = grads.get(var.as_tensor()) else {
-            continue;
-        };
-        check_shape(name, g, var)?;
-        total_sq += sum_sq(g)?.0;
-    }
     // In f64 where torch works in f32: a huge but finite gradient (norm above f32::MAX) is
     // clipped rather than reported as non-finite. Agrees with torch to ~1e-7 relative.
-    let total = total_sq.sqrt();
+    let total = grad_norm(grads, params)?;
     if !total.is_finite() {
         return Ok(total);
     }

@@ -33,9 +33,17 @@ fn fixture() -> (HashMap<String, Tensor>, Vec<Case>) {
         .iter()
         .map(|c| Case {
             name: c["name"].as_str().unwrap().to_string(),
-            lr: c["lr"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect(),
+            lr: c["lr"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect(),
             config: AdamWConfig {
-                betas: (c["betas"][0].as_f64().unwrap(), c["betas"][1].as_f64().unwrap()),
+                betas: (
+                    c["betas"][0].as_f64().unwrap(),
+                    c["betas"][1].as_f64().unwrap(),
+                ),
                 eps: c["eps"].as_f64().unwrap(),
                 weight_decay: c["weight_decay"].as_f64().unwrap(),
             },
@@ -127,7 +135,11 @@ fn matches_torch_adamw_every_step() {
                 assert!(err <= 1e-6, "{} {key} {name}: err {err}", case.name);
             }
             let step = state[&format!("{name}.step")].to_vec1::<i64>().unwrap()[0];
-            assert_eq!(step as u64, case.final_step[name], "{} step count {name}", case.name);
+            assert_eq!(
+                step as u64, case.final_step[name],
+                "{} step count {name}",
+                case.name
+            );
             assert_eq!(opt.step_count(name), Some(case.final_step[name]));
         }
     }
@@ -145,15 +157,21 @@ fn resume_through_safetensors_is_bit_exact() {
         let straight = vars(&t, case);
         let mut opt = AdamW::new(straight.clone(), case.config).unwrap();
         for step in 0..case.steps {
-            opt.step(&grads_at(&t, case, &straight, step), case.lr[step]).unwrap();
+            opt.step(&grads_at(&t, case, &straight, step), case.lr[step])
+                .unwrap();
         }
         // Two steps, save params + state to disk, rebuild everything, continue.
         let first = vars(&t, case);
         let mut opt = AdamW::new(first.clone(), case.config).unwrap();
         for step in 0..2 {
-            opt.step(&grads_at(&t, case, &first, step), case.lr[step]).unwrap();
+            opt.step(&grads_at(&t, case, &first, step), case.lr[step])
+                .unwrap();
         }
-        let dir = std::env::temp_dir().join(format!("ferrotune-optim-{}-{}", std::process::id(), case.name));
+        let dir = std::env::temp_dir().join(format!(
+            "ferrotune-optim-{}-{}",
+            std::process::id(),
+            case.name
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let state_path = dir.join("optimizer.safetensors");
         let params_path = dir.join("params.safetensors");
@@ -176,7 +194,8 @@ fn resume_through_safetensors_is_bit_exact() {
         opt.load_state(&candle_core::safetensors::load(&state_path, &Device::Cpu).unwrap())
             .unwrap();
         for step in 2..case.steps {
-            opt.step(&grads_at(&t, case, &resumed, step), case.lr[step]).unwrap();
+            opt.step(&grads_at(&t, case, &resumed, step), case.lr[step])
+                .unwrap();
         }
         for ((n, a), (_, b)) in straight.iter().zip(&resumed) {
             let (a, b) = (flat(a.as_tensor()), flat(b.as_tensor()));
@@ -202,43 +221,82 @@ fn load_state_rejects_incomplete_or_foreign_state() {
 
     let mut missing = good.clone();
     missing.remove("b.exp_avg_sq");
-    assert!(matches!(opt.load_state(&missing), Err(OptimError::MissingState(k)) if k == "b.exp_avg_sq"));
+    assert!(
+        matches!(opt.load_state(&missing), Err(OptimError::MissingState(k)) if k == "b.exp_avg_sq")
+    );
 
     let mut shape = good.clone();
-    shape.insert("w.exp_avg".into(), Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap());
-    assert!(matches!(opt.load_state(&shape), Err(OptimError::StateShape { key, .. }) if key == "w.exp_avg"));
+    shape.insert(
+        "w.exp_avg".into(),
+        Tensor::zeros((3, 2), DType::F32, &Device::Cpu).unwrap(),
+    );
+    assert!(
+        matches!(opt.load_state(&shape), Err(OptimError::StateShape { key, .. }) if key == "w.exp_avg")
+    );
 
     let mut extra = good.clone();
-    extra.insert("c.exp_avg".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
-    assert!(matches!(opt.load_state(&extra), Err(OptimError::UnexpectedState(k)) if k == "c.exp_avg"));
+    extra.insert(
+        "c.exp_avg".into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    );
+    assert!(
+        matches!(opt.load_state(&extra), Err(OptimError::UnexpectedState(k)) if k == "c.exp_avg")
+    );
 
     let mut negative = good.clone();
-    negative.insert("w.step".into(), Tensor::new(&[-1i64], &Device::Cpu).unwrap());
-    assert!(matches!(opt.load_state(&negative), Err(OptimError::StateStep { .. })));
+    negative.insert(
+        "w.step".into(),
+        Tensor::new(&[-1i64], &Device::Cpu).unwrap(),
+    );
+    assert!(matches!(
+        opt.load_state(&negative),
+        Err(OptimError::StateStep { .. })
+    ));
 }
 
 #[test]
 fn config_and_params_are_checked() {
     let f32_var = Var::zeros(2, DType::F32, &Device::Cpu).unwrap();
-    let bad_beta = AdamWConfig { betas: (0.9, 1.0), ..AdamWConfig::default() };
+    let bad_beta = AdamWConfig {
+        betas: (0.9, 1.0),
+        ..AdamWConfig::default()
+    };
     assert!(matches!(
         AdamW::new(vec![("a".into(), f32_var.clone())], bad_beta),
-        Err(OptimError::Config { field: "betas.1", .. })
+        Err(OptimError::Config {
+            field: "betas.1",
+            ..
+        })
     ));
     let bf16 = Var::zeros(2, DType::BF16, &Device::Cpu).unwrap();
     assert!(matches!(
         AdamW::new(vec![("h".into(), bf16)], AdamWConfig::default()),
         Err(OptimError::ParamDType { .. })
     ));
-    let dup = vec![("a".to_string(), f32_var.clone()), ("a".to_string(), f32_var.clone())];
-    assert!(matches!(AdamW::new(dup, AdamWConfig::default()), Err(OptimError::DuplicateName(_))));
+    let dup = vec![
+        ("a".to_string(), f32_var.clone()),
+        ("a".to_string(), f32_var.clone()),
+    ];
+    assert!(matches!(
+        AdamW::new(dup, AdamWConfig::default()),
+        Err(OptimError::DuplicateName(_))
+    ));
 
     // TRL / HF Trainer default: no weight decay.
     assert_eq!(AdamWConfig::default().weight_decay, 0.0);
 
     let mut opt = AdamW::new(vec![("a".into(), f32_var.clone())], AdamWConfig::default()).unwrap();
     let mut g = GradStore::default();
-    g.insert(f32_var.as_tensor(), Tensor::ones(3, DType::F32, &Device::Cpu).unwrap());
-    assert!(matches!(opt.step(&g, 1e-3), Err(OptimError::GradShape { .. })));
-    assert!(matches!(opt.step(&GradStore::default(), f64::NAN), Err(OptimError::Lr(_))));
+    g.insert(
+        f32_var.as_tensor(),
+        Tensor::ones(3, DType::F32, &Device::Cpu).unwrap(),
+    );
+    assert!(matches!(
+        opt.step(&g, 1e-3),
+        Err(OptimError::GradShape { .. })
+    ));
+    assert!(matches!(
+        opt.step(&GradStore::default(), f64::NAN),
+        Err(OptimError::Lr(_))
+    ));
 }

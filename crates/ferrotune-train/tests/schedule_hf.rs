@@ -6,12 +6,20 @@
 use ferrotune_train::schedule::{Schedule, ScheduleError, ScheduleKind, Warmup};
 
 fn fixture() -> serde_json::Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/train/schedules.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/train/schedules.json"
+    );
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 fn kind(name: &str) -> ScheduleKind {
-    serde_json::from_value(serde_json::Value::String(name.to_string())).unwrap()
+    let parsed: ScheduleKind = name.parse().unwrap();
+    let de: ScheduleKind =
+        serde_json::from_value(serde_json::Value::String(name.to_string())).unwrap();
+    assert_eq!(parsed, de);
+    assert_eq!(parsed.name(), name);
+    parsed
 }
 
 /// transformers 5 reads `warmup_steps < 1` as a ratio of the total steps.
@@ -29,8 +37,12 @@ fn lrs_match_transformers_get_scheduler() {
     let mut n = 0;
     for s in fx["schedules"].as_array().unwrap() {
         let total = s["total_steps"].as_u64().unwrap() as usize;
-        let sched = Schedule::new(kind(s["kind"].as_str().unwrap()), warmup(&s["warmup"]), total)
-            .unwrap();
+        let sched = Schedule::new(
+            kind(s["kind"].as_str().unwrap()),
+            warmup(&s["warmup"]),
+            total,
+        )
+        .unwrap();
         let want_warmup = s["warmup_steps"].as_u64().unwrap() as usize;
         match sched {
             Schedule::Constant => assert_eq!(want_warmup, 0),
@@ -43,7 +55,12 @@ fn lrs_match_transformers_get_scheduler() {
             let want = want.as_f64().unwrap();
             let got = sched.lr_at(step, base);
             let err = (got - want).abs();
-            assert!(err <= 1e-9, "{} warmup {} step {step}: {got} vs {want}", s["kind"], s["warmup"]);
+            assert!(
+                err <= 1e-9,
+                "{} warmup {} step {step}: {got} vs {want}",
+                s["kind"],
+                s["warmup"]
+            );
             worst = worst.max(err / base);
             n += 1;
         }
@@ -72,7 +89,11 @@ fn warmup_ratio_resolves_like_training_arguments() {
         let ratio = r["ratio"].as_f64().unwrap();
         let total = r["total"].as_u64().unwrap() as usize;
         let want = r["warmup_steps"].as_u64().unwrap() as usize;
-        assert_eq!(Warmup::Ratio(ratio).steps(total).unwrap(), want, "ratio {ratio} of {total}");
+        assert_eq!(
+            Warmup::Ratio(ratio).steps(total).unwrap(),
+            want,
+            "ratio {ratio} of {total}"
+        );
     }
 }
 
@@ -83,15 +104,28 @@ fn refused_settings_say_why() {
         Err(ScheduleError::ConstantWithWarmup(5))
     );
     assert_eq!(Warmup::Ratio(1.5).steps(10), Err(ScheduleError::Ratio(1.5)));
-    assert_eq!(Warmup::Ratio(-0.1).steps(10), Err(ScheduleError::Ratio(-0.1)));
+    assert_eq!(
+        Warmup::Ratio(-0.1).steps(10),
+        Err(ScheduleError::Ratio(-0.1))
+    );
     assert_eq!(
         Schedule::new(ScheduleKind::Linear, Warmup::Steps(0), 0),
         Err(ScheduleError::NoSteps { kind: "linear" })
     );
     assert_eq!(
         Schedule::new(ScheduleKind::Cosine, Warmup::Steps(30), 20),
-        Err(ScheduleError::WarmupTooLong { warmup: 30, total: 20 })
+        Err(ScheduleError::WarmupTooLong {
+            warmup: 30,
+            total: 20
+        })
+    );
+    assert_eq!(
+        "cosine_with_restarts".parse::<ScheduleKind>(),
+        Err(ScheduleError::UnknownKind("cosine_with_restarts".into()))
     );
     // A constant schedule needs no step count.
-    assert_eq!(Schedule::new(ScheduleKind::Constant, Warmup::Steps(0), 0), Ok(Schedule::Constant));
+    assert_eq!(
+        Schedule::new(ScheduleKind::Constant, Warmup::Steps(0), 0),
+        Ok(Schedule::Constant)
+    );
 }

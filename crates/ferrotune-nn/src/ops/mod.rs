@@ -139,6 +139,10 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 /// vocabulary in chunks of rows so the (N, V) logits never exist, in forward or for backward.
 ///
 /// hidden: (N, H); w: (V, H); targets: (N,) u32 (any integer dtype). Returns (N,) f32.
+///
+/// When `hidden` is tracked, forward also computes d logp / d hidden (one more LM-head
+/// product, which makes backward nearly free): pass `hidden.detach()` when no backward will
+/// follow (evaluation with adapters on) to skip it.
 pub fn token_logprobs(
     hidden: &Tensor,
     w: &Tensor,
