@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor, Var};
 use ferrotune_ckpt::{
     prune, save_checkpoint, Checkpoint, CheckpointParts, CkptError, RunDir, Weights,
 };
-use ferrotune_data::{collate_right, Collated, Cursor, Loader, Shuffler, Tokenized};
+use ferrotune_data::{collate_right, Collated, Cursor, Loader, Sequence, Shuffler};
 use ferrotune_models::{Batch, CausalLm};
 use ferrotune_nn::{splitmix64, LoraConfig, Mode};
 use serde::{Deserialize, Serialize};
@@ -129,16 +129,16 @@ pub fn batch_tensors(c: &Collated, device: &Device) -> candle_core::Result<Batch
 }
 
 /// Mean token NLL of `examples` (no update), in batches of `batch_size`.
-pub fn eval_loss(
+pub fn eval_loss<S: Sequence>(
     model: &dyn CausalLm,
-    examples: &[Tokenized],
+    examples: &[S],
     batch_size: usize,
     pad_id: u32,
     device: &Device,
 ) -> Result<Option<f64>> {
     let (mut sum, mut n) = (0.0f64, 0usize);
     for chunk in examples.chunks(batch_size.max(1)) {
-        let refs: Vec<&Tokenized> = chunk.iter().collect();
+        let refs: Vec<&S> = chunk.iter().collect();
         let c = collate_right(&refs, pad_id);
         let batch = batch_tensors(&c, device)?;
         let (nll, k) = nll_sum(model, &batch, &c.loss_mask, Mode::EVAL)?;
@@ -150,11 +150,11 @@ pub fn eval_loss(
 
 /// Run SFT from step 0, or from `resume`, up to `plan.total_steps`.
 #[allow(clippy::too_many_arguments)]
-pub fn train_sft(
+pub fn train_sft<S: Sequence>(
     model: &dyn CausalLm,
     trainable: &Trainable,
-    train: &[Tokenized],
-    eval: &[Tokenized],
+    train: &[S],
+    eval: &[S],
     plan: &SftPlan,
     run: &RunDir,
     resume: Option<&Checkpoint>,
@@ -198,7 +198,7 @@ pub fn train_sft(
         let micro: Vec<Collated> = (0..plan.grad_accum)
             .map(|_| {
                 let idx = loader.next_batch(plan.batch_size)?;
-                let refs: Vec<&Tokenized> = idx.iter().map(|&i| &train[i]).collect();
+                let refs: Vec<&S> = idx.iter().map(|&i| &train[i]).collect();
                 Ok(collate_right(&refs, plan.pad_id))
             })
             .collect::<Result<_>>()?;

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use ferrotune_ckpt::{latest_complete, load_checkpoint, OnExisting, RunDir};
-use ferrotune_data::{read_rows, sft_examples, split_items, tokenize_sft_all, EvalSize, SftOptions, Tokenized};
+use ferrotune_data::{pack, read_rows, sft_examples, split_items, tokenize_sft_all, EvalSize, Sequence, SftOptions, Tokenized};
 use ferrotune_models::LoadOptions;
 use ferrotune_nn::{LoraConfig, TargetModules};
 use ferrotune_report::{plot_metrics, Progress, RunLog};
@@ -151,6 +151,28 @@ pub fn run_sft(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<SftSumm
         train = t;
         eval = e;
     }
+    if cfg.data.packing {
+        let (t, e) = (pack(&train, cfg.data.max_seq_len)?, pack(&eval, cfg.data.max_seq_len)?);
+        eprintln!(
+            "packing: {} examples into {} sequences of at most {} tokens (positions restart per example; attention is not isolated between packed examples)",
+            train.len(),
+            t.len(),
+            cfg.data.max_seq_len
+        );
+        return train_with(cfg, &lm, &trainable, &t, &e, run, checkpoint);
+    }
+    train_with(cfg, &lm, &trainable, &train, &eval, run, checkpoint)
+}
+
+fn train_with<S: Sequence>(
+    cfg: &RunConfig,
+    lm: &Lm,
+    trainable: &Trainable,
+    train: &[S],
+    eval: &[S],
+    run: RunDir,
+    checkpoint: Option<ferrotune_ckpt::Checkpoint>,
+) -> Result<SftSummary> {
     let per_step = cfg.run.batch_size * cfg.run.gradient_accumulation_steps;
     let total_steps = if cfg.run.max_steps > 0 {
         cfg.run.max_steps
@@ -217,9 +239,9 @@ pub fn run_sft(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<SftSumm
     );
     let summary = train_sft(
         lm.model.as_ref(),
-        &trainable,
-        &train,
-        &eval,
+        trainable,
+        train,
+        eval,
         &plan,
         &run,
         checkpoint.as_ref(),

@@ -121,11 +121,17 @@ fn sft_learns_and_writes_a_complete_run_folder() {
 fn resume_is_exact() {
     let tmp = tempfile::tempdir().unwrap();
     let extra = "max_steps = 12\nsave_every = 6\n";
+    // LoRA dropout on, so resume must also reproduce the dropout masks.
+    let with_dropout = |p: PathBuf| {
+        let t = std::fs::read_to_string(&p).unwrap().replace("lora_alpha = 8", "lora_alpha = 8\nlora_dropout = 0.1");
+        std::fs::write(&p, t).unwrap();
+        p
+    };
     // Straight: 12 steps.
-    let a = config(tmp.path(), "a", extra);
+    let a = with_dropout(config(tmp.path(), "a", extra));
     assert!(ferrotune(&["train", "--config", a.to_str().unwrap()]).status.success());
     // Interrupted: same run, last checkpoint lost, resumed from step 6.
-    let b = config(tmp.path(), "b", extra);
+    let b = with_dropout(config(tmp.path(), "b", extra));
     assert!(ferrotune(&["train", "--config", b.to_str().unwrap()]).status.success());
     let run_b = tmp.path().join("b");
     std::fs::remove_dir_all(run_b.join("checkpoints/step-12")).unwrap();
@@ -231,4 +237,119 @@ fn resume_refuses_half_written_checkpoints_and_keeps_the_good_one() {
     let o = ferrotune(&["train", "--config", c.to_str().unwrap()]);
     assert!(!o.status.success());
     assert_eq!(std::fs::read(run.join("checkpoints/step-2/adapter_model.safetensors")).unwrap(), good);
+}
+
+#[test]
+fn full_fine_tuning_without_a_lora_section() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = config(tmp.path(), "full", "max_steps = 6\nsave_every = 6");
+    let t = std::fs::read_to_string(&c).unwrap();
+    let start = t.find("[lora]").unwrap();
+    let end = t.find("[data]").unwrap();
+    let t = format!("{}{}", &t[..start], &t[end..]).replace("learning_rate = 5e-3", "learning_rate = 1e-3");
+    std::fs::write(&c, t).unwrap();
+    let out = ferrotune(&["train", "--config", c.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = tmp.path().join("full");
+    let loss = metric(&run, "loss");
+    assert!(loss[5] < loss[0], "full FT loss did not fall: {loss:?}");
+    let w = tensors(&run.join("checkpoints/step-6/model.safetensors"));
+    let base = tensors(&root().join("fixtures/tiny-chat/model/model.safetensors"));
+    // Every base weight is in the checkpoint and the projections moved.
+    for (k, v) in &base {
+        assert!(w.contains_key(k), "{k} missing from full checkpoint");
+        if k.ends_with("proj.weight") {
+            assert!(max_abs_diff(v, &w[k]) > 0.0, "{k} did not change");
+        }
+    }
+}
+
+/// In a LoRA run only adapter weights change: every base tensor stays bit-identical.
+#[test]
+fn lora_training_leaves_the_base_bit_identical() {
+    use ferrotune_ckpt::{OnExisting, RunDir};
+    use ferrotune_data::{read_rows, sft_examples, tokenize_sft_all, SftOptions};
+    use ferrotune_models::LoadOptions;
+    use ferrotune_nn::{LoraConfig, TargetModules};
+    use ferrotune_train::optim::AdamWConfig;
+    use ferrotune_train::schedule::Schedule;
+    use ferrotune_train::sft::{train_sft, Observer, SftPlan, Trainable};
+
+    struct Quiet;
+    impl Observer for Quiet {
+        fn metrics(&mut self, _: usize, _: &[(&str, f64)]) {}
+        fn message(&mut self, _: &str) {}
+    }
+    let model_dir = root().join("fixtures/tiny-chat/model");
+    let lora = LoraConfig {
+        r: 4,
+        lora_alpha: 8.0,
+        lora_dropout: 0.1,
+        use_rslora: false,
+        target_modules: TargetModules::AllLinear,
+    };
+    let opts = LoadOptions { lora: Some((lora.clone(), 1)), ..LoadOptions::default() };
+    let lm = ferrotune::lm::Lm::load(&model_dir, &opts).unwrap();
+    let snapshot = |m: &dyn ferrotune_models::CausalLm| -> Vec<(String, Vec<f32>)> {
+        m.linear_slots()
+            .iter()
+            .map(|s| (s.path.clone(), s.weight.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .collect()
+    };
+    let before = snapshot(lm.model.as_ref());
+    let adapters_before: Vec<Vec<f32>> = lm
+        .model
+        .linear_slots()
+        .iter()
+        .filter_map(|s| s.lora.as_ref())
+        .map(|l| l.a.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect();
+    let path = root().join("fixtures/tiny-chat/sft.jsonl");
+    let examples = sft_examples(&read_rows(&path).unwrap(), &path).unwrap();
+    let set = tokenize_sft_all(&lm.tokenizer, &examples, 64, &SftOptions::default(), true).unwrap();
+    let params: Vec<_> = lm
+        .model
+        .linear_slots()
+        .iter()
+        .filter_map(|s| s.lora.as_ref().map(|l| (s.path.clone(), l)))
+        .flat_map(|(p, l)| [(format!("{p}.lora_A"), l.a.clone()), (format!("{p}.lora_B"), l.b.clone())])
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = RunDir::create(&tmp.path().join("r"), OnExisting::Refuse).unwrap();
+    let plan = SftPlan {
+        seed: 3,
+        total_steps: 4,
+        batch_size: 4,
+        grad_accum: 2,
+        learning_rate: 1e-2,
+        schedule: Schedule::Constant,
+        adamw: AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() },
+        max_grad_norm: 1.0,
+        log_every: 1,
+        save_every: 0,
+        eval_every: 0,
+        keep_last: 0,
+        max_nonfinite_steps: 3,
+        shuffle: true,
+        pad_id: lm.pad_id(),
+    };
+    let trainable = Trainable::Lora { params, config: &lora, base_name: "tiny".into() };
+    let empty: Vec<ferrotune_data::Tokenized> = vec![];
+    train_sft(lm.model.as_ref(), &trainable, &set.items, &empty, &plan, &run, None, &mut Quiet, &candle_core::Device::Cpu).unwrap();
+    let after = snapshot(lm.model.as_ref());
+    assert_eq!(before.len(), after.len());
+    for ((p, a), (_, b)) in before.iter().zip(&after) {
+        assert!(a == b, "base weight {p} changed");
+    }
+    let adapters_after: Vec<Vec<f32>> = lm
+        .model
+        .linear_slots()
+        .iter()
+        .filter_map(|s| s.lora.as_ref())
+        .map(|l| l.a.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect();
+    assert!(!adapters_before.is_empty());
+    for (a, b) in adapters_before.iter().zip(&adapters_after) {
+        assert!(a != b, "an adapter A matrix did not change");
+    }
 }

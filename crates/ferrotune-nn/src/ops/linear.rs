@@ -32,7 +32,7 @@ fn dims(x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
         )
         .into());
     }
-    Ok((xd.iter().product::<usize>() / k.max(1), k, wd[0]))
+    Ok((xd[..xd.len() - 1].iter().product(), k, wd[0]))
 }
 
 fn out_shape(x: &Layout, n: usize) -> Shape {
@@ -92,7 +92,7 @@ fn backward(x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Optio
         return Ok((None, None));
     }
     let (n, k) = w.dims2()?;
-    let m = x.elem_count() / k.max(1);
+    let m = x.dims()[..x.rank().saturating_sub(1)].iter().product();
     let g = f32_contig(g)?;
     let dx = if want_x {
         let w32 = f32_contig(w)?;
