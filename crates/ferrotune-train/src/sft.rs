@@ -19,7 +19,7 @@ use crate::loss::nll_sum;
 use crate::optim::{AdamW, AdamWConfig, OptimError};
 use crate::schedule::Schedule;
 use crate::step::{
-    clip_grad_norm, first_non_finite, GradAccumulator, NonFiniteGuard, StepAction, StepError,
+    clip_grad_norm, first_non_finite, grad_norm, GradAccumulator, NonFiniteGuard, StepAction, StepError,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -224,9 +224,14 @@ pub fn train_sft<S: Sequence>(
         let grad_norm = if plan.max_grad_norm > 0.0 {
             clip_grad_norm(&mut grads, &params, plan.max_grad_norm)?
         } else {
-            clip_grad_norm(&mut grads, &params, f64::MAX)?
+            grad_norm(&grads, &params)?
         };
-        let bad = first_non_finite(&grads, &params)?;
+        // A non-finite norm is exactly "some gradient is NaN or inf"; then name the first one.
+        let bad = if grad_norm.is_finite() {
+            None
+        } else {
+            first_non_finite(&grads, &params)?
+        };
         let lr = plan.schedule.lr_at(state.step, plan.learning_rate);
         match state.guard.observe(state.step, bad.as_deref())? {
             StepAction::Apply => opt.step(&grads, lr)?,

@@ -179,12 +179,11 @@ fn train_with<S: Sequence>(
     } else {
         ((cfg.run.num_train_epochs * train.len() as f64) / per_step as f64).ceil().max(1.0) as usize
     };
-    let kind = match cfg.optim.lr_scheduler_type.as_str() {
-        "constant" => ScheduleKind::Constant,
-        "constant_with_warmup" => ScheduleKind::ConstantWithWarmup,
-        "cosine" => ScheduleKind::Cosine,
-        _ => ScheduleKind::Linear,
-    };
+    let kind: ScheduleKind = cfg
+        .optim
+        .lr_scheduler_type
+        .parse()
+        .map_err(|e| anyhow::anyhow!("optim.lr_scheduler_type: {e}"))?;
     let warmup = if cfg.optim.warmup_ratio > 0.0 {
         Warmup::Ratio(cfg.optim.warmup_ratio)
     } else {
