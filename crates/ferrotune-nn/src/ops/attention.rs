@@ -19,7 +19,8 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::cpu::{
-    chunks_or_empty, f32_contig, f32_view, matmul, storage_from_f32, tensor_from_f32, with_f32, Mat,
+    chunks_or_empty, exp_shift_sum, f32_contig, f32_view, matmul, max_of, storage_from_f32,
+    tensor_from_f32, with_f32, Mat,
 };
 use super::OpError;
 
@@ -115,24 +116,29 @@ impl AttentionOp {
             // The last key this query may see; always < kmax by construction of kmax.
             let pos = dims.tk - dims.tq + i0 + r;
             let row = &mut s[r * kmax..(r + 1) * kmax];
-            let visible = |j: usize| j <= pos && mask.is_none_or(|m| m[j]);
-            let mut max = f32::NEG_INFINITY;
-            for (j, &v) in row.iter().enumerate() {
-                if visible(j) && v > max {
-                    max = v;
-                }
+            let (vis, hidden) = row.split_at_mut(pos + 1);
+            hidden.fill(0.0);
+            if let Some(m) = mask {
+                // Padding keys score -inf: exp gives ~1e-38 (exp_f32 clamps), zeroed below.
+                vis.iter_mut()
+                    .zip(m)
+                    .filter(|(_, &ok)| !ok)
+                    .for_each(|(v, _)| *v = f32::NEG_INFINITY);
             }
+            let max = max_of(vis);
             if max == f32::NEG_INFINITY {
-                row.fill(0.0);
+                vis.fill(0.0);
                 continue;
             }
-            let mut sum = 0f32;
-            for (j, v) in row.iter_mut().enumerate() {
-                *v = if visible(j) { (*v - max).exp() } else { 0.0 };
-                sum += *v;
+            let sum = exp_shift_sum(vis, max);
+            if let Some(m) = mask {
+                vis.iter_mut()
+                    .zip(m)
+                    .filter(|(_, &ok)| !ok)
+                    .for_each(|(v, _)| *v = 0.0);
             }
             let inv = 1.0 / sum;
-            row.iter_mut().for_each(|v| *v *= inv);
+            vis.iter_mut().for_each(|v| *v *= inv);
         }
     }
 

@@ -21,7 +21,8 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{
-    f32_contig, f32_view, matmul, par_for, storage_from_f32, tensor_from_f32, with_f32, Mat,
+    exp_f32, f32_contig, f32_view, matmul, max_of, par_for, storage_from_f32, sum_exp_shift,
+    tensor_from_f32, with_f32, Mat,
 };
 use super::OpError;
 
@@ -49,7 +50,7 @@ pub(crate) struct TokenLogprobsOp {
 
 /// Turns a row of logits into c (onehot(t) - softmax), in place, given its log-sum-exp.
 fn row_grad(zr: &mut [f32], t: u32, lse: f32, c: f32) {
-    zr.iter_mut().for_each(|x| *x = -c * (*x - lse).exp());
+    zr.iter_mut().for_each(|x| *x = -c * exp_f32(*x - lse));
     zr[t as usize] += c;
 }
 
@@ -89,8 +90,8 @@ impl TokenLogprobsOp {
 
 /// (max, log-sum-exp) of one row of logits.
 fn lse(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    max + row.iter().map(|z| (z - max).exp()).sum::<f32>().ln()
+    let max = max_of(row);
+    max + sum_exp_shift(row, max).ln()
 }
 
 impl CustomOp2 for TokenLogprobsOp {
