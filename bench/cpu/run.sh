@@ -14,8 +14,8 @@ export RAYON_NUM_THREADS=$BENCH_THREADS OMP_NUM_THREADS=$BENCH_THREADS
 cargo bench --bench core --no-run -q 2>/dev/null || cargo bench --bench core --no-run
 out=$(mktemp)
 for phase in forward step generate; do
-  cargo bench -q --bench core -- "$phase" | grep '^{' | tee -a "$out"
-  "$PYTHON" bench/cpu/torch_core.py "$phase" | grep '^{' | tee -a "$out"
+  cargo bench -q --bench core -- "$phase" 2>>"$out.stderr" | grep '^{' | tee -a "$out"
+  "$PYTHON" bench/cpu/torch_core.py "$phase" 2>>"$out.stderr" | grep '^{' | tee -a "$out"
 done
 python3 - "$out" <<'PY'
 import json, sys

@@ -15,7 +15,7 @@ cargo build --release -q
 run=$(mktemp -d)/sft
 /usr/bin/time -f '%M' -o "$run.rss" ./target/release/ferrotune train --config configs/sft-smollm2.toml \
   --set "model.path=$GGUF" --set "run.output_dir=$run" --set "run.max_steps=$STEPS" >/dev/null 2>&1
-"$PYTHON" bench/cpu/torch_sft.py "$GGUF" bench/data/sft_arith.jsonl "$STEPS" 8 > "$run.torch.jsonl"
+"$PYTHON" bench/cpu/torch_sft.py "$GGUF" bench/data/sft_arith.jsonl "$STEPS" 8 > "$run.torch.jsonl" 2>"$run.torch.log"
 python3 - "$run" <<'PY'
 import json, statistics, sys
 run = sys.argv[1]

@@ -141,7 +141,15 @@ pub fn next_token_logprobs(model: &dyn CausalLm, batch: &Batch, mode: Mode) -> R
     let (_, t, _) = logits.dims3()?;
     let logits = logits.narrow(1, 0, t - 1)?;
     let max = logits.max_keepdim(D::Minus1)?;
-    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?;
+    let lse = (logits
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        + max)?;
     let targets = batch.input_ids.narrow(1, 1, t - 1)?.unsqueeze(2)?; // (B, T-1, 1)
-    logits.gather(&targets.contiguous()?, 2)?.squeeze(2)?.broadcast_sub(&lse.squeeze(2)?)
+    logits
+        .gather(&targets.contiguous()?, 2)?
+        .squeeze(2)?
+        .broadcast_sub(&lse.squeeze(2)?)
 }

@@ -38,19 +38,23 @@ pub fn log_softmax(row: &[f32]) -> Vec<f32> {
 pub fn sample_token(logits: &[f32], p: &SamplingParams, rng: &mut StdRng) -> (u32, f32) {
     if p.temperature <= 0.0 {
         let lp = log_softmax(logits);
-        let (best, _) = logits
-            .iter()
-            .enumerate()
-            .fold((0usize, f32::NEG_INFINITY), |acc, (i, &x)| {
-                if x > acc.1 {
-                    (i, x)
-                } else {
-                    acc
-                }
-            });
+        let (best, _) =
+            logits
+                .iter()
+                .enumerate()
+                .fold((0usize, f32::NEG_INFINITY), |acc, (i, &x)| {
+                    if x > acc.1 {
+                        (i, x)
+                    } else {
+                        acc
+                    }
+                });
         return (best as u32, lp[best]);
     }
-    let scaled: Vec<f32> = logits.iter().map(|&x| (x as f64 / p.temperature) as f32).collect();
+    let scaled: Vec<f32> = logits
+        .iter()
+        .map(|&x| (x as f64 / p.temperature) as f32)
+        .collect();
     let lp = log_softmax(&scaled);
     // Candidates sorted by probability, descending (stable on ties: lower id first).
     let mut order: Vec<usize> = (0..lp.len()).collect();

@@ -215,14 +215,20 @@ pub fn load_weights(model: &dyn CausalLm, dir: &Path) -> Result<()> {
             .filter(|k| {
                 !model.linear_slots().iter().any(|s| {
                     s.lora.is_some()
-                        && (**k == peft_key(&s.path, "lora_A") || **k == peft_key(&s.path, "lora_B"))
+                        && (**k == peft_key(&s.path, "lora_A")
+                            || **k == peft_key(&s.path, "lora_B"))
                 })
             })
             .collect();
         extra.sort();
         problems.push(format!(
             "unexpected keys (no matching LoRA slot): {}",
-            extra.iter().take(8).map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            extra
+                .iter()
+                .take(8)
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     if problems.is_empty() {

@@ -105,7 +105,9 @@ pub struct ModelConfig {
 
 fn ids(v: &Option<serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+        }
         Some(serde_json::Value::Array(a)) => a
             .iter()
             .filter_map(|x| x.as_u64().map(|x| x as u32))
@@ -259,7 +261,9 @@ impl ModelConfig {
 }
 
 /// Parse a `rope_scaling` / `rope_parameters` object.
-pub fn parse_rope_scaling(v: Option<&serde_json::Value>) -> std::result::Result<RopeScaling, String> {
+pub fn parse_rope_scaling(
+    v: Option<&serde_json::Value>,
+) -> std::result::Result<RopeScaling, String> {
     let Some(obj) = v.filter(|v| !v.is_null()) else {
         return Ok(RopeScaling::None);
     };

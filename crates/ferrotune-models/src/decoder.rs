@@ -76,14 +76,19 @@ impl Decoder {
     }
 
     /// Final-normed hidden states (B, T, H).
-    pub fn hidden(&self, batch: &Batch, mut cache: Option<&mut KvCache>, mode: Mode) -> Result<Tensor> {
+    pub fn hidden(
+        &self,
+        batch: &Batch,
+        mut cache: Option<&mut KvCache>,
+        mode: Mode,
+    ) -> Result<Tensor> {
         let (b, t) = batch.dims()?;
         let dev = self.embed_tokens.device();
         let ids = batch.input_ids.flatten_all()?;
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?; // (B, T, H)
+        let mut x =
+            self.embed_tokens
+                .index_select(&ids, 0)?
+                .reshape((b, t, self.cfg.hidden_size))?; // (B, T, H)
         let (cos, sin) = self.rope.cos_sin(&batch.position_ids, dev)?; // (B, T, D/2)
         for (i, layer) in self.layers.iter().enumerate() {
             let residual = &x;

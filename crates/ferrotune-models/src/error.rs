@@ -21,7 +21,9 @@ pub enum ModelError {
         field: String,
         msg: String,
     },
-    #[error("{path}: unknown model_type `{model_type}` (supported: llama, mistral, qwen2, qwen3, gpt2)")]
+    #[error(
+        "{path}: unknown model_type `{model_type}` (supported: llama, mistral, qwen2, qwen3, gpt2)"
+    )]
     UnknownModelType { path: PathBuf, model_type: String },
     #[error("{path}: is a Python pickle ({what}); ferrotune never unpickles. Convert it to safetensors first, e.g. `python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained('DIR').save_pretrained('OUT', safe_serialization=True)\"`")]
     Pickle { path: PathBuf, what: String },

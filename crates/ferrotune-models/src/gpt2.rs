@@ -81,7 +81,12 @@ impl Gpt2 {
     }
 
     /// Final-normed hidden states (B, T, H).
-    pub fn hidden(&self, batch: &Batch, mut cache: Option<&mut KvCache>, mode: Mode) -> Result<Tensor> {
+    pub fn hidden(
+        &self,
+        batch: &Batch,
+        mut cache: Option<&mut KvCache>,
+        mode: Mode,
+    ) -> Result<Tensor> {
         let (b, t) = batch.dims()?;
         let (hd, nh) = (self.cfg.head_dim, self.cfg.num_heads);
         let hidden = self.cfg.hidden_size;

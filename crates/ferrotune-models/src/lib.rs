@@ -162,7 +162,11 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         files.dedup();
         return Ok(files);
     }
-    for name in ["pytorch_model.bin", "model.pt", "pytorch_model.bin.index.json"] {
+    for name in [
+        "pytorch_model.bin",
+        "model.pt",
+        "pytorch_model.bin.index.json",
+    ] {
         let p = dir.join(name);
         if p.exists() {
             return Err(ModelError::Pickle {
@@ -177,7 +181,11 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Build the family's model over a checked source, then report every weight problem at once.
-pub fn build(cfg: &ModelConfig, src: &CheckedSource, opts: &LoadOptions) -> Result<Box<dyn CausalLm>> {
+pub fn build(
+    cfg: &ModelConfig,
+    src: &CheckedSource,
+    opts: &LoadOptions,
+) -> Result<Box<dyn CausalLm>> {
     let mut vb = Vb::new(src);
     if let Some((lora, seed)) = &opts.lora {
         vb = vb.with_lora(lora.clone(), *seed);

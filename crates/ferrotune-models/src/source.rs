@@ -164,7 +164,12 @@ impl CheckedSource {
 
 fn abbreviate(names: &[String]) -> String {
     const MAX: usize = 12;
-    let mut s = names.iter().take(MAX).cloned().collect::<Vec<_>>().join(", ");
+    let mut s = names
+        .iter()
+        .take(MAX)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
     if names.len() > MAX {
         s.push_str(&format!(" (and {} more)", names.len() - MAX));
     }

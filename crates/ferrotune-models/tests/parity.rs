@@ -27,7 +27,9 @@ fn ids_u32(t: &Tensor) -> Tensor {
 
 /// The batch stored under `prefix` (right / left).
 fn batch(r: &HashMap<String, Tensor>, prefix: &str) -> Batch {
-    let mask = r[&format!("{prefix}.attention_mask")].to_dtype(DType::U8).unwrap();
+    let mask = r[&format!("{prefix}.attention_mask")]
+        .to_dtype(DType::U8)
+        .unwrap();
     Batch {
         input_ids: ids_u32(&r[&format!("{prefix}.input_ids")]),
         position_ids: ids_u32(&r[&format!("{prefix}.position_ids")]),
@@ -48,7 +50,12 @@ fn masked_max_abs(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
         .unwrap()
         .broadcast_mul(&m)
         .unwrap();
-    d.flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    d.flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]
@@ -79,13 +86,44 @@ fn left_padded_batch_equals_each_row_alone() {
             let ids = ids_u32(&r[&format!("single.{i}.input_ids")]);
             let len = ids.dim(1).unwrap();
             let alone = model
-                .forward(&Batch::right_padded(&[ids.squeeze(0).unwrap().to_vec1().unwrap()], 0, &Device::Cpu).unwrap(), None, Mode::EVAL)
+                .forward(
+                    &Batch::right_padded(
+                        &[ids.squeeze(0).unwrap().to_vec1().unwrap()],
+                        0,
+                        &Device::Cpu,
+                    )
+                    .unwrap(),
+                    None,
+                    Mode::EVAL,
+                )
                 .unwrap();
-            let row = logits.narrow(0, i, 1).unwrap().narrow(1, t - len, len).unwrap();
-            let err = (row - &alone).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let row = logits
+                .narrow(0, i, 1)
+                .unwrap()
+                .narrow(1, t - len, len)
+                .unwrap();
+            let err = (row - &alone)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(err < 1e-4, "{name} row {i}: {err}");
             let hf = &r[&format!("single.{i}.logits")];
-            let err = (alone - hf).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let err = (alone - hf)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(err < 1e-4, "{name} row {i} vs transformers: {err}");
         }
     }
@@ -132,7 +170,15 @@ fn lora_with_b_zero_is_the_base_model() {
         let targets = if name == "gpt2" {
             vec!["c_attn", "c_proj", "c_fc"]
         } else {
-            vec!["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+            vec![
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
         };
         let lora = LoraConfig {
             r: 4,
@@ -146,7 +192,11 @@ fn lora_with_b_zero_is_the_base_model() {
             ..LoadOptions::default()
         };
         let with = load(&dir(name), &opts).unwrap().model;
-        let n_adapters = with.linear_slots().iter().filter(|s| s.lora.is_some()).count();
+        let n_adapters = with
+            .linear_slots()
+            .iter()
+            .filter(|s| s.lora.is_some())
+            .count();
         assert!(n_adapters > 0, "{name}: no slot matched");
         let r = reference(name);
         let b = batch(&r, "right");
@@ -182,12 +232,23 @@ fn bf16_logits_are_close_to_f32() {
         let a = f32m.forward(&b, None, Mode::EVAL).unwrap();
         let c = bf.forward(&b, None, Mode::EVAL).unwrap();
         assert_eq!(c.dtype(), DType::BF16);
-        let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let scale = a
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         let err = masked_max_abs(&a, &c, b.key_mask.as_ref().unwrap());
         println!("{name}: bf16 max abs diff {err:.3e} (max |logit| {scale:.2})");
         // bf16 keeps 8 mantissa bits (rel. 2^-8 = 3.9e-3 per rounding); a 2-layer model
         // accumulates a few roundings.
-        assert!(err < 0.05 * scale.max(1.0), "{name}: bf16 {err} vs scale {scale}");
+        assert!(
+            err < 0.05 * scale.max(1.0),
+            "{name}: bf16 {err} vs scale {scale}"
+        );
     }
 }
 
@@ -210,7 +271,9 @@ fn mean_ce(model: &dyn CausalLm, b: &Batch) -> Tensor {
     }
     let n = rows.len();
     let flat = h.reshape((bsz * t, hd)).unwrap();
-    let sel = flat.index_select(&Tensor::new(rows, &Device::Cpu).unwrap(), 0).unwrap();
+    let sel = flat
+        .index_select(&Tensor::new(rows, &Device::Cpu).unwrap(), 0)
+        .unwrap();
     let targets = Tensor::new(targets, &Device::Cpu).unwrap();
     let lp = ops::token_logprobs(&sel, &model.lm_head().weight, &targets, 1.0).unwrap();
     (lp.sum_all().unwrap().neg().unwrap() / n as f64).unwrap()
@@ -228,7 +291,8 @@ fn lora_gradients_match_peft() {
         let model = load(&dir(name), &opts).unwrap().model;
         load_weights(model.as_ref(), &adir).unwrap();
         let fx: HashMap<String, Tensor> =
-            candle_core::safetensors::load(dir(name).join("lora_grads.safetensors"), &Device::Cpu).unwrap();
+            candle_core::safetensors::load(dir(name).join("lora_grads.safetensors"), &Device::Cpu)
+                .unwrap();
         let r = reference(name);
         let b = batch(&r, "right");
         // Logits with the adapter equal PEFT's.
@@ -244,16 +308,44 @@ fn lora_gradients_match_peft() {
         for slot in model.linear_slots() {
             let Some(l) = &slot.lora else { continue };
             for (which, var) in [("lora_A", &l.a), ("lora_B", &l.b)] {
-                let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no grad for {}", slot.path));
+                let g = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: no grad for {}", slot.path));
                 let want = &fx[&peft_key(&slot.path, which)];
-                let num = (g - want).unwrap().sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
-                let den = want.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+                let num = (g - want)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .sqrt()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let den = want
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .sqrt()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 assert!(den > 0.0, "{name}: zero reference grad for {}", slot.path);
-                assert!(num / den < 1e-4, "{name} {} {which}: rel err {}", slot.path, num / den);
+                assert!(
+                    num / den < 1e-4,
+                    "{name} {} {which}: rel err {}",
+                    slot.path,
+                    num / den
+                );
                 checked += 1;
             }
             // The frozen base weight never gets a gradient.
-            assert!(grads.get(&slot.weight).is_none(), "{name}: grad for frozen {}", slot.path);
+            assert!(
+                grads.get(&slot.weight).is_none(),
+                "{name}: grad for frozen {}",
+                slot.path
+            );
         }
         assert!(checked > 0);
     }

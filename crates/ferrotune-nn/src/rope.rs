@@ -9,7 +9,9 @@ use candle_core::{DType, Device, Result, Tensor};
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.x frequency-dependent scaling.
     Llama3 {
         factor: f64,

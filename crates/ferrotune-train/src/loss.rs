@@ -17,7 +17,9 @@ pub fn scored_logprobs(
     mode: Mode,
 ) -> Result<(Tensor, Vec<(usize, usize)>)> {
     if model.lm_head().lora.is_some() && mode.adapters {
-        candle_core::bail!("LoRA on lm_head is not supported: remove lm_head from lora.target_modules");
+        candle_core::bail!(
+            "LoRA on lm_head is not supported: remove lm_head from lora.target_modules"
+        );
     }
     let h = model.hidden(batch, None, mode)?; // (B, T, H)
     let (b, t, hd) = h.dims3()?;

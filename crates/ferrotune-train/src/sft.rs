@@ -19,7 +19,8 @@ use crate::loss::nll_sum;
 use crate::optim::{AdamW, AdamWConfig, OptimError};
 use crate::schedule::Schedule;
 use crate::step::{
-    clip_grad_norm, first_non_finite, grad_norm, GradAccumulator, NonFiniteGuard, StepAction, StepError,
+    clip_grad_norm, first_non_finite, grad_norm, GradAccumulator, NonFiniteGuard, StepAction,
+    StepError,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -172,14 +173,19 @@ pub fn train_sft<S: Sequence>(
         seed: plan.seed,
     };
     if let Some(ck) = resume {
-        state = serde_json::from_value(ck.trainer_state.clone()).map_err(|e| TrainError::State {
-            path: ck.dir.display().to_string(),
-            msg: e.to_string(),
-        })?;
+        state =
+            serde_json::from_value(ck.trainer_state.clone()).map_err(|e| TrainError::State {
+                path: ck.dir.display().to_string(),
+                msg: e.to_string(),
+            })?;
         restore_weights(trainable, model, ck)?;
         let moments = ck.optimizer.iter().cloned().collect();
         opt.load_state(&moments)?;
-        obs.message(&format!("resumed from {} (step {})", ck.dir.display(), state.step));
+        obs.message(&format!(
+            "resumed from {} (step {})",
+            ck.dir.display(),
+            state.step
+        ));
     }
     let mut loader = Loader::resume(train.len(), shuffler, state.cursor)?;
     let mut summary = SftSummary {
@@ -262,11 +268,17 @@ pub fn train_sft<S: Sequence>(
                     ("grad_norm", grad_norm),
                     ("loss_tokens", total_tokens as f64),
                     ("tokens_per_s", seq_tokens as f64 / secs),
-                    ("epoch", loader.cursor().epoch as f64 + loader.cursor().index as f64 / train.len().max(1) as f64),
+                    (
+                        "epoch",
+                        loader.cursor().epoch as f64
+                            + loader.cursor().index as f64 / train.len().max(1) as f64,
+                    ),
                 ],
             );
         }
-        if plan.eval_every > 0 && (state.step % plan.eval_every == 0 || state.step == plan.total_steps) {
+        if plan.eval_every > 0
+            && (state.step % plan.eval_every == 0 || state.step == plan.total_steps)
+        {
             if let Some(e) = eval_loss(model, eval, plan.batch_size, plan.pad_id, device)? {
                 summary.last_eval_loss = Some(e);
                 obs.metrics(state.step, &[("eval_loss", e)]);

@@ -15,7 +15,10 @@ use ferrotune_models::{load, Batch, LoadOptions};
 use ferrotune_nn::{ops, LoraConfig, Mode, TargetModules};
 
 fn env_usize(k: &str, d: usize) -> usize {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
 }
 
 fn peak_rss_mb() -> f64 {
@@ -36,7 +39,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// Deterministic pseudo-random ids in [100, 20000) (same formula as torch_core.py).
 fn ids(b: usize, t: usize) -> Vec<Vec<u32>> {
     (0..b)
-        .map(|i| (0..t).map(|j| (100 + (i * 7919 + j * 104_729) % 19_900) as u32).collect())
+        .map(|i| {
+            (0..t)
+                .map(|j| (100 + (i * 7919 + j * 104_729) % 19_900) as u32)
+                .collect()
+        })
         .collect()
 }
 
@@ -45,10 +52,10 @@ fn main() -> anyhow::Result<()> {
         .skip(1)
         .find(|a| !a.starts_with("--"))
         .unwrap_or_else(|| "forward".into());
-    let model_path = PathBuf::from(
-        std::env::var("FERROTUNE_SMOLLM2_GGUF")
-            .map_err(|_| anyhow::anyhow!("set FERROTUNE_SMOLLM2_GGUF (scripts/fetch-smollm2.sh)"))?,
-    );
+    let model_path =
+        PathBuf::from(std::env::var("FERROTUNE_SMOLLM2_GGUF").map_err(|_| {
+            anyhow::anyhow!("set FERROTUNE_SMOLLM2_GGUF (scripts/fetch-smollm2.sh)")
+        })?);
     let (b, t) = (env_usize("BENCH_B", 4), env_usize("BENCH_T", 128));
     let iters = env_usize("BENCH_ITERS", 5);
     let dev = Device::Cpu;
@@ -58,10 +65,18 @@ fn main() -> anyhow::Result<()> {
         lora_dropout: 0.0,
         use_rslora: false,
         target_modules: TargetModules::Names(
-            ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         ),
     };
     let opts = LoadOptions {

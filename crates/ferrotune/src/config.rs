@@ -266,7 +266,9 @@ pub fn apply_set(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError> 
         arg: arg.to_string(),
         msg: msg.to_string(),
     };
-    let (key, raw) = arg.split_once('=').ok_or_else(|| err("expected key=value"))?;
+    let (key, raw) = arg
+        .split_once('=')
+        .ok_or_else(|| err("expected key=value"))?;
     let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
         .ok()
         .and_then(|mut t| t.remove("v"))
@@ -302,16 +304,19 @@ impl RunConfig {
         for s in sets {
             apply_set(&mut table, s)?;
         }
-        let mut cfg: RunConfig =
-            RunConfig::deserialize(table).map_err(|e| ConfigError::Parse {
-                path: path.to_path_buf(),
-                msg: one_line(&e.to_string()),
-            })?;
+        let mut cfg: RunConfig = RunConfig::deserialize(table).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            msg: one_line(&e.to_string()),
+        })?;
         // Relative paths are relative to the config file; the resolved config (written to the
         // run folder) holds absolute ones, so `--resume` reads the same files from anywhere.
         let base = std::path::absolute(path.parent().unwrap_or(Path::new(".")))
             .unwrap_or_else(|_| PathBuf::from("."));
-        for p in [&mut cfg.model.path, &mut cfg.data.train, &mut cfg.run.output_dir] {
+        for p in [
+            &mut cfg.model.path,
+            &mut cfg.data.train,
+            &mut cfg.run.output_dir,
+        ] {
             *p = normalize(&base.join(&*p));
         }
         if let Some(e) = cfg.data.eval.as_mut() {
@@ -370,7 +375,10 @@ impl RunConfig {
             return bad("run.batch_size", "must be at least 1".into());
         }
         if self.run.gradient_accumulation_steps == 0 {
-            return bad("run.gradient_accumulation_steps", "must be at least 1".into());
+            return bad(
+                "run.gradient_accumulation_steps",
+                "must be at least 1".into(),
+            );
         }
         if self.run.max_steps == 0 && self.run.num_train_epochs <= 0.0 {
             return bad(
@@ -444,7 +452,8 @@ fn one_line(s: &str) -> String {
 
 /// Text for `ferrotune config --explain`.
 pub fn explain() -> String {
-    let mut out = String::from("ferrotune run config (TOML). Every key, its default and meaning:\n\n");
+    let mut out =
+        String::from("ferrotune run config (TOML). Every key, its default and meaning:\n\n");
     for (k, d, h) in KEYS {
         out.push_str(&format!("{k:<34} {d:<16} {h}\n"));
     }
@@ -464,7 +473,11 @@ mod tests {
 
     fn leaf_keys(prefix: &str, t: &toml::Table, out: &mut Vec<String>) {
         for (k, v) in t {
-            let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
             match v {
                 toml::Value::Table(sub) => {
                     out.push(key.clone());
@@ -485,13 +498,19 @@ mod tests {
         let explained: Vec<&str> = KEYS.iter().map(|(k, _, _)| *k).collect();
         for k in &keys {
             let optional_leaf = k == "data.eval"; // None is not serialised
-            assert!(explained.contains(&k.as_str()) || optional_leaf, "key {k} is not in KEYS");
+            assert!(
+                explained.contains(&k.as_str()) || optional_leaf,
+                "key {k} is not in KEYS"
+            );
         }
         for k in explained {
             if ["model", "lora", "data", "optim", "run", "sft"].contains(&k) || k == "data.eval" {
                 continue;
             }
-            assert!(keys.iter().any(|x| x == k), "KEYS lists {k}, which the structs do not have");
+            assert!(
+                keys.iter().any(|x| x == k),
+                "KEYS lists {k}, which the structs do not have"
+            );
         }
     }
 

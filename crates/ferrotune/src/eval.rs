@@ -54,7 +54,9 @@ pub fn perplexity(
         let start = end.saturating_sub(window);
         let chunk = ids[start..end].to_vec();
         let batch = Batch::right_padded(&[chunk], 0, device)?;
-        let lp = next_token_logprobs(model, &batch, mode)?.squeeze(0)?.to_vec1::<f32>()?;
+        let lp = next_token_logprobs(model, &batch, mode)?
+            .squeeze(0)?
+            .to_vec1::<f32>()?;
         // lp[j] scores ids[start + j + 1]
         for (j, &l) in lp.iter().enumerate() {
             let tok = start + j + 1;

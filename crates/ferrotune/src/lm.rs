@@ -28,7 +28,10 @@ pub fn parse_device(s: &str) -> Result<Device, LmError> {
     match s {
         "cpu" => Ok(Device::Cpu),
         "cuda" => Device::new_cuda(0).map_err(|e| LmError::DeviceInit(s.into(), e)),
-        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+        _ => match s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
             Some(n) => Device::new_cuda(n).map_err(|e| LmError::DeviceInit(s.into(), e)),
             None => Err(LmError::Device(s.into())),
         },
@@ -57,7 +60,11 @@ pub struct Lm {
 impl Lm {
     /// Load a model and its tokenizer; with `adapter`, also a PEFT adapter folder on top
     /// (its own LoRA config replaces `opts.lora`).
-    pub fn load_with(path: &Path, adapter: Option<&Path>, opts: &LoadOptions) -> Result<Lm, LmError> {
+    pub fn load_with(
+        path: &Path,
+        adapter: Option<&Path>,
+        opts: &LoadOptions,
+    ) -> Result<Lm, LmError> {
         let mut opts = opts.clone();
         if let Some(dir) = adapter {
             let peft = ferrotune_models::adapter::PeftConfig::from_dir(dir)?;
@@ -77,12 +84,13 @@ impl Lm {
                 path: path.display().to_string(),
                 msg: e.to_string(),
             })?;
-            let content = candle_core::quantized::gguf_file::Content::read(&mut f).map_err(|e| {
-                LmError::Gguf {
-                    path: path.display().to_string(),
-                    msg: e.to_string(),
-                }
-            })?;
+            let content =
+                candle_core::quantized::gguf_file::Content::read(&mut f).map_err(|e| {
+                    LmError::Gguf {
+                        path: path.display().to_string(),
+                        msg: e.to_string(),
+                    }
+                })?;
             Tokenizer::from_gguf(&content)?
         } else {
             Tokenizer::from_dir(path)?

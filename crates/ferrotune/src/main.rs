@@ -10,15 +10,19 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ferrotune::config::{self, RunConfig};
 use ferrotune::eval::perplexity;
-use ferrotune::sft_run::run_sft;
 use ferrotune::lm::{parse_device, parse_dtype, Lm};
+use ferrotune::sft_run::run_sft;
 use ferrotune_generate::{generate, GenerateOptions, SamplingParams};
 use ferrotune_models::LoadOptions;
 use ferrotune_nn::Mode;
 use ferrotune_tokenize::Message;
 
 #[derive(Parser)]
-#[command(name = "ferrotune", version, about = "LLM post-training toolkit: LoRA SFT, GRPO, DPO, distillation, evaluation")]
+#[command(
+    name = "ferrotune",
+    version,
+    about = "LLM post-training toolkit: LoRA SFT, GRPO, DPO, distillation, evaluation"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -206,12 +210,23 @@ fn run(cli: Cli) -> Result<()> {
             let lm = load(&model)?;
             let ids = lm.tokenizer.encode(&body, true)?;
             if ids.len() < 2 {
-                bail!("{}: needs at least 2 tokens, has {}", text.display(), ids.len());
+                bail!(
+                    "{}: needs at least 2 tokens, has {}",
+                    text.display(),
+                    ids.len()
+                );
             }
             let window = window.unwrap_or(lm.model.config().max_position_embeddings.min(2048));
             let stride = stride.unwrap_or(window / 2);
             let t = Instant::now();
-            let p = perplexity(lm.model.as_ref(), &ids, window, stride, Mode::EVAL, &lm.device)?;
+            let p = perplexity(
+                lm.model.as_ref(),
+                &ids,
+                window,
+                stride,
+                Mode::EVAL,
+                &lm.device,
+            )?;
             println!(
                 "perplexity {:.4}  (mean NLL {:.6} over {} tokens, {:.1} tokens/s)",
                 p.ppl(),
@@ -247,9 +262,18 @@ fn run(cli: Cli) -> Result<()> {
             println!(
                 "done: {} steps, loss {} -> {}{}{}",
                 summary.steps,
-                summary.first_loss.map(|l| format!("{l:.4}")).unwrap_or("-".into()),
-                summary.last_loss.map(|l| format!("{l:.4}")).unwrap_or("-".into()),
-                summary.last_eval_loss.map(|l| format!(", eval loss {l:.4}")).unwrap_or_default(),
+                summary
+                    .first_loss
+                    .map(|l| format!("{l:.4}"))
+                    .unwrap_or("-".into()),
+                summary
+                    .last_loss
+                    .map(|l| format!("{l:.4}"))
+                    .unwrap_or("-".into()),
+                summary
+                    .last_eval_loss
+                    .map(|l| format!(", eval loss {l:.4}"))
+                    .unwrap_or_default(),
                 summary
                     .last_checkpoint
                     .map(|p| format!(", checkpoint {}", p.display()))
@@ -273,7 +297,12 @@ fn run(cli: Cli) -> Result<()> {
             out,
             dtype,
         } => {
-            let report = ferrotune_ckpt::export_merged(&model, adapter.as_deref(), &out, parse_dtype(&dtype)?)?;
+            let report = ferrotune_ckpt::export_merged(
+                &model,
+                adapter.as_deref(),
+                &out,
+                parse_dtype(&dtype)?,
+            )?;
             for w in &report.warnings {
                 eprintln!("warning: {w}");
             }

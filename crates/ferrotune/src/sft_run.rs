@@ -7,7 +7,10 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use ferrotune_ckpt::{latest_complete, load_checkpoint, OnExisting, RunDir};
-use ferrotune_data::{pack, read_rows, sft_examples, split_items, tokenize_sft_all, EvalSize, Sequence, SftOptions, Tokenized};
+use ferrotune_data::{
+    pack, read_rows, sft_examples, split_items, tokenize_sft_all, EvalSize, Sequence, SftOptions,
+    Tokenized,
+};
 use ferrotune_models::LoadOptions;
 use ferrotune_nn::{LoraConfig, TargetModules};
 use ferrotune_report::{plot_metrics, Progress, RunLog};
@@ -22,7 +25,9 @@ use crate::lm::{parse_device, parse_dtype, Lm};
 pub fn lora_config(l: &LoraSection) -> LoraConfig {
     let target_modules = match &l.target_modules {
         toml::Value::Array(a) => TargetModules::Names(
-            a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect(),
         ),
         _ => TargetModules::AllLinear,
     };
@@ -58,7 +63,10 @@ fn load_sft_data(lm: &Lm, path: &Path, cfg: &RunConfig) -> Result<(Vec<Tokenized
         s.no_loss
     );
     if set.items.is_empty() {
-        bail!("{}: no example has a trained token left (check max_seq_len and the columns)", path.display());
+        bail!(
+            "{}: no example has a trained token left (check max_seq_len and the columns)",
+            path.display()
+        );
     }
     Ok((set.items, note))
 }
@@ -71,7 +79,8 @@ struct CliObserver {
 impl Observer for CliObserver {
     fn metrics(&mut self, step: usize, values: &[(&str, f64)]) {
         if let Err(e) = self.log.log(step as u64, values) {
-            self.progress.println(&format!("warning: cannot write metrics: {e}"));
+            self.progress
+                .println(&format!("warning: cannot write metrics: {e}"));
         }
         self.progress.update(step as u64, values);
     }
@@ -93,7 +102,11 @@ pub fn run_sft(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<SftSumm
         let ck = load_checkpoint(&latest.path)?;
         (run, Some(ck))
     } else {
-        let on = if overwrite { OnExisting::Overwrite } else { OnExisting::Refuse };
+        let on = if overwrite {
+            OnExisting::Overwrite
+        } else {
+            OnExisting::Refuse
+        };
         (RunDir::create(out, on)?, None)
     };
     let lora = cfg.lora.as_ref().map(lora_config);
@@ -104,7 +117,10 @@ pub fn run_sft(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<SftSumm
         trainable_base: lora.is_none(),
     };
     if lora.is_none() && opts.dtype != candle_core::DType::F32 {
-        bail!("{}: full fine-tuning needs model.dtype = \"f32\" (f32 master weights)", cfg.model.path.display());
+        bail!(
+            "{}: full fine-tuning needs model.dtype = \"f32\" (f32 master weights)",
+            cfg.model.path.display()
+        );
     }
     let lm = Lm::load(&cfg.model.path, &opts)?;
     let trainable = match &lora {
@@ -116,8 +132,14 @@ pub fn run_sft(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<SftSumm
                 .filter_map(|s| s.lora.as_ref().map(|a| (s.path.clone(), a)))
                 .flat_map(|(p, a)| {
                     [
-                        (ferrotune_models::adapter::peft_key(&p, "lora_A"), a.a.clone()),
-                        (ferrotune_models::adapter::peft_key(&p, "lora_B"), a.b.clone()),
+                        (
+                            ferrotune_models::adapter::peft_key(&p, "lora_A"),
+                            a.a.clone(),
+                        ),
+                        (
+                            ferrotune_models::adapter::peft_key(&p, "lora_B"),
+                            a.b.clone(),
+                        ),
                     ]
                 })
                 .collect();
@@ -126,7 +148,13 @@ pub fn run_sft(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<SftSumm
                     "lora.target_modules {:?} matches no linear layer of {} (its layers: {})",
                     l.target_modules,
                     cfg.model.path.display(),
-                    lm.model.linear_slots().iter().take(7).map(|s| s.path.rsplit('.').next().unwrap_or("")).collect::<Vec<_>>().join(", ")
+                    lm.model
+                        .linear_slots()
+                        .iter()
+                        .take(7)
+                        .map(|s| s.path.rsplit('.').next().unwrap_or(""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
             }
             Trainable::Lora {
@@ -147,12 +175,19 @@ pub fn run_sft(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<SftSumm
         eprintln!("{note}");
         eval = items;
     } else if cfg.data.eval_fraction > 0.0 {
-        let (t, e) = split_items(train, EvalSize::Fraction(cfg.data.eval_fraction), cfg.run.seed)?;
+        let (t, e) = split_items(
+            train,
+            EvalSize::Fraction(cfg.data.eval_fraction),
+            cfg.run.seed,
+        )?;
         train = t;
         eval = e;
     }
     if cfg.data.packing {
-        let (t, e) = (pack(&train, cfg.data.max_seq_len)?, pack(&eval, cfg.data.max_seq_len)?);
+        let (t, e) = (
+            pack(&train, cfg.data.max_seq_len)?,
+            pack(&eval, cfg.data.max_seq_len)?,
+        );
         eprintln!(
             "packing: {} examples into {} sequences of at most {} tokens (positions restart per example; attention is not isolated between packed examples)",
             train.len(),
@@ -177,7 +212,9 @@ fn train_with<S: Sequence>(
     let total_steps = if cfg.run.max_steps > 0 {
         cfg.run.max_steps
     } else {
-        ((cfg.run.num_train_epochs * train.len() as f64) / per_step as f64).ceil().max(1.0) as usize
+        ((cfg.run.num_train_epochs * train.len() as f64) / per_step as f64)
+            .ceil()
+            .max(1.0) as usize
     };
     let kind: ScheduleKind = cfg
         .optim
@@ -234,7 +271,11 @@ fn train_with<S: Sequence>(
         eval.len(),
         total_steps,
         per_step,
-        trainable.params().iter().map(|(_, v)| v.elem_count()).sum::<usize>()
+        trainable
+            .params()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum::<usize>()
     );
     let summary = train_sft(
         lm.model.as_ref(),

@@ -63,7 +63,18 @@ fn tensors(p: &Path) -> HashMap<String, Tensor> {
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     let f = |t: &Tensor| t.to_dtype(candle_core::DType::F64).unwrap();
-    (f(a) - f(b)).unwrap().to_dtype(candle_core::DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (f(a) - f(b))
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 fn metric(run: &Path, key: &str) -> Vec<f64> {
@@ -78,24 +89,44 @@ fn metric(run: &Path, key: &str) -> Vec<f64> {
 #[test]
 fn sft_learns_and_writes_a_complete_run_folder() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = config(tmp.path(), "run", "max_steps = 40\nsave_every = 20\neval_every = 20");
-    let cfg_text = std::fs::read_to_string(&cfg).unwrap().replace("max_seq_len = 64", "max_seq_len = 64\neval_fraction = 0.125");
+    let cfg = config(
+        tmp.path(),
+        "run",
+        "max_steps = 40\nsave_every = 20\neval_every = 20",
+    );
+    let cfg_text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "max_seq_len = 64",
+        "max_seq_len = 64\neval_fraction = 0.125",
+    );
     std::fs::write(&cfg, cfg_text).unwrap();
     let out = ferrotune(&["train", "--config", cfg.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let run = tmp.path().join("run");
     let loss = metric(&run, "loss");
     assert_eq!(loss.len(), 40);
     let first: f64 = loss[..5].iter().sum::<f64>() / 5.0;
     let last: f64 = loss[35..].iter().sum::<f64>() / 5.0;
-    assert!(last < 0.6 * first, "loss did not fall enough: {first} -> {last}");
+    assert!(
+        last < 0.6 * first,
+        "loss did not fall enough: {first} -> {last}"
+    );
     assert_eq!(metric(&run, "eval_loss").len(), 2);
     for f in ["config.toml", "metrics.jsonl", "plots/loss.png"] {
         assert!(run.join(f).exists(), "missing {f}");
     }
     assert!(std::fs::read_dir(run.join("tb")).unwrap().count() > 0);
     let ck = run.join("checkpoints/step-40");
-    for f in ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json", "COMPLETE"] {
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "optimizer.safetensors",
+        "trainer_state.json",
+        "COMPLETE",
+    ] {
         assert!(ck.join(f).exists(), "missing checkpoint file {f}");
     }
     // Every adapter matrix moved away from its initial value (A: seeded Kaiming, B: zero).
@@ -104,14 +135,33 @@ fn sft_learns_and_writes_a_complete_run_folder() {
     assert_eq!(last_ck.len(), 2 * 7 * 2);
     for (k, v) in &last_ck {
         if k.contains("lora_B") {
-            assert!(v.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0, "{k} still zero");
+            assert!(
+                v.abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.0,
+                "{k} still zero"
+            );
         }
-        assert!(max_abs_diff(v, &first_ck[k]) > 0.0, "{k} did not change between step 20 and 40");
+        assert!(
+            max_abs_diff(v, &first_ck[k]) > 0.0,
+            "{k} did not change between step 20 and 40"
+        );
     }
     // The checkpoint loads as an adapter and generates.
     let g = ferrotune(&[
-        "generate", "--model", root().join("fixtures/tiny-chat/model").to_str().unwrap(),
-        "--adapter", ck.to_str().unwrap(), "--prompt", "What is 2 + 3?", "--max-new-tokens", "8",
+        "generate",
+        "--model",
+        root().join("fixtures/tiny-chat/model").to_str().unwrap(),
+        "--adapter",
+        ck.to_str().unwrap(),
+        "--prompt",
+        "What is 2 + 3?",
+        "--max-new-tokens",
+        "8",
     ]);
     assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
     assert!(!String::from_utf8_lossy(&g.stdout).trim().is_empty());
@@ -123,20 +173,30 @@ fn resume_is_exact() {
     let extra = "max_steps = 12\nsave_every = 6\n";
     // LoRA dropout on, so resume must also reproduce the dropout masks.
     let with_dropout = |p: PathBuf| {
-        let t = std::fs::read_to_string(&p).unwrap().replace("lora_alpha = 8", "lora_alpha = 8\nlora_dropout = 0.1");
+        let t = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("lora_alpha = 8", "lora_alpha = 8\nlora_dropout = 0.1");
         std::fs::write(&p, t).unwrap();
         p
     };
     // Straight: 12 steps.
     let a = with_dropout(config(tmp.path(), "a", extra));
-    assert!(ferrotune(&["train", "--config", a.to_str().unwrap()]).status.success());
+    assert!(ferrotune(&["train", "--config", a.to_str().unwrap()])
+        .status
+        .success());
     // Interrupted: same run, last checkpoint lost, resumed from step 6.
     let b = with_dropout(config(tmp.path(), "b", extra));
-    assert!(ferrotune(&["train", "--config", b.to_str().unwrap()]).status.success());
+    assert!(ferrotune(&["train", "--config", b.to_str().unwrap()])
+        .status
+        .success());
     let run_b = tmp.path().join("b");
     std::fs::remove_dir_all(run_b.join("checkpoints/step-12")).unwrap();
     let out = ferrotune(&["train", "--resume", run_b.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for f in ["adapter_model.safetensors", "optimizer.safetensors"] {
         let x = tensors(&tmp.path().join("a/checkpoints/step-12").join(f));
         let y = tensors(&run_b.join("checkpoints/step-12").join(f));
@@ -159,25 +219,41 @@ fn accumulation_equals_a_bigger_batch() {
     let fix = |p: &Path, bs: usize, acc: usize| {
         let t = std::fs::read_to_string(p)
             .unwrap()
-            .replace("shuffle_placeholder = 0", &format!("gradient_accumulation_steps = {acc}"))
+            .replace(
+                "shuffle_placeholder = 0",
+                &format!("gradient_accumulation_steps = {acc}"),
+            )
             .replace("batch_size = 8", &format!("batch_size = {bs}"))
             .replace("max_seq_len = 64", "max_seq_len = 64\nshuffle = false");
         std::fs::write(p, t).unwrap();
     };
     fix(&big, 8, 1);
-    let small = config(tmp.path(), "small", "max_steps = 3\nshuffle_placeholder = 0");
+    let small = config(
+        tmp.path(),
+        "small",
+        "max_steps = 3\nshuffle_placeholder = 0",
+    );
     fix(&small, 1, 8);
     for c in [&big, &small] {
         let o = ferrotune(&["train", "--config", c.to_str().unwrap()]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
-    let x = tensors(&tmp.path().join("big/checkpoints/step-3/adapter_model.safetensors"));
-    let y = tensors(&tmp.path().join("small/checkpoints/step-3/adapter_model.safetensors"));
+    let x = tensors(
+        &tmp.path()
+            .join("big/checkpoints/step-3/adapter_model.safetensors"),
+    );
+    let y = tensors(
+        &tmp.path()
+            .join("small/checkpoints/step-3/adapter_model.safetensors"),
+    );
     for (k, v) in &x {
         let d = max_abs_diff(v, &y[k]);
         assert!(d < 1e-5, "{k}: {d}");
     }
-    let (lx, ly) = (metric(&tmp.path().join("big"), "loss"), metric(&tmp.path().join("small"), "loss"));
+    let (lx, ly) = (
+        metric(&tmp.path().join("big"), "loss"),
+        metric(&tmp.path().join("small"), "loss"),
+    );
     for (a, b) in lx.iter().zip(&ly) {
         assert!((a - b).abs() < 1e-5, "loss {a} vs {b}");
     }
@@ -199,44 +275,91 @@ fn bad_configs_and_data_fail_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
     // Unknown key.
     let c = config(tmp.path(), "r1", "max_steps = 2\nlearning_rat = 1");
-    assert_one_line_error(&ferrotune(&["train", "--config", c.to_str().unwrap()]), &["r1.toml", "learning_rat"]);
+    assert_one_line_error(
+        &ferrotune(&["train", "--config", c.to_str().unwrap()]),
+        &["r1.toml", "learning_rat"],
+    );
     // Wrong type.
     let c = config(tmp.path(), "r2", "max_steps = \"two\"");
-    assert_one_line_error(&ferrotune(&["train", "--config", c.to_str().unwrap()]), &["r2.toml", "max_steps"]);
+    assert_one_line_error(
+        &ferrotune(&["train", "--config", c.to_str().unwrap()]),
+        &["r2.toml", "max_steps"],
+    );
     // Cross-field rule.
     let c = config(tmp.path(), "r3", "max_steps = 2\neval_every = 1");
-    assert_one_line_error(&ferrotune(&["train", "--config", c.to_str().unwrap()]), &["run.eval_every", "eval set"]);
+    assert_one_line_error(
+        &ferrotune(&["train", "--config", c.to_str().unwrap()]),
+        &["run.eval_every", "eval set"],
+    );
     // target_modules that match nothing.
     let c = config(tmp.path(), "r4", "max_steps = 2");
-    let t = std::fs::read_to_string(&c).unwrap().replace("\"q_proj\", \"k_proj\"", "\"qq_proj\", \"kk_proj\"").replace(", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"", "");
+    let t = std::fs::read_to_string(&c)
+        .unwrap()
+        .replace("\"q_proj\", \"k_proj\"", "\"qq_proj\", \"kk_proj\"")
+        .replace(
+            ", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"",
+            "",
+        );
     std::fs::write(&c, t).unwrap();
-    assert_one_line_error(&ferrotune(&["train", "--config", c.to_str().unwrap()]), &["target_modules", "matches no"]);
+    assert_one_line_error(
+        &ferrotune(&["train", "--config", c.to_str().unwrap()]),
+        &["target_modules", "matches no"],
+    );
     // A dataset row missing its column: the error names the file and the line.
     let data = tmp.path().join("bad.jsonl");
-    std::fs::write(&data, "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"c\"}\n").unwrap();
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": \"c\"}\n",
+    )
+    .unwrap();
     let c = config(tmp.path(), "r5", "max_steps = 2");
     let t = std::fs::read_to_string(&c).unwrap();
-    let t = t.replace(&root().join("fixtures/tiny-chat/sft.jsonl").display().to_string(), &data.display().to_string());
+    let t = t.replace(
+        &root()
+            .join("fixtures/tiny-chat/sft.jsonl")
+            .display()
+            .to_string(),
+        &data.display().to_string(),
+    );
     std::fs::write(&c, t).unwrap();
-    assert_one_line_error(&ferrotune(&["train", "--config", c.to_str().unwrap()]), &["bad.jsonl", "2", "completion"]);
+    assert_one_line_error(
+        &ferrotune(&["train", "--config", c.to_str().unwrap()]),
+        &["bad.jsonl", "2", "completion"],
+    );
 }
 
 #[test]
 fn resume_refuses_half_written_checkpoints_and_keeps_the_good_one() {
     let tmp = tempfile::tempdir().unwrap();
     let c = config(tmp.path(), "run", "max_steps = 2\nsave_every = 1");
-    assert!(ferrotune(&["train", "--config", c.to_str().unwrap()]).status.success());
+    assert!(ferrotune(&["train", "--config", c.to_str().unwrap()])
+        .status
+        .success());
     let run = tmp.path().join("run");
     // Only a half-written save is left.
     let good = std::fs::read(run.join("checkpoints/step-2/adapter_model.safetensors")).unwrap();
-    std::fs::rename(run.join("checkpoints/step-2"), run.join("checkpoints/.tmp-step-3")).unwrap();
+    std::fs::rename(
+        run.join("checkpoints/step-2"),
+        run.join("checkpoints/.tmp-step-3"),
+    )
+    .unwrap();
     std::fs::remove_dir_all(run.join("checkpoints/step-1")).unwrap();
-    assert_one_line_error(&ferrotune(&["train", "--resume", run.to_str().unwrap()]), &["no complete checkpoint"]);
+    assert_one_line_error(
+        &ferrotune(&["train", "--resume", run.to_str().unwrap()]),
+        &["no complete checkpoint"],
+    );
     // Starting afresh in an existing run folder without --overwrite is refused.
-    std::fs::rename(run.join("checkpoints/.tmp-step-3"), run.join("checkpoints/step-2")).unwrap();
+    std::fs::rename(
+        run.join("checkpoints/.tmp-step-3"),
+        run.join("checkpoints/step-2"),
+    )
+    .unwrap();
     let o = ferrotune(&["train", "--config", c.to_str().unwrap()]);
     assert!(!o.status.success());
-    assert_eq!(std::fs::read(run.join("checkpoints/step-2/adapter_model.safetensors")).unwrap(), good);
+    assert_eq!(
+        std::fs::read(run.join("checkpoints/step-2/adapter_model.safetensors")).unwrap(),
+        good
+    );
 }
 
 #[test]
@@ -246,10 +369,15 @@ fn full_fine_tuning_without_a_lora_section() {
     let t = std::fs::read_to_string(&c).unwrap();
     let start = t.find("[lora]").unwrap();
     let end = t.find("[data]").unwrap();
-    let t = format!("{}{}", &t[..start], &t[end..]).replace("learning_rate = 5e-3", "learning_rate = 1e-3");
+    let t = format!("{}{}", &t[..start], &t[end..])
+        .replace("learning_rate = 5e-3", "learning_rate = 1e-3");
     std::fs::write(&c, t).unwrap();
     let out = ferrotune(&["train", "--config", c.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let run = tmp.path().join("full");
     let loss = metric(&run, "loss");
     assert!(loss[5] < loss[0], "full FT loss did not fall: {loss:?}");
@@ -288,12 +416,20 @@ fn lora_training_leaves_the_base_bit_identical() {
         use_rslora: false,
         target_modules: TargetModules::AllLinear,
     };
-    let opts = LoadOptions { lora: Some((lora.clone(), 1)), ..LoadOptions::default() };
+    let opts = LoadOptions {
+        lora: Some((lora.clone(), 1)),
+        ..LoadOptions::default()
+    };
     let lm = ferrotune::lm::Lm::load(&model_dir, &opts).unwrap();
     let snapshot = |m: &dyn ferrotune_models::CausalLm| -> Vec<(String, Vec<f32>)> {
         m.linear_slots()
             .iter()
-            .map(|s| (s.path.clone(), s.weight.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .map(|s| {
+                (
+                    s.path.clone(),
+                    s.weight.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                )
+            })
             .collect()
     };
     let before = snapshot(lm.model.as_ref());
@@ -302,7 +438,13 @@ fn lora_training_leaves_the_base_bit_identical() {
         .linear_slots()
         .iter()
         .filter_map(|s| s.lora.as_ref())
-        .map(|l| l.a.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .map(|l| {
+            l.a.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
         .collect();
     let path = root().join("fixtures/tiny-chat/sft.jsonl");
     let examples = sft_examples(&read_rows(&path).unwrap(), &path).unwrap();
@@ -312,7 +454,12 @@ fn lora_training_leaves_the_base_bit_identical() {
         .linear_slots()
         .iter()
         .filter_map(|s| s.lora.as_ref().map(|l| (s.path.clone(), l)))
-        .flat_map(|(p, l)| [(format!("{p}.lora_A"), l.a.clone()), (format!("{p}.lora_B"), l.b.clone())])
+        .flat_map(|(p, l)| {
+            [
+                (format!("{p}.lora_A"), l.a.clone()),
+                (format!("{p}.lora_B"), l.b.clone()),
+            ]
+        })
         .collect();
     let tmp = tempfile::tempdir().unwrap();
     let run = RunDir::create(&tmp.path().join("r"), OnExisting::Refuse).unwrap();
@@ -323,7 +470,10 @@ fn lora_training_leaves_the_base_bit_identical() {
         grad_accum: 2,
         learning_rate: 1e-2,
         schedule: Schedule::Constant,
-        adamw: AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() },
+        adamw: AdamWConfig {
+            weight_decay: 0.01,
+            ..AdamWConfig::default()
+        },
         max_grad_norm: 1.0,
         log_every: 1,
         save_every: 0,
@@ -333,9 +483,24 @@ fn lora_training_leaves_the_base_bit_identical() {
         shuffle: true,
         pad_id: lm.pad_id(),
     };
-    let trainable = Trainable::Lora { params, config: &lora, base_name: "tiny".into() };
+    let trainable = Trainable::Lora {
+        params,
+        config: &lora,
+        base_name: "tiny".into(),
+    };
     let empty: Vec<ferrotune_data::Tokenized> = vec![];
-    train_sft(lm.model.as_ref(), &trainable, &set.items, &empty, &plan, &run, None, &mut Quiet, &candle_core::Device::Cpu).unwrap();
+    train_sft(
+        lm.model.as_ref(),
+        &trainable,
+        &set.items,
+        &empty,
+        &plan,
+        &run,
+        None,
+        &mut Quiet,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     let after = snapshot(lm.model.as_ref());
     assert_eq!(before.len(), after.len());
     for ((p, a), (_, b)) in before.iter().zip(&after) {
@@ -346,7 +511,13 @@ fn lora_training_leaves_the_base_bit_identical() {
         .linear_slots()
         .iter()
         .filter_map(|s| s.lora.as_ref())
-        .map(|l| l.a.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .map(|l| {
+            l.a.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
         .collect();
     assert!(!adapters_before.is_empty());
     for (a, b) in adapters_before.iter().zip(&adapters_after) {

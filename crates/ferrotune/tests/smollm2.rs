@@ -51,7 +51,11 @@ fn perplexity_matches_transformers_within_half_a_percent() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got: f64 = stdout
         .split_whitespace()
         .nth(1)
