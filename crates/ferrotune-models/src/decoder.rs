@@ -83,6 +83,16 @@ impl Decoder {
         mode: Mode,
     ) -> Result<Tensor> {
         let (b, t) = batch.dims()?;
+        // Sliding-window attention is not implemented: refuse sequences it would change rather
+        // than return silently different logits.
+        if let Some(w) = self.cfg.sliding_window {
+            let keys = t + cache.as_deref().map_or(0, |c| c.len());
+            if keys > w {
+                candle_core::bail!(
+                    "sequence of {keys} tokens exceeds the model's sliding_window {w}, which ferrotune does not implement yet; use shorter sequences"
+                );
+            }
+        }
         let dev = self.embed_tokens.device();
         let ids = batch.input_ids.flatten_all()?;
         let mut x =

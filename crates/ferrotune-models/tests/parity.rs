@@ -350,3 +350,31 @@ fn lora_gradients_match_peft() {
         assert!(checked > 0);
     }
 }
+
+/// Sliding-window attention is not implemented, so a sequence longer than the window must be an
+/// error, never silently full-attention logits.
+#[test]
+fn sequences_beyond_the_sliding_window_are_refused() {
+    let tmp = std::env::temp_dir().join(format!("ferrotune-sw-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::copy(
+        dir("mistral").join("model.safetensors"),
+        tmp.join("model.safetensors"),
+    )
+    .unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir("mistral").join("config.json")).unwrap())
+            .unwrap();
+    cfg["sliding_window"] = 4.into();
+    std::fs::write(tmp.join("config.json"), cfg.to_string()).unwrap();
+    let model = load(&tmp, &LoadOptions::default()).unwrap().model;
+    let short = Batch::right_padded(&[vec![3, 4, 5, 6]], 0, &Device::Cpu).unwrap();
+    assert!(model.forward(&short, None, Mode::EVAL).is_ok());
+    let long = Batch::right_padded(&[vec![3, 4, 5, 6, 7]], 0, &Device::Cpu).unwrap();
+    let err = model
+        .forward(&long, None, Mode::EVAL)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sliding_window"), "{err}");
+    std::fs::remove_dir_all(&tmp).ok();
+}
