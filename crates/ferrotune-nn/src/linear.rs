@@ -162,8 +162,10 @@ impl Linear {
                     x.clone()
                 };
                 let xa = ops::linear(&xd, &l.a.as_tensor().to_dtype(x.dtype())?, None)?; // (..., r)
-                let xab = ops::linear(&xa, &l.b.as_tensor().to_dtype(x.dtype())?, None)?; // (..., out)
-                y + (xab * l.scale)?
+                // Scale the small (out, r) matrix rather than the (..., out) activation.
+                let b_scaled = (l.b.as_tensor() * l.scale)?.to_dtype(x.dtype())?;
+                let xab = ops::linear(&xa, &b_scaled, None)?; // (..., out)
+                y + xab
             }
             _ => Ok(y),
         }
