@@ -45,7 +45,7 @@ impl Batch {
             pos.extend((s.len() as u32..).take(trail));
             mask.extend(std::iter::repeat_n(0u8, trail));
         }
-        let any_pad = mask.iter().any(|&m| m == 0);
+        let any_pad = mask.contains(&0);
         Ok(Batch {
             input_ids: Tensor::from_vec(ids, (b, t), device)?,
             position_ids: Tensor::from_vec(pos, (b, t), device)?,

@@ -161,8 +161,9 @@ impl Linear {
                 } else {
                     x.clone()
                 };
-                let xa = ops::linear(&xd, &l.a.as_tensor().to_dtype(x.dtype())?, None)?; // (..., r)
-                // Scale the small (out, r) matrix rather than the (..., out) activation.
+                let a = l.a.as_tensor().to_dtype(x.dtype())?;
+                let xa = ops::linear(&xd, &a, None)?; // (..., r)
+                                                      // Scale the small (out, r) matrix rather than the (..., out) activation.
                 let b_scaled = (l.b.as_tensor() * l.scale)?.to_dtype(x.dtype())?;
                 let xab = ops::linear(&xa, &b_scaled, None)?; // (..., out)
                 y + xab

@@ -258,7 +258,7 @@ pub fn train_sft<S: Sequence>(
         summary.last_loss = Some(loss);
         summary.steps = state.step;
         // 4. Log, eval, save.
-        if state.step % plan.log_every == 0 || state.step == plan.total_steps {
+        if state.step.is_multiple_of(plan.log_every) || state.step == plan.total_steps {
             let secs = t0.elapsed().as_secs_f64();
             obs.metrics(
                 state.step,
@@ -277,14 +277,14 @@ pub fn train_sft<S: Sequence>(
             );
         }
         if plan.eval_every > 0
-            && (state.step % plan.eval_every == 0 || state.step == plan.total_steps)
+            && (state.step.is_multiple_of(plan.eval_every) || state.step == plan.total_steps)
         {
             if let Some(e) = eval_loss(model, eval, plan.batch_size, plan.pad_id, device)? {
                 summary.last_eval_loss = Some(e);
                 obs.metrics(state.step, &[("eval_loss", e)]);
             }
         }
-        let save_now = (plan.save_every > 0 && state.step % plan.save_every == 0)
+        let save_now = (plan.save_every > 0 && state.step.is_multiple_of(plan.save_every))
             || state.step == plan.total_steps;
         if save_now {
             let path = save(trainable, model, &opt, &state, run)?;
