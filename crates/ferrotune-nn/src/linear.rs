@@ -162,8 +162,8 @@ impl Linear {
                     x.clone()
                 };
                 let a = l.a.as_tensor().to_dtype(x.dtype())?;
-                let xa = ops::linear(&xd, &a, None)?; // (..., r)
-                                                      // Scale the small (out, r) matrix rather than the (..., out) activation.
+                // (..., r); then scale the small (out, r) B rather than the (..., out) output.
+                let xa = ops::linear(&xd, &a, None)?;
                 let b_scaled = (l.b.as_tensor() * l.scale)?.to_dtype(x.dtype())?;
                 let xab = ops::linear(&xa, &b_scaled, None)?; // (..., out)
                 y + xab
