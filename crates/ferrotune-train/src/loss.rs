@@ -6,6 +6,9 @@ use candle_core::{Device, Result, Tensor};
 use ferrotune_models::{Batch, CausalLm};
 use ferrotune_nn::{ops, Mode};
 
+/// Convention: `mode.train` means gradients are wanted; in any other mode the result is
+/// detached from the graph.
+///
 /// Log-probs (N,) f32 of every token `ids[i][j]` with `score[i][j] == 1` (j >= 1), predicted
 /// from position j - 1 under softmax(logits / temperature). Order: row-major. Also returns the
 /// (row, position) of each.
@@ -42,6 +45,9 @@ pub fn scored_logprobs(
     }
     let flat = h.reshape((b * t, hd))?; // (B*T, H)
     let sel = flat.index_select(&Tensor::new(rows, dev)?, 0)?; // (N, H)
+                                                               // Outside train mode no gradient is wanted: detaching keeps the fused op from preparing
+                                                               // d logp / d hidden (an extra LM-head product) just because LoRA made `hidden` tracked.
+    let sel = if mode.train { sel } else { sel.detach() };
     let targets = Tensor::new(targets, dev)?;
     let lp = ops::token_logprobs(&sel, &model.lm_head().weight, &targets, temperature)?;
     Ok((lp, where_))

@@ -392,6 +392,21 @@ fn full_fine_tuning_without_a_lora_section() {
     }
 }
 
+/// Every LoRA A matrix of the model, flattened.
+fn adapter_a(m: &dyn ferrotune_models::CausalLm) -> Vec<Vec<f32>> {
+    m.linear_slots()
+        .iter()
+        .filter_map(|s| s.lora.as_ref())
+        .map(|l| {
+            l.a.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        })
+        .collect()
+}
+
 /// In a LoRA run only adapter weights change: every base tensor stays bit-identical.
 #[test]
 fn lora_training_leaves_the_base_bit_identical() {
@@ -433,19 +448,7 @@ fn lora_training_leaves_the_base_bit_identical() {
             .collect()
     };
     let before = snapshot(lm.model.as_ref());
-    let adapters_before: Vec<Vec<f32>> = lm
-        .model
-        .linear_slots()
-        .iter()
-        .filter_map(|s| s.lora.as_ref())
-        .map(|l| {
-            l.a.as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        })
-        .collect();
+    let adapters_before = adapter_a(lm.model.as_ref());
     let path = root().join("fixtures/tiny-chat/sft.jsonl");
     let examples = sft_examples(&read_rows(&path).unwrap(), &path).unwrap();
     let set = tokenize_sft_all(&lm.tokenizer, &examples, 64, &SftOptions::default(), true).unwrap();
@@ -506,19 +509,7 @@ fn lora_training_leaves_the_base_bit_identical() {
     for ((p, a), (_, b)) in before.iter().zip(&after) {
         assert!(a == b, "base weight {p} changed");
     }
-    let adapters_after: Vec<Vec<f32>> = lm
-        .model
-        .linear_slots()
-        .iter()
-        .filter_map(|s| s.lora.as_ref())
-        .map(|l| {
-            l.a.as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        })
-        .collect();
+    let adapters_after = adapter_a(lm.model.as_ref());
     assert!(!adapters_before.is_empty());
     for (a, b) in adapters_before.iter().zip(&adapters_after) {
         assert!(a != b, "an adapter A matrix did not change");
