@@ -26,6 +26,7 @@ mod order;
 mod pack;
 mod read;
 mod sft;
+mod synth;
 
 pub use collate::{collate_right, Collated, Sequence};
 pub use error::{DataError, Result};
@@ -38,4 +39,9 @@ pub use pack::{pack, Packed};
 pub use read::{read_rows, FileFormat, Row};
 pub use sft::{
     tokenize_sft, tokenize_sft_all, SftOptions, Tokenized, TokenizedSet, TruncationStats,
+};
+pub use synth::{
+    arithmetic, arithmetic_excluding, arithmetic_space, parse_digits, parse_ops, prompt_set,
+    word_problems, word_problems_excluding, word_space, write_jsonl, ArithmeticSpec, Op, Problem,
+    PromptFormat, SynthError, SynthResult, WordSpec, WordTemplate, MAX_DIGITS, WORD_TEMPLATES,
 };

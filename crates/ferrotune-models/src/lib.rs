@@ -12,6 +12,7 @@ pub mod decoder;
 pub mod error;
 pub mod gguf;
 pub mod gpt2;
+pub mod init;
 pub mod source;
 
 use std::path::{Path, PathBuf};

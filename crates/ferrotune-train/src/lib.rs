@@ -4,6 +4,9 @@
 //! Owns: training math and the order of a step. Does not own: file parsing, progress bars,
 //! checkpoint formats (it calls `ferrotune-ckpt`), or when to print.
 
+pub mod grpo;
+pub mod health;
+pub mod grpo_loss;
 pub mod loss;
 pub mod optim;
 pub mod schedule;

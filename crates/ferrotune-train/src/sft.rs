@@ -287,7 +287,9 @@ pub fn train_sft<S: Sequence>(
         let save_now = (plan.save_every > 0 && state.step.is_multiple_of(plan.save_every))
             || state.step == plan.total_steps;
         if save_now {
-            let path = save(trainable, model, &opt, &state, run)?;
+            let trainer_state =
+                serde_json::to_value(&state).map_err(|e| TrainError::Plan(e.to_string()))?;
+            let path = save(trainable, model, &opt, state.step, &trainer_state, run)?;
             obs.message(&format!("saved {}", path.display()));
             summary.last_checkpoint = Some(path);
             if plan.keep_last > 0 {
@@ -298,15 +300,16 @@ pub fn train_sft<S: Sequence>(
     Ok(summary)
 }
 
-fn save(
+/// Save a checkpoint of `trainable` at `step` (shared by the trainers).
+pub(crate) fn save(
     trainable: &Trainable,
     model: &dyn CausalLm,
     opt: &AdamW,
-    state: &TrainerState,
+    step: usize,
+    trainer_state: &serde_json::Value,
     run: &RunDir,
 ) -> Result<std::path::PathBuf> {
     let optimizer = opt.state_tensors()?;
-    let trainer_state = serde_json::to_value(state).map_err(|e| TrainError::Plan(e.to_string()))?;
     let full: Vec<(String, Tensor)>;
     let weights = match trainable {
         Trainable::Lora {
@@ -327,12 +330,17 @@ fn save(
     let parts = CheckpointParts {
         weights,
         optimizer: &optimizer,
-        trainer_state: &trainer_state,
+        trainer_state,
     };
-    Ok(save_checkpoint(run, state.step as u64, &parts)?)
+    Ok(save_checkpoint(run, step as u64, &parts)?)
 }
 
-fn restore_weights(trainable: &Trainable, model: &dyn CausalLm, ck: &Checkpoint) -> Result<()> {
+/// Load a checkpoint's weights into `trainable` (shared by the trainers).
+pub(crate) fn restore_weights(
+    trainable: &Trainable,
+    model: &dyn CausalLm,
+    ck: &Checkpoint,
+) -> Result<()> {
     match trainable {
         Trainable::Lora { .. } => Ok(ck.restore_adapter(model)?),
         Trainable::Full { params } => {

@@ -138,6 +138,48 @@ pub struct RunSection {
 #[serde(deny_unknown_fields)]
 pub struct SftSection {}
 
+/// `[grpo]`: group relative policy optimisation with verifiable rewards. Names and defaults
+/// follow TRL's `GRPOConfig` (`max_prompt_len` keeps the older TRL prompt truncation).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GrpoSection {
+    #[serde(default = "d_num_generations")]
+    pub num_generations: usize,
+    #[serde(default = "d_max_prompt_len")]
+    pub max_prompt_len: usize,
+    #[serde(default = "d_max_completion_len")]
+    pub max_completion_len: usize,
+    #[serde(default = "d_temperature")]
+    pub temperature: f64,
+    #[serde(default = "d_top_p")]
+    pub top_p: f64,
+    #[serde(default)]
+    pub top_k: usize,
+    #[serde(default)]
+    pub beta: f64,
+    #[serde(default = "d_epsilon")]
+    pub epsilon: f64,
+    /// Defaults to `epsilon`.
+    #[serde(default)]
+    pub epsilon_high: Option<f64>,
+    #[serde(default = "d_one")]
+    pub num_iterations: usize,
+    #[serde(default = "d_scale_rewards")]
+    pub scale_rewards: String,
+    #[serde(default = "d_loss_type")]
+    pub loss_type: String,
+    #[serde(default)]
+    pub mask_truncated_completions: bool,
+    #[serde(default = "d_true")]
+    pub log_completions: bool,
+    /// Generation stops after any of these strings (kept in the completion).
+    #[serde(default)]
+    pub stop: Vec<String>,
+    /// `[{ name = "format_tags", weight = 1.0, ...params }]`
+    #[serde(default)]
+    pub rewards: Vec<toml::Table>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
@@ -151,6 +193,8 @@ pub struct RunConfig {
     pub run: RunSection,
     #[serde(default)]
     pub sft: Option<SftSection>,
+    #[serde(default)]
+    pub grpo: Option<GrpoSection>,
 }
 
 fn d_dtype() -> String {
@@ -210,6 +254,30 @@ fn d_log_every() -> usize {
 fn d_nonfinite() -> usize {
     5
 }
+fn d_num_generations() -> usize {
+    8
+}
+fn d_max_prompt_len() -> usize {
+    512
+}
+fn d_max_completion_len() -> usize {
+    256
+}
+fn d_temperature() -> f64 {
+    1.0
+}
+fn d_top_p() -> f64 {
+    1.0
+}
+fn d_epsilon() -> f64 {
+    0.2
+}
+fn d_scale_rewards() -> String {
+    "group".into()
+}
+fn d_loss_type() -> String {
+    "dapo".into()
+}
 fn d_optim() -> OptimSection {
     toml::from_str("").expect("optim defaults deserialize")
 }
@@ -257,6 +325,23 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("run.keep_last", "0", "keep only the newest N checkpoints (0 = all)"),
     ("run.max_nonfinite_steps", "5", "stop after N consecutive steps with non-finite loss or gradients"),
     ("sft", "(section)", "marks the run as supervised fine-tuning"),
+    ("grpo", "(section)", "marks the run as GRPO (RL from verifiable rewards); data.train holds prompts (+ answer)"),
+    ("grpo.num_generations", "8", "G: completions sampled per prompt; run.batch_size x gradient_accumulation_steps must be divisible by it"),
+    ("grpo.max_prompt_len", "512", "prompts longer than this keep their last tokens (counted and reported)"),
+    ("grpo.max_completion_len", "256", "new tokens per completion (TRL: 512; lower here for CPU)"),
+    ("grpo.temperature", "1.0", "sampling temperature; log-probs are of logits / temperature, as TRL"),
+    ("grpo.top_p", "1.0", "nucleus sampling (1.0 = off)"),
+    ("grpo.top_k", "0", "top-k sampling (0 = off)"),
+    ("grpo.beta", "0.0", "KL coefficient (k3 estimator) to the reference = the base with adapters off; 0 skips it"),
+    ("grpo.epsilon", "0.2", "lower clipping bound: ratio >= 1 - epsilon"),
+    ("grpo.epsilon_high", "epsilon", "upper clipping bound: ratio <= 1 + epsilon_high (DAPO: 0.28)"),
+    ("grpo.num_iterations", "1", "mu: optimizer steps per generation batch (old log-probs = the sampler's)"),
+    ("grpo.scale_rewards", "\"group\"", "group | batch | none: divide advantages by the group's std, the batch's, or not (Dr. GRPO)"),
+    ("grpo.loss_type", "\"dapo\"", "grpo | dr_grpo | dapo | bnpo: how per-token losses are averaged"),
+    ("grpo.mask_truncated_completions", "false", "completions that hit max_completion_len get no loss"),
+    ("grpo.log_completions", "true", "write completions.jsonl (prompt, completion, rewards, advantage) every run.log_every steps"),
+    ("grpo.stop", "[]", "stop strings: generation ends after any of them"),
+    ("grpo.rewards", "(required)", "reward functions: [{ name = \"answer_match\", weight = 1.0, ...params }]; see `ferrotune rewards`"),
 ];
 
 /// Apply `key=value` overrides to a parsed TOML table. The value is parsed as a TOML value,
@@ -416,6 +501,90 @@ impl RunConfig {
                 ),
             );
         }
+        match (&self.sft, &self.grpo) {
+            (Some(_), Some(_)) => {
+                return bad("grpo", "a run is either [sft] or [grpo], not both".into())
+            }
+            (None, None) => {
+                return bad(
+                    "sft",
+                    "the config needs a method section: [sft] or [grpo]".into(),
+                )
+            }
+            _ => {}
+        }
+        if let Some(g) = &self.grpo {
+            if g.num_generations < 2 {
+                return bad(
+                    "grpo.num_generations",
+                    "must be at least 2 (advantages are relative to the group)".into(),
+                );
+            }
+            let per_step = self.run.batch_size * self.run.gradient_accumulation_steps;
+            if !per_step.is_multiple_of(g.num_generations) {
+                return bad(
+                    "grpo.num_generations",
+                    format!("run.batch_size x run.gradient_accumulation_steps = {per_step} completions per step must be divisible by num_generations = {}", g.num_generations),
+                );
+            }
+            if g.max_prompt_len == 0 || g.max_completion_len == 0 {
+                return bad(
+                    "grpo.max_completion_len",
+                    "max_prompt_len and max_completion_len must be at least 1".into(),
+                );
+            }
+            if !(g.temperature > 0.0 && g.temperature.is_finite()) {
+                return bad(
+                    "grpo.temperature",
+                    "must be positive (GRPO needs sampled completions)".into(),
+                );
+            }
+            if !(g.top_p > 0.0 && g.top_p <= 1.0) {
+                return bad("grpo.top_p", "must be in (0, 1]".into());
+            }
+            if g.beta < 0.0 || !g.beta.is_finite() {
+                return bad("grpo.beta", "must be >= 0".into());
+            }
+            if !(0.0..1.0).contains(&g.epsilon) {
+                return bad("grpo.epsilon", "must be in [0, 1)".into());
+            }
+            if g.epsilon_high.is_some_and(|e| e < 0.0 || !e.is_finite()) {
+                return bad("grpo.epsilon_high", "must be >= 0".into());
+            }
+            if g.num_iterations == 0 {
+                return bad("grpo.num_iterations", "must be at least 1".into());
+            }
+            if self.run.save_every > 0 && !self.run.save_every.is_multiple_of(g.num_iterations) {
+                return bad(
+                    "run.save_every",
+                    format!("must be a multiple of grpo.num_iterations = {} (checkpoints are taken between generation batches, so resume is exact)", g.num_iterations),
+                );
+            }
+            if !["group", "batch", "none"].contains(&g.scale_rewards.as_str()) {
+                return bad(
+                    "grpo.scale_rewards",
+                    format!("`{}` is not one of group, batch, none", g.scale_rewards),
+                );
+            }
+            if !["grpo", "dr_grpo", "dapo", "bnpo"].contains(&g.loss_type.as_str()) {
+                return bad(
+                    "grpo.loss_type",
+                    format!("`{}` is not one of grpo, dr_grpo, dapo, bnpo", g.loss_type),
+                );
+            }
+            if g.rewards.is_empty() {
+                return bad(
+                    "grpo.rewards",
+                    "needs at least one reward function, e.g. rewards = [{ name = \"answer_match\" }]".into(),
+                );
+            }
+            if self.data.packing {
+                return bad(
+                    "data.packing",
+                    "does not apply to GRPO (prompts are generated from, not packed)".into(),
+                );
+            }
+        }
         if self.lora.is_none() && self.model.path.extension().is_some_and(|e| e == "gguf") {
             return bad(
                 "lora",
@@ -504,7 +673,10 @@ mod tests {
             );
         }
         for k in explained {
-            if ["model", "lora", "data", "optim", "run", "sft"].contains(&k) || k == "data.eval" {
+            if ["model", "lora", "data", "optim", "run", "sft", "grpo"].contains(&k)
+                || k == "data.eval"
+                || k.starts_with("grpo.")
+            {
                 continue;
             }
             assert!(
@@ -512,6 +684,40 @@ mod tests {
                 "KEYS lists {k}, which the structs do not have"
             );
         }
+    }
+
+    /// The `[grpo]` keys and `KEYS` agree both ways, and a GRPO config validates.
+    #[test]
+    fn grpo_keys_are_explained() {
+        let t: toml::Table = toml::from_str(
+            "[model]\npath = \"m\"\n[lora]\n[data]\ntrain = \"t.jsonl\"\n[run]\noutput_dir = \"o\"\nbatch_size = 8\n[grpo]\nepsilon_high = 0.28\nrewards = [{ name = \"answer_match\" }]\n",
+        )
+        .unwrap();
+        let cfg = RunConfig::deserialize(t).unwrap();
+        cfg.validate(Path::new("c.toml")).unwrap();
+        let full: toml::Table = toml::from_str(&cfg.to_toml()).unwrap();
+        let mut keys = Vec::new();
+        leaf_keys("", &full, &mut keys);
+        let grpo_keys: Vec<&String> = keys.iter().filter(|k| k.starts_with("grpo.")).collect();
+        let explained: Vec<&str> = KEYS
+            .iter()
+            .map(|(k, _, _)| *k)
+            .filter(|k| k.starts_with("grpo."))
+            .collect();
+        for k in &grpo_keys {
+            assert!(explained.contains(&k.as_str()), "key {k} is not in KEYS");
+        }
+        for k in explained {
+            assert!(
+                grpo_keys.iter().any(|x| *x == k),
+                "KEYS lists {k}, which [grpo] does not have"
+            );
+        }
+        // batch 8 with G = 3 cannot form whole groups.
+        let mut bad = cfg.clone();
+        bad.grpo.as_mut().unwrap().num_generations = 3;
+        let e = bad.validate(Path::new("c.toml")).unwrap_err().to_string();
+        assert!(e.contains("grpo.num_generations") && e.contains("divisible"), "{e}");
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! evaluation room (perplexity). Trainers and the CLI's plumbing live in their own modules.
 
 pub mod config;
+pub mod corpus;
 pub mod eval;
+pub mod grpo_run;
 pub mod lm;
+pub mod pretrain_run;
 pub mod sft_run;

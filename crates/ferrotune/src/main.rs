@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ferrotune::config::{self, RunConfig};
 use ferrotune::eval::perplexity;
+use ferrotune::grpo_run::run_grpo;
 use ferrotune::lm::{parse_device, parse_dtype, Lm};
 use ferrotune::sft_run::run_sft;
 use ferrotune_generate::{generate, GenerateOptions, SamplingParams};
@@ -42,6 +43,56 @@ struct ModelArgs {
     /// A PEFT LoRA adapter folder to apply on top of the model (unmerged).
     #[arg(long)]
     adapter: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Generate a dataset: JSONL rows with `prompt` and `answer` (TRL's prompt-only format).
+    Gen {
+        #[command(subcommand)]
+        kind: GenKind,
+    },
+}
+
+#[derive(Args, Clone)]
+struct GenCommon {
+    /// How many problems (never repeating within the file).
+    #[arg(long)]
+    n: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output JSONL file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Write conversational prompts ([{role, content}]) instead of plain text.
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat prompts.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// Leave out every prompt of these JSONL files (e.g. the training set, for a held-out set).
+    #[arg(long)]
+    exclude: Vec<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum GenKind {
+    /// `What is 47 + 815?` with the exact integer answer.
+    Arithmetic {
+        #[command(flatten)]
+        common: GenCommon,
+        /// Operand digits, e.g. 1..4 or 2.
+        #[arg(long, default_value = "1..3")]
+        digits: String,
+        /// Operators, e.g. +-*/ (division is always exact).
+        #[arg(long, default_value = "+-")]
+        ops: String,
+    },
+    /// Word problems from templates, with exact integer answers.
+    WordProblems {
+        #[command(flatten)]
+        common: GenCommon,
+    },
 }
 
 #[derive(Subcommand)]
@@ -126,6 +177,23 @@ enum Cmd {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Pretrain a small Llama from scratch (tokenizer, init, next-token training) from a TOML
+    /// config; writes a Hugging Face folder. Example: configs/pretrain-demo.toml.
+    Pretrain {
+        /// The pretrain config (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Override a config key: --set run.max_steps=100 (repeatable).
+        #[arg(long = "set")]
+        sets: Vec<String>,
+    },
+    /// Synthetic datasets for verifiable domains.
+    Data {
+        #[command(subcommand)]
+        cmd: DataCmd,
+    },
+    /// List the reward functions usable in `grpo.rewards`, with their parameters.
+    Rewards,
     /// Run the whole recipe on the embedded model (coming with the demo issue).
     Demo,
 }
@@ -255,8 +323,24 @@ fn run(cli: Cli) -> Result<()> {
                     );
                 }
             }
-            if cfg.sft.is_none() {
-                bail!("the config has no method section: add [sft] (the only trainer so far)");
+            if cfg.grpo.is_some() {
+                let s = run_grpo(&cfg, resume.is_some(), overwrite)?;
+                let f = |x: Option<f64>| x.map(|v| format!("{v:.3}")).unwrap_or("-".into());
+                println!(
+                    "done: {} steps, mean reward {} -> {}{}, max |ratio - 1| on first iterations {:.1e}, {} health findings{}",
+                    s.steps,
+                    f(s.first_reward),
+                    f(s.last_reward),
+                    s.last_eval_reward
+                        .map(|e| format!(", eval reward {} -> {e:.3}", f(s.first_eval_reward)))
+                        .unwrap_or_default(),
+                    s.max_first_ratio_dev,
+                    s.findings.len(),
+                    s.last_checkpoint
+                        .map(|p| format!(", checkpoint {}", p.display()))
+                        .unwrap_or_default()
+                );
+                return Ok(());
             }
             let summary = run_sft(&cfg, resume.is_some(), overwrite)?;
             println!(
@@ -313,6 +397,37 @@ fn run(cli: Cli) -> Result<()> {
                 report.merged.len()
             );
         }
+        Cmd::Pretrain { config, sets } => {
+            let cfg = ferrotune::pretrain_run::PretrainConfig::load(&config, &sets)?;
+            let s = ferrotune::pretrain_run::pretrain(&cfg, false)?;
+            println!(
+                "done: {} steps in {:.0}s, loss {} -> {}{}, wrote {}",
+                s.sft.steps,
+                s.seconds,
+                s.sft
+                    .first_loss
+                    .map(|l| format!("{l:.4}"))
+                    .unwrap_or("-".into()),
+                s.sft
+                    .last_loss
+                    .map(|l| format!("{l:.4}"))
+                    .unwrap_or("-".into()),
+                s.sft
+                    .last_eval_loss
+                    .map(|l| format!(", eval loss {l:.4}"))
+                    .unwrap_or_default(),
+                s.model_dir.display()
+            );
+        }
+        Cmd::Data {
+            cmd: DataCmd::Gen { kind },
+        } => gen_data(kind)?,
+        Cmd::Rewards => {
+            println!("reward functions for grpo.rewards = [{{ name = \"...\", weight = 1.0, ...params }}]:\n");
+            for (name, help) in ferrotune_rewards::available() {
+                println!("{name:<18} {help}");
+            }
+        }
         Cmd::Demo => {
             bail!("`ferrotune demo` is coming (issue: demo and evaluation); see README.md");
         }
@@ -340,4 +455,70 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `ferrotune data gen ...`
+fn gen_data(kind: GenKind) -> Result<()> {
+    use ferrotune_data::{
+        arithmetic_excluding, parse_digits, parse_ops, prompt_examples, read_rows,
+        word_problems_excluding, write_jsonl, ArithmeticSpec, Example, PromptFormat, Segment,
+        WordSpec,
+    };
+    let common = match &kind {
+        GenKind::Arithmetic { common, .. } | GenKind::WordProblems { common } => common.clone(),
+    };
+    // Prompts to leave out, as the generator writes them (the user turn for chat files).
+    let mut exclude = std::collections::HashSet::new();
+    for p in &common.exclude {
+        for ex in prompt_examples(&read_rows(p)?, p)? {
+            if let Example::Prompt { prompt, .. } = ex {
+                match prompt {
+                    Segment::Text(t) => exclude.insert(t),
+                    Segment::Chat(m) => exclude.insert(
+                        m.iter()
+                            .rev()
+                            .find(|m| m.role == "user")
+                            .map(|m| m.content.clone())
+                            .unwrap_or_default(),
+                    ),
+                };
+            }
+        }
+    }
+    let problems = match &kind {
+        GenKind::Arithmetic { digits, ops, .. } => {
+            let spec = ArithmeticSpec {
+                n: common.n,
+                seed: common.seed,
+                digits: parse_digits(digits).with_context(|| "--digits")?,
+                ops: parse_ops(ops).with_context(|| "--ops")?,
+            };
+            arithmetic_excluding(&spec, &exclude)?
+        }
+        GenKind::WordProblems { .. } => word_problems_excluding(
+            &WordSpec {
+                n: common.n,
+                seed: common.seed,
+            },
+            &exclude,
+        )?,
+    };
+    let format = if common.chat {
+        PromptFormat::Chat {
+            system: common.system.clone(),
+        }
+    } else {
+        PromptFormat::Text
+    };
+    if let Some(dir) = common.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
+    }
+    write_jsonl(&problems, &common.out, &format)?;
+    println!(
+        "wrote {} problems to {}",
+        problems.len(),
+        common.out.display()
+    );
+    Ok(())
 }

@@ -71,9 +71,9 @@ fn load_sft_data(lm: &Lm, path: &Path, cfg: &RunConfig) -> Result<(Vec<Tokenized
     Ok((set.items, note))
 }
 
-struct CliObserver {
-    log: RunLog,
-    progress: Progress,
+pub(crate) struct CliObserver {
+    pub(crate) log: RunLog,
+    pub(crate) progress: Progress,
 }
 
 impl Observer for CliObserver {
@@ -89,10 +89,15 @@ impl Observer for CliObserver {
     }
 }
 
-/// Run (or resume) an SFT config. `resume` = the run folder to continue.
-pub fn run_sft(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<SftSummary> {
+/// Open (resume) or create the run folder of `cfg`; with `resume`, the newest complete
+/// checkpoint too.
+pub(crate) fn open_run(
+    cfg: &RunConfig,
+    resume: bool,
+    overwrite: bool,
+) -> Result<(RunDir, Option<ferrotune_ckpt::Checkpoint>)> {
     let out = &cfg.run.output_dir;
-    let (run, checkpoint) = if resume {
+    Ok(if resume {
         let run = RunDir::open(out)?;
         let latest = latest_complete(&run)?
             .with_context(|| format!("{}: no complete checkpoint to resume from", out.display()))?;
@@ -108,7 +113,11 @@ pub fn run_sft(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<SftSumm
             OnExisting::Refuse
         };
         (RunDir::create(out, on)?, None)
-    };
+    })
+}
+
+/// Load the model of `cfg` with adapters attached (or every weight trainable without `[lora]`).
+pub(crate) fn load_model(cfg: &RunConfig) -> Result<(Lm, Option<LoraConfig>)> {
     let lora = cfg.lora.as_ref().map(lora_config);
     let opts = LoadOptions {
         dtype: parse_dtype(&cfg.model.dtype)?,
@@ -123,7 +132,16 @@ pub fn run_sft(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<SftSumm
         );
     }
     let lm = Lm::load(&cfg.model.path, &opts)?;
-    let trainable = match &lora {
+    Ok((lm, lora))
+}
+
+/// The trainable parameters: the adapters, or every weight.
+pub(crate) fn trainable<'a>(
+    cfg: &RunConfig,
+    lm: &Lm,
+    lora: &'a Option<LoraConfig>,
+) -> Result<Trainable<'a>> {
+    Ok(match lora {
         Some(l) => {
             let params: Vec<_> = lm
                 .model
@@ -164,9 +182,16 @@ pub fn run_sft(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<SftSumm
             }
         }
         None => Trainable::Full {
-            params: lm_base_params(&lm)?,
+            params: lm_base_params(lm)?,
         },
-    };
+    })
+}
+
+/// Run (or resume) an SFT config. `resume` = the run folder to continue.
+pub fn run_sft(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<SftSummary> {
+    let (run, checkpoint) = open_run(cfg, resume, overwrite)?;
+    let (lm, lora) = load_model(cfg)?;
+    let trainable = trainable(cfg, &lm, &lora)?;
     let (mut train, note) = load_sft_data(&lm, &cfg.data.train, cfg)?;
     eprintln!("{note}");
     let mut eval = Vec::new();
@@ -216,18 +241,7 @@ fn train_with<S: Sequence>(
             .ceil()
             .max(1.0) as usize
     };
-    let kind: ScheduleKind = cfg
-        .optim
-        .lr_scheduler_type
-        .parse()
-        .map_err(|e| anyhow::anyhow!("optim.lr_scheduler_type: {e}"))?;
-    let warmup = if cfg.optim.warmup_ratio > 0.0 {
-        Warmup::Ratio(cfg.optim.warmup_ratio)
-    } else {
-        Warmup::Steps(cfg.optim.warmup_steps)
-    };
-    let schedule = Schedule::new(kind, warmup, total_steps)
-        .map_err(|e| anyhow::anyhow!("optim.lr_scheduler_type: {e}"))?;
+    let schedule = schedule(cfg, total_steps)?;
     let plan = SftPlan {
         seed: cfg.run.seed,
         total_steps,
@@ -235,11 +249,7 @@ fn train_with<S: Sequence>(
         grad_accum: cfg.run.gradient_accumulation_steps,
         learning_rate: cfg.optim.learning_rate,
         schedule,
-        adamw: AdamWConfig {
-            betas: (cfg.optim.adam_beta1, cfg.optim.adam_beta2),
-            eps: cfg.optim.adam_epsilon,
-            weight_decay: cfg.optim.weight_decay,
-        },
+        adamw: adamw(cfg),
         max_grad_norm: cfg.optim.max_grad_norm,
         log_every: cfg.run.log_every,
         save_every: cfg.run.save_every,
@@ -293,6 +303,31 @@ fn train_with<S: Sequence>(
         eprintln!("warning: plots not written: {e}");
     }
     Ok(summary)
+}
+
+/// The learning-rate schedule of `cfg` over `total_steps`.
+pub(crate) fn schedule(cfg: &RunConfig, total_steps: usize) -> Result<Schedule> {
+    let kind: ScheduleKind = cfg
+        .optim
+        .lr_scheduler_type
+        .parse()
+        .map_err(|e| anyhow::anyhow!("optim.lr_scheduler_type: {e}"))?;
+    let warmup = if cfg.optim.warmup_ratio > 0.0 {
+        Warmup::Ratio(cfg.optim.warmup_ratio)
+    } else {
+        Warmup::Steps(cfg.optim.warmup_steps)
+    };
+    let schedule = Schedule::new(kind, warmup, total_steps)
+        .map_err(|e| anyhow::anyhow!("optim.lr_scheduler_type: {e}"))?;
+    Ok(schedule)
+}
+
+pub(crate) fn adamw(cfg: &RunConfig) -> AdamWConfig {
+    AdamWConfig {
+        betas: (cfg.optim.adam_beta1, cfg.optim.adam_beta2),
+        eps: cfg.optim.adam_epsilon,
+        weight_decay: cfg.optim.weight_decay,
+    }
 }
 
 fn lm_base_params(lm: &Lm) -> Result<Vec<(String, candle_core::Var)>> {

@@ -1,0 +1,283 @@
+//! RL health checks: turn a GRPO run's numbers into words while it runs. Each check looks at
+//! the recent rollouts (and KL) and names a known failure with what to do about it:
+//!
+//! | code | fires when | usual cause / fix |
+//! |---|---|---|
+//! | `no_signal` | every group of the latest batch has identical rewards | task too hard/easy or too little exploration: raise temperature or num_generations |
+//! | `truncation` | > 20% of completions hit max_completion_len (mean of the last 3 batches) | raise max_completion_len, add a `length` reward, or mask_truncated_completions |
+//! | `length_hacking` | mean length grew > 30% over the window while the mean reward moved < 0.02 | the policy pads; check rewards, use dr_grpo/dapo |
+//! | `long_wrong` | wrong answers are > 1.5× longer than right ones (last 3 batches) | per-sequence mean (`grpo`) dilutes the penalty of long wrong answers: `dr_grpo`/`dapo` |
+//! | `format_hacking` | a format reward is ≥ 0.95 while correctness (< 0.5) moved < 0.02 over the window | the format is learned, the task is not: reweight, or more SFT |
+//! | `kl_rising` | KL > 4× its value 5 steps earlier and above 0.05, or above 1.0 | learning rate too high or β too small |
+//!
+//! A finding is reported when its condition becomes true (not again while it stays true). The
+//! thresholds are ours (rules of thumb), documented here and in the findings' text.
+//! Owns: the rules. Does not own: printing or files (the caller records findings).
+
+use serde::Serialize;
+
+use crate::grpo::RewardRole;
+use crate::grpo_loss::LossType;
+
+/// One named problem at a step.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Finding {
+    pub code: &'static str,
+    pub step: usize,
+    pub message: String,
+}
+
+/// What one generation batch looked like.
+#[derive(Debug, Clone)]
+pub struct HealthStats {
+    pub step: usize,
+    pub reward_mean: f64,
+    /// (label, role, mean) per reward function.
+    pub reward_means: Vec<(String, RewardRole, f64)>,
+    pub len_mean: f64,
+    pub len_right: Option<f64>,
+    pub len_wrong: Option<f64>,
+    pub truncated_frac: f64,
+    pub zero_std_frac: f64,
+    pub kl: Option<f64>,
+}
+
+/// Keeps the history and which findings are active.
+pub struct HealthMonitor {
+    loss_type: LossType,
+    rollouts: Vec<HealthStats>,
+    kls: Vec<(usize, f64)>,
+    active: Vec<&'static str>,
+}
+
+const WINDOW: usize = 16;
+const MIN_TREND: usize = 8;
+
+fn mean(xs: impl Iterator<Item = f64>) -> f64 {
+    let (s, n) = xs.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 {
+        f64::NAN
+    } else {
+        s / n as f64
+    }
+}
+
+impl HealthMonitor {
+    pub fn new(loss_type: LossType) -> Self {
+        HealthMonitor {
+            loss_type,
+            rollouts: Vec::new(),
+            kls: Vec::new(),
+            active: Vec::new(),
+        }
+    }
+
+    pub fn push_rollout(&mut self, s: HealthStats) {
+        self.rollouts.push(s);
+    }
+
+    pub fn push_kl(&mut self, step: usize, kl: f64) {
+        self.kls.push((step, kl));
+    }
+
+    /// Conditions that hold now, with their messages.
+    fn conditions(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let Some(last) = self.rollouts.last() else {
+            return out;
+        };
+        if last.zero_std_frac >= 1.0 {
+            out.push((
+                "no_signal",
+                format!(
+                    "every group got identical rewards (mean reward {:.3}): no learning signal; raise temperature or num_generations, or change the task difficulty",
+                    last.reward_mean
+                ),
+            ));
+        }
+        let recent = &self.rollouts[self.rollouts.len().saturating_sub(3)..];
+        let trunc = mean(recent.iter().map(|r| r.truncated_frac));
+        if trunc > 0.2 {
+            out.push((
+                "truncation",
+                format!(
+                    "{:.0}% of completions hit max_completion_len: raise it, add a `length` reward, or set mask_truncated_completions",
+                    trunc * 100.0
+                ),
+            ));
+        }
+        let pairs: Vec<(f64, f64)> = recent
+            .iter()
+            .filter_map(|r| Some((r.len_right?, r.len_wrong?)))
+            .collect();
+        if !pairs.is_empty() {
+            let right = mean(pairs.iter().map(|p| p.0));
+            let wrong = mean(pairs.iter().map(|p| p.1));
+            if wrong > 1.5 * right {
+                let advice = if self.loss_type == LossType::Grpo {
+                    "loss_type = grpo averages per sequence, so each token of a long wrong answer is penalised less; dr_grpo or dapo remove that bias"
+                } else {
+                    "check whether long answers ramble"
+                };
+                out.push((
+                    "long_wrong",
+                    format!(
+                        "wrong answers are {:.1}x longer than right ones ({wrong:.0} vs {right:.0} tokens): {advice}",
+                        wrong / right.max(1e-9)
+                    ),
+                ));
+            }
+        }
+        let win = &self.rollouts[self.rollouts.len().saturating_sub(WINDOW)..];
+        if win.len() >= MIN_TREND {
+            let h = win.len() / 2;
+            let (a, b) = (&win[..h], &win[h..]);
+            let len_a = mean(a.iter().map(|r| r.len_mean));
+            let len_b = mean(b.iter().map(|r| r.len_mean));
+            let rew_a = mean(a.iter().map(|r| r.reward_mean));
+            let rew_b = mean(b.iter().map(|r| r.reward_mean));
+            if len_b > 1.3 * len_a && rew_b - rew_a < 0.02 {
+                out.push((
+                    "length_hacking",
+                    format!(
+                        "completion length grew {len_a:.0} → {len_b:.0} tokens while mean reward stayed flat ({rew_a:.3} → {rew_b:.3}): the policy may be padding"
+                    ),
+                ));
+            }
+            let role_mean = |part: &[HealthStats], role: RewardRole| -> Option<(String, f64)> {
+                let label = part
+                    .last()?
+                    .reward_means
+                    .iter()
+                    .find(|(_, r, m)| *r == role && m.is_finite())?
+                    .0
+                    .clone();
+                let m = mean(part.iter().filter_map(|r| {
+                    r.reward_means
+                        .iter()
+                        .find(|(l, _, m)| *l == label && m.is_finite())
+                        .map(|x| x.2)
+                }));
+                Some((label, m))
+            };
+            if let (Some((fl, fb)), Some((cl, ca)), Some((_, cb))) = (
+                role_mean(b, RewardRole::Format),
+                role_mean(a, RewardRole::Correctness),
+                role_mean(b, RewardRole::Correctness),
+            ) {
+                if fb >= 0.95 && cb < 0.5 && cb - ca < 0.02 {
+                    out.push((
+                        "format_hacking",
+                        format!(
+                            "`{fl}` is saturated ({fb:.2}) while `{cl}` is flat ({ca:.2} → {cb:.2}): the format is learned, the task is not; lower the format weight or add SFT"
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(&(_, kl)) = self.kls.last() {
+            let before = self.kls.len().checked_sub(6).map(|i| self.kls[i].1);
+            let fast = before.is_some_and(|b| kl > 4.0 * b && kl > 0.05);
+            if kl > 1.0 || fast {
+                out.push((
+                    "kl_rising",
+                    format!(
+                        "KL to the reference is {kl:.3}{}: lower the learning rate or raise beta",
+                        before
+                            .map(|b| format!(" (was {b:.3} 5 steps ago)"))
+                            .unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+        out
+    }
+
+    /// New findings (conditions that just became true).
+    pub fn check(&mut self) -> Vec<Finding> {
+        let step = self
+            .rollouts
+            .last()
+            .map(|r| r.step)
+            .max(self.kls.last().map(|k| k.0))
+            .unwrap_or(0);
+        let now = self.conditions();
+        let fresh: Vec<Finding> = now
+            .iter()
+            .filter(|(c, _)| !self.active.contains(c))
+            .map(|(c, m)| Finding {
+                code: c,
+                step,
+                message: m.clone(),
+            })
+            .collect();
+        self.active = now.iter().map(|(c, _)| *c).collect();
+        fresh
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(step: usize, reward: f64, len: f64) -> HealthStats {
+        HealthStats {
+            step,
+            reward_mean: reward,
+            reward_means: vec![
+                ("format_tags".into(), RewardRole::Format, 1.0),
+                ("answer_match".into(), RewardRole::Correctness, 0.1),
+            ],
+            len_mean: len,
+            len_right: Some(10.0),
+            len_wrong: Some(12.0),
+            truncated_frac: 0.0,
+            zero_std_frac: 0.0,
+            kl: None,
+        }
+    }
+
+    #[test]
+    fn healthy_run_has_no_findings_and_each_problem_is_named_once() {
+        let mut m = HealthMonitor::new(LossType::Grpo);
+        for s in 1..=4 {
+            let mut h = stats(s, 0.1 * s as f64, 20.0);
+            h.reward_means[0].2 = 0.5;
+            h.reward_means[1].2 = 0.1 * s as f64;
+            m.push_rollout(h);
+            assert!(m.check().is_empty());
+        }
+        // All groups flat → no_signal, reported once while it lasts.
+        let mut h = stats(5, 0.4, 20.0);
+        h.zero_std_frac = 1.0;
+        m.push_rollout(h.clone());
+        let f = m.check();
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].code, "no_signal");
+        h.step = 6;
+        m.push_rollout(h);
+        assert!(m.check().is_empty());
+    }
+
+    #[test]
+    fn length_hacking_format_hacking_long_wrong_truncation_and_kl() {
+        let mut m = HealthMonitor::new(LossType::Grpo);
+        for s in 1..=10 {
+            let mut h = stats(s, 1.0, 20.0 + 10.0 * s as f64);
+            h.len_wrong = Some(40.0);
+            h.truncated_frac = if s > 7 { 0.5 } else { 0.0 };
+            m.push_rollout(h);
+            m.push_kl(s, 0.01 * 2f64.powi(s as i32));
+        }
+        let codes: Vec<&str> = m.check().iter().map(|f| f.code).collect();
+        for c in [
+            "length_hacking",
+            "format_hacking",
+            "long_wrong",
+            "truncation",
+            "kl_rising",
+        ] {
+            assert!(codes.contains(&c), "{c} missing from {codes:?}");
+        }
+    }
+}

@@ -1,0 +1,450 @@
+//! `ferrotune train` for a `[grpo]` config: prompts (TRL's `prompt` column, plain or
+//! conversational, with `answer` and any other columns for the rewards) → token ids → the GRPO
+//! loop of `ferrotune-train`, with the text side supplied here: decoding, stop strings, the
+//! reward functions of `ferrotune-rewards`, and `completions.jsonl`. Health findings go to the
+//! terminal and to `health.jsonl` in the run folder; plots are drawn at the end.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use ferrotune_data::{prompt_examples, read_rows, split, EvalSize, Example, Segment};
+use ferrotune_generate::{Finish, Generation, SamplingParams};
+use ferrotune_report::{plot_metrics, Progress, RunLog};
+use ferrotune_rewards::{RewardSet, RewardSpec, Sample};
+use ferrotune_tokenize::Tokenizer;
+use ferrotune_train::grpo::{
+    train_grpo, CompletionRecord, GrpoEnv, GrpoPlan, GrpoSummary, RewardRole, Split,
+};
+use ferrotune_train::grpo_loss::{LossType, ScaleRewards};
+use ferrotune_train::sft::Observer;
+use serde_json::{json, Map, Value};
+
+use crate::config::{GrpoSection, RunConfig};
+use crate::lm::Lm;
+use crate::sft_run::{adamw, load_model, open_run, schedule, trainable, CliObserver};
+
+/// A prompt ready to generate from.
+#[derive(Debug, Clone)]
+pub struct PromptItem {
+    pub ids: Vec<u32>,
+    /// The prompt as the model sees it (chat prompts: rendered with the template).
+    pub text: String,
+    /// Every column of the row (incl. `answer`), for the rewards.
+    pub row: Map<String, Value>,
+}
+
+/// Tokenize prompt examples: chat prompts through the chat template with the generation
+/// prompt, plain ones as they are (no special tokens added, as TRL); longer than `max_len`
+/// keeps the last tokens. Returns the items and how many were cut.
+pub fn prompt_items(
+    tok: &Tokenizer,
+    examples: &[Example],
+    max_len: usize,
+    path: &Path,
+) -> Result<(Vec<PromptItem>, usize)> {
+    let mut out = Vec::with_capacity(examples.len());
+    let mut cut = 0;
+    for (i, ex) in examples.iter().enumerate() {
+        let Example::Prompt {
+            prompt,
+            answer,
+            fields,
+        } = ex
+        else {
+            bail!("{}: row {}: not a prompt row", path.display(), i + 1);
+        };
+        let (mut ids, text) = match prompt {
+            Segment::Text(t) => (
+                tok.encode(t, false)
+                    .with_context(|| format!("{}: row {}", path.display(), i + 1))?,
+                t.clone(),
+            ),
+            Segment::Chat(msgs) => {
+                let r = tok
+                    .render(msgs, true)
+                    .with_context(|| format!("{}: row {}", path.display(), i + 1))?;
+                (r.ids, r.text)
+            }
+        };
+        if ids.is_empty() {
+            bail!("{}: row {}: the prompt is empty", path.display(), i + 1);
+        }
+        if ids.len() > max_len {
+            ids.drain(..ids.len() - max_len);
+            cut += 1;
+        }
+        let mut row = fields.clone();
+        if let Some(a) = answer {
+            row.entry("answer")
+                .or_insert_with(|| Value::String(a.clone()));
+        }
+        out.push(PromptItem { ids, text, row });
+    }
+    Ok((out, cut))
+}
+
+/// Read a prompt file into items.
+pub fn load_prompts(tok: &Tokenizer, path: &Path, max_len: usize) -> Result<Vec<PromptItem>> {
+    let rows = read_rows(path)?;
+    let examples = prompt_examples(&rows, path)?;
+    let (items, cut) = prompt_items(tok, &examples, max_len, path)?;
+    if cut > 0 {
+        eprintln!(
+            "warning: {}: {cut} of {} prompts longer than max_prompt_len = {max_len} tokens keep only their last {max_len}",
+            path.display(),
+            items.len()
+        );
+    }
+    Ok(items)
+}
+
+/// The text side of a GRPO run.
+pub struct TextEnv<'a> {
+    pub tokenizer: &'a Tokenizer,
+    pub train: Vec<PromptItem>,
+    pub eval: Vec<PromptItem>,
+    pub rewards: RewardSet,
+    pub roles: Vec<RewardRole>,
+    pub stop: Vec<String>,
+    /// `completions.jsonl`, when logging completions.
+    pub completions: Option<std::fs::File>,
+}
+
+/// What a reward function measures, by its registry name.
+pub fn role_of(name: &str) -> RewardRole {
+    match name {
+        "answer_match" | "code_tests" => RewardRole::Correctness,
+        "format_tags" => RewardRole::Format,
+        _ => RewardRole::Other,
+    }
+}
+
+/// Parse the `grpo.rewards` tables into specs (errors name the entry).
+pub fn reward_specs(g: &GrpoSection) -> Result<Vec<RewardSpec>> {
+    g.rewards
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            RewardSpec::deserialize(toml::Value::Table(t.clone()))
+                .map_err(|e| anyhow::anyhow!("grpo.rewards[{i}]: {e}"))
+        })
+        .collect()
+}
+
+use serde::Deserialize;
+
+impl TextEnv<'_> {
+    fn items(&self, split: Split) -> &[PromptItem] {
+        match split {
+            Split::Train => &self.train,
+            Split::Eval => &self.eval,
+        }
+    }
+
+    fn decode(&self, ids: &[u32]) -> String {
+        self.tokenizer.decode(ids, true).unwrap_or_default()
+    }
+}
+
+impl GrpoEnv for TextEnv<'_> {
+    fn len(&self, split: Split) -> usize {
+        self.items(split).len()
+    }
+    fn prompt_ids(&self, split: Split, index: usize) -> &[u32] {
+        &self.items(split)[index].ids
+    }
+    fn reward_labels(&self) -> Vec<String> {
+        self.rewards.labels()
+    }
+    fn reward_weights(&self) -> Vec<f64> {
+        self.rewards.weights()
+    }
+    fn reward_roles(&self) -> Vec<RewardRole> {
+        self.roles.clone()
+    }
+    fn score(
+        &mut self,
+        split: Split,
+        items: &[usize],
+        gens: &[Generation],
+    ) -> std::result::Result<Vec<Vec<Option<f64>>>, String> {
+        let texts: Vec<String> = gens.iter().map(|g| self.decode(&g.ids)).collect();
+        let pool = self.items(split);
+        let samples: Vec<Sample> = items
+            .iter()
+            .zip(&texts)
+            .zip(gens)
+            .map(|((&i, t), g)| Sample {
+                prompt: &pool[i].text,
+                completion: t,
+                completion_tokens: g.ids.len(),
+                row: &pool[i].row,
+            })
+            .collect();
+        Ok(self.rewards.score(&samples).per_reward)
+    }
+    fn stop(&self, ids: &[u32]) -> bool {
+        if self.stop.is_empty() {
+            return false;
+        }
+        // Stop strings are short: the tail of the completion is enough to find them.
+        let tail = self.decode(&ids[ids.len().saturating_sub(16)..]);
+        self.stop.iter().any(|s| tail.contains(s.as_str()))
+    }
+    fn record(&mut self, step: usize, rows: &[CompletionRecord]) {
+        let labels = self.rewards.labels();
+        let lines: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                let rewards: Map<String, Value> = labels
+                    .iter()
+                    .zip(&r.rewards)
+                    .map(|(l, s)| (l.clone(), s.map_or(Value::Null, |v| json!(v))))
+                    .collect();
+                json!({
+                    "step": step,
+                    "prompt": self.train[r.item].text,
+                    "completion": self.decode(&r.ids),
+                    "rewards": rewards,
+                    "reward": r.total,
+                    "advantage": r.advantage,
+                    "tokens": r.ids.len(),
+                    "finish": match r.finish { Finish::Eos => "eos", Finish::Stop => "stop", Finish::Length => "length" },
+                })
+                .to_string()
+            })
+            .collect();
+        if let Some(f) = self.completions.as_mut() {
+            for l in lines {
+                // Logging is advisory: a full disk must not stop training here (metrics
+                // writing reports it).
+                let _ = writeln!(f, "{l}");
+            }
+        }
+    }
+}
+
+/// The progress line shows a few headline numbers; metrics.jsonl gets all of them.
+struct GrpoObserver {
+    inner: CliObserver,
+    health: Option<std::fs::File>,
+}
+
+const HEADLINE: &[&str] = &[
+    "reward",
+    "kl",
+    "completions/mean_length",
+    "loss",
+    "tokens_per_s/rollout",
+    "eval/reward",
+];
+
+impl Observer for GrpoObserver {
+    fn metrics(&mut self, step: usize, values: &[(&str, f64)]) {
+        if let Err(e) = self.inner.log.log(step as u64, values) {
+            self.inner
+                .progress
+                .println(&format!("warning: cannot write metrics: {e}"));
+        }
+        let head: Vec<(&str, f64)> = values
+            .iter()
+            .filter(|(k, _)| HEADLINE.contains(k))
+            .map(|(k, v)| {
+                let short = match *k {
+                    "completions/mean_length" => "len",
+                    "tokens_per_s/rollout" => "gen_tok/s",
+                    other => other,
+                };
+                (short, *v)
+            })
+            .collect();
+        if !head.is_empty() {
+            self.inner.progress.update(step as u64, &head);
+        }
+    }
+    fn message(&mut self, msg: &str) {
+        if let (Some(f), Some(rest)) = (self.health.as_mut(), msg.strip_prefix("health [")) {
+            let _ = writeln!(f, "{}", json!({ "finding": rest }));
+        }
+        self.inner.progress.println(msg);
+    }
+}
+
+/// Plan of a GRPO run from the config.
+pub fn grpo_plan(cfg: &RunConfig, g: &GrpoSection, lm: &Lm, n_prompts: usize) -> Result<GrpoPlan> {
+    let completions_per_step = cfg.run.batch_size * cfg.run.gradient_accumulation_steps;
+    let prompts_per_step = completions_per_step / g.num_generations;
+    let total_steps = if cfg.run.max_steps > 0 {
+        cfg.run.max_steps
+    } else {
+        let rounds = (cfg.run.num_train_epochs * n_prompts as f64 / prompts_per_step as f64)
+            .ceil()
+            .max(1.0) as usize;
+        rounds * g.num_iterations
+    };
+    let loss_type: LossType = g
+        .loss_type
+        .parse()
+        .map_err(|e| anyhow::anyhow!("grpo.loss_type: {e}"))?;
+    let scale_rewards: ScaleRewards = g
+        .scale_rewards
+        .parse()
+        .map_err(|e| anyhow::anyhow!("grpo.scale_rewards: {e}"))?;
+    Ok(GrpoPlan {
+        seed: cfg.run.seed,
+        total_steps,
+        batch_size: cfg.run.batch_size,
+        grad_accum: cfg.run.gradient_accumulation_steps,
+        num_generations: g.num_generations,
+        num_iterations: g.num_iterations,
+        max_completion_len: g.max_completion_len,
+        sampling: SamplingParams {
+            temperature: g.temperature,
+            top_k: (g.top_k > 0).then_some(g.top_k),
+            top_p: (g.top_p < 1.0).then_some(g.top_p),
+            seed: cfg.run.seed,
+        },
+        loss_type,
+        scale_rewards,
+        epsilon: g.epsilon,
+        epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),
+        beta: g.beta,
+        mask_truncated_completions: g.mask_truncated_completions,
+        learning_rate: cfg.optim.learning_rate,
+        schedule: schedule(cfg, total_steps)?,
+        adamw: adamw(cfg),
+        max_grad_norm: cfg.optim.max_grad_norm,
+        log_every: cfg.run.log_every,
+        save_every: cfg.run.save_every,
+        eval_every: cfg.run.eval_every,
+        keep_last: cfg.run.keep_last,
+        max_nonfinite_steps: cfg.run.max_nonfinite_steps,
+        shuffle: cfg.data.shuffle,
+        log_completions: g.log_completions,
+        eos_ids: lm.eos_ids(),
+        pad_id: lm.pad_id(),
+    })
+}
+
+/// Plots of a GRPO run (reward curves, KL, lengths, loss).
+pub fn grpo_plots(run_dir: &Path) -> Result<Vec<PathBuf>> {
+    let records = ferrotune_report::read_metrics(&run_dir.join("metrics.jsonl"))?;
+    let keys: Vec<String> = ferrotune_report::numeric_keys(&records)
+        .into_iter()
+        .filter(|k| {
+            k == "reward"
+                || k == "kl"
+                || k == "loss"
+                || k.starts_with("rewards/") && k.ends_with("/mean")
+                || k.starts_with("eval/")
+                || k.starts_with("completions/")
+                || k == "frac_reward_zero_std"
+        })
+        .collect();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    Ok(plot_metrics(run_dir, &refs)?)
+}
+
+/// Run (or resume) a GRPO config.
+pub fn run_grpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<GrpoSummary> {
+    let g = cfg
+        .grpo
+        .as_ref()
+        .context("the config has no [grpo] section")?;
+    let specs = reward_specs(g)?;
+    let rewards = RewardSet::from_specs(&specs).context("grpo.rewards")?;
+    let roles: Vec<RewardRole> = specs.iter().map(|s| role_of(&s.name)).collect();
+    let (run, checkpoint) = open_run(cfg, resume, overwrite)?;
+    let (lm, lora) = load_model(cfg)?;
+    let trainable = trainable(cfg, &lm, &lora)?;
+    let mut train = load_prompts(&lm.tokenizer, &cfg.data.train, g.max_prompt_len)?;
+    let mut eval = Vec::new();
+    if let Some(e) = &cfg.data.eval {
+        eval = load_prompts(&lm.tokenizer, e, g.max_prompt_len)?;
+    } else if cfg.data.eval_fraction > 0.0 {
+        let s = split(
+            train.len(),
+            EvalSize::Fraction(cfg.data.eval_fraction),
+            cfg.run.seed,
+        )?;
+        let all = std::mem::take(&mut train);
+        train = s.train.iter().map(|&i| all[i].clone()).collect();
+        eval = s.eval.iter().map(|&i| all[i].clone()).collect();
+    }
+    if train.is_empty() {
+        bail!("{}: no training prompts", cfg.data.train.display());
+    }
+    let plan = grpo_plan(cfg, g, &lm, train.len())?;
+    plan.validate().map_err(|e| anyhow::anyhow!(e))?;
+    let resumed_step = checkpoint.as_ref().map(|c| c.step).unwrap_or(0);
+    if checkpoint.is_none() {
+        std::fs::write(run.config_toml(), cfg.to_toml())
+            .with_context(|| format!("{}: cannot write", run.config_toml().display()))?;
+    }
+    let log = if checkpoint.is_some() {
+        RunLog::resume(run.root(), resumed_step, true)?
+    } else {
+        RunLog::new(run.root(), true)?
+    };
+    let open_append = |name: &str| -> Result<std::fs::File> {
+        let p = run.root().join(name);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p)
+            .with_context(|| format!("{}: cannot open", p.display()))
+    };
+    let mut env = TextEnv {
+        tokenizer: &lm.tokenizer,
+        train,
+        eval,
+        rewards,
+        roles,
+        stop: g.stop.clone(),
+        completions: if g.log_completions {
+            Some(open_append("completions.jsonl")?)
+        } else {
+            None
+        },
+    };
+    let mut obs = GrpoObserver {
+        inner: CliObserver {
+            log,
+            progress: Progress::auto(plan.total_steps as u64)
+                .with_log_every(cfg.run.log_every as u64)
+                .resumed_from(resumed_step),
+        },
+        health: Some(open_append("health.jsonl")?),
+    };
+    eprintln!(
+        "grpo: {} train / {} eval prompts, {} steps of {} prompts x {} completions, loss {}, beta {}, {} trainable parameters",
+        env.train.len(),
+        env.eval.len(),
+        plan.total_steps,
+        plan.prompts_per_step(),
+        plan.num_generations,
+        g.loss_type,
+        g.beta,
+        trainable
+            .params()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum::<usize>()
+    );
+    let summary = train_grpo(
+        lm.model.as_ref(),
+        &trainable,
+        &mut env,
+        &plan,
+        &run,
+        checkpoint.as_ref(),
+        &mut obs,
+        &lm.device,
+    )?;
+    obs.inner.progress.finish();
+    if let Err(e) = grpo_plots(run.root()) {
+        eprintln!("warning: plots not written: {e}");
+    }
+    Ok(summary)
+}
