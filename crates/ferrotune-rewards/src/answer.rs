@@ -47,13 +47,20 @@ const EXTRACT_PARAMS: &[&str] = &["extract", "pattern", "tag", "field"];
 fn number_re() -> &'static Regex {
     static RE: OnceLock<Regex> = OnceLock::new();
     RE.get_or_init(|| {
-        Regex::new(r"[-+]?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?\b|\d+(?:\.\d+)?|\.\d+)(?:/\d+(?:\.\d+)?)?").expect("static regex")
+        Regex::new(
+            r"[-+]?(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?\b|\d+(?:\.\d+)?|\.\d+)(?:/\d+(?:\.\d+)?)?",
+        )
+        .expect("static regex")
     })
 }
 
 impl Extract {
     fn from_params(p: &Params) -> Result<(Extract, String), RewardError> {
-        let mode = p.choice("extract", &["answer_tag", "last_number", "boxed", "gsm8k", "regex"], "answer_tag")?;
+        let mode = p.choice(
+            "extract",
+            &["answer_tag", "last_number", "boxed", "gsm8k", "regex"],
+            "answer_tag",
+        )?;
         if mode != "regex" && p.has("pattern") {
             return Err(p.invalid("pattern", "only used with extract = \"regex\""));
         }
@@ -66,8 +73,13 @@ impl Extract {
             "boxed" => Extract::Boxed,
             "gsm8k" => Extract::Gsm8k,
             _ => {
-                let pat = p.str("pattern")?.ok_or_else(|| p.missing("pattern", "extract = \"regex\" needs a pattern"))?;
-                Extract::Regex(Regex::new(&pat).map_err(|e| p.invalid("pattern", e.to_string().replace('\n', " ")))?)
+                let pat = p
+                    .str("pattern")?
+                    .ok_or_else(|| p.missing("pattern", "extract = \"regex\" needs a pattern"))?;
+                Extract::Regex(
+                    Regex::new(&pat)
+                        .map_err(|e| p.invalid("pattern", e.to_string().replace('\n', " ")))?,
+                )
             }
         };
         Ok((ex, p.str("field")?.unwrap_or_else(|| "answer".into())))
@@ -104,7 +116,10 @@ pub fn extract_last_number(text: &str) -> Option<String> {
     let text = text.replace('\u{2212}', "-");
     let m = number_re().find_iter(&text).last()?;
     let s = m.as_str();
-    let glued = text[..m.start()].chars().last().is_some_and(|c| c.is_alphanumeric() || c == ')');
+    let glued = text[..m.start()]
+        .chars()
+        .last()
+        .is_some_and(|c| c.is_alphanumeric() || c == ')');
     if glued && (s.starts_with('-') || s.starts_with('+')) {
         Some(s[1..].to_string())
     } else {
@@ -113,7 +128,10 @@ pub fn extract_last_number(text: &str) -> Option<String> {
 }
 
 fn last_boxed(text: &str) -> Option<String> {
-    let starts: Vec<usize> = text.match_indices("\\boxed{").map(|(i, _)| i + "\\boxed{".len()).collect();
+    let starts: Vec<usize> = text
+        .match_indices("\\boxed{")
+        .map(|(i, _)| i + "\\boxed{".len())
+        .collect();
     for &start in starts.iter().rev() {
         let mut depth = 1usize;
         for (i, ch) in text[start..].char_indices() {
@@ -141,16 +159,27 @@ fn normalize_core(s: &str) -> String {
 
 /// Text form used when either side is not a number: normalised, lowercase, single spaces.
 pub fn normalize_text(s: &str) -> String {
-    normalize_core(s).to_lowercase().split_whitespace().collect::<Vec<_>>().join(" ")
+    normalize_core(s)
+        .to_lowercase()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn parse_plain(s: &str) -> Option<f64> {
     static THOUSANDS: OnceLock<Regex> = OnceLock::new();
     static PLAIN: OnceLock<Regex> = OnceLock::new();
-    let th = THOUSANDS.get_or_init(|| Regex::new(r"^[-+]?\d{1,3}(,\d{3})+(\.\d+)?$").expect("static regex"));
-    let plain = PLAIN.get_or_init(|| Regex::new(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$").expect("static regex"));
+    let th = THOUSANDS
+        .get_or_init(|| Regex::new(r"^[-+]?\d{1,3}(,\d{3})+(\.\d+)?$").expect("static regex"));
+    let plain = PLAIN.get_or_init(|| {
+        Regex::new(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$").expect("static regex")
+    });
     let s = s.trim();
-    let s = if th.is_match(s) { s.replace(',', "") } else { s.to_string() };
+    let s = if th.is_match(s) {
+        s.replace(',', "")
+    } else {
+        s.to_string()
+    };
     if !plain.is_match(&s) {
         return None;
     }
@@ -160,7 +189,9 @@ fn parse_plain(s: &str) -> Option<f64> {
 /// A number in any of the forms answers come in, or None.
 pub fn parse_number(s: &str) -> Option<f64> {
     static FRAC: OnceLock<Regex> = OnceLock::new();
-    let frac = FRAC.get_or_init(|| Regex::new(r"^([-+]?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$").expect("static regex"));
+    let frac = FRAC.get_or_init(|| {
+        Regex::new(r"^([-+]?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$").expect("static regex")
+    });
     let s = normalize_core(s);
     if let Some(c) = frac.captures(&s) {
         let (a, b) = (parse_plain(&c[2])?, parse_plain(&c[3])?);
@@ -202,6 +233,12 @@ pub fn answers_match(pred: &str, reference: &str) -> bool {
     }
 }
 
+/// `answer_match`: 1.0 when the extracted answer equals one of the row's accepted answers.
+///
+/// Params: `extract` = "answer_tag" (default) | "last_number" | "boxed" | "gsm8k" | "regex";
+/// `tag` (answer_tag only, default "answer"); `pattern` (regex only, required; first capture
+/// group of the last match, or the whole match); `field` (row column, default "answer").
+/// Scores: 1.0 / 0.0; nothing extracted ⇒ 0.0; column missing or null ⇒ None.
 pub struct AnswerMatch {
     label: String,
     extract: Extract,
@@ -213,17 +250,31 @@ impl AnswerMatch {
 
     pub(crate) fn from_params(label: String, p: &Params) -> Result<Self, RewardError> {
         let (extract, field) = Extract::from_params(p)?;
-        Ok(AnswerMatch { label, extract, field })
+        Ok(AnswerMatch {
+            label,
+            extract,
+            field,
+        })
     }
 
     pub fn new(extract: Extract, field: &str) -> Self {
-        AnswerMatch { label: "answer_match".into(), extract, field: field.into() }
+        AnswerMatch {
+            label: "answer_match".into(),
+            extract,
+            field: field.into(),
+        }
     }
 
     pub fn score_one(&self, s: &Sample) -> Option<f64> {
         let refs = references(s.row, &self.field)?;
-        let Some(pred) = self.extract.apply(s.completion) else { return Some(0.0) };
-        Some(if refs.iter().any(|r| answers_match(&pred, r)) { 1.0 } else { 0.0 })
+        let Some(pred) = self.extract.apply(s.completion) else {
+            return Some(0.0);
+        };
+        Some(if refs.iter().any(|r| answers_match(&pred, r)) {
+            1.0
+        } else {
+            0.0
+        })
     }
 }
 
@@ -236,6 +287,12 @@ impl Reward for AnswerMatch {
     }
 }
 
+/// `numeric_closeness`: graded credit for getting near the row's number.
+///
+/// Params: the same `extract` / `tag` / `pattern` / `field` as `answer_match`; `tolerance`
+/// (relative, default 0.0); `abs_tolerance` (default 1e-9). Scores: 1.0 within a tolerance,
+/// else 0.5·max(0, 1 − |p−a|/max(|a|,1)); no number ⇒ 0.0; missing or non-numeric reference
+/// ⇒ None.
 pub struct NumericCloseness {
     label: String,
     extract: Extract,
@@ -245,20 +302,37 @@ pub struct NumericCloseness {
 }
 
 impl NumericCloseness {
-    pub const PARAMS: &'static [&'static str] = &["extract", "pattern", "tag", "field", "tolerance", "abs_tolerance"];
+    pub const PARAMS: &'static [&'static str] = &[
+        "extract",
+        "pattern",
+        "tag",
+        "field",
+        "tolerance",
+        "abs_tolerance",
+    ];
 
     pub(crate) fn from_params(label: String, p: &Params) -> Result<Self, RewardError> {
         let (extract, field) = Extract::from_params(p)?;
         let tolerance = p.non_negative("tolerance")?.unwrap_or(0.0);
         let abs_tolerance = p.non_negative("abs_tolerance")?.unwrap_or(1e-9);
-        Ok(NumericCloseness { label, extract, field, tolerance, abs_tolerance })
+        Ok(NumericCloseness {
+            label,
+            extract,
+            field,
+            tolerance,
+            abs_tolerance,
+        })
     }
 
     pub fn score_one(&self, s: &Sample) -> Option<f64> {
         let refs = references(s.row, &self.field)?;
         let a = refs.iter().find_map(|r| parse_number(r))?;
-        let Some(text) = self.extract.apply(s.completion) else { return Some(0.0) };
-        let Some(p) = parse_number(&text).or_else(|| extract_last_number(&text).and_then(|n| parse_number(&n))) else {
+        let Some(text) = self.extract.apply(s.completion) else {
+            return Some(0.0);
+        };
+        let Some(p) = parse_number(&text)
+            .or_else(|| extract_last_number(&text).and_then(|n| parse_number(&n)))
+        else {
             return Some(0.0);
         };
         let err = (p - a).abs();

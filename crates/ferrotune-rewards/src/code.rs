@@ -62,17 +62,35 @@ pub fn extract_code(completion: &str) -> String {
 }
 
 enum Tests {
-    HumanEval { prompt: Option<String>, test: String, entry_point: String },
-    Mbpp { setup: String, asserts: Vec<String> },
+    HumanEval {
+        prompt: Option<String>,
+        test: String,
+        entry_point: String,
+    },
+    Mbpp {
+        setup: String,
+        asserts: Vec<String>,
+    },
 }
 
 fn tests_of(row: &serde_json::Map<String, Value>) -> Option<Tests> {
     let s = |k: &str| row.get(k).and_then(Value::as_str).map(str::to_string);
     if let (Some(test), Some(entry_point)) = (s("test"), s("entry_point")) {
-        return Some(Tests::HumanEval { prompt: s("prompt"), test, entry_point });
+        return Some(Tests::HumanEval {
+            prompt: s("prompt"),
+            test,
+            entry_point,
+        });
     }
     let strings = |k: &str| -> Vec<String> {
-        row.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect()).unwrap_or_default()
+        row.get(k)
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
     };
     let asserts = strings("test_list");
     if asserts.is_empty() {
@@ -89,18 +107,30 @@ fn tests_of(row: &serde_json::Map<String, Value>) -> Option<Tests> {
 fn defines(code: &str, name: &str) -> bool {
     code.lines().any(|l| {
         let l = l.trim_start();
-        l.strip_prefix("def ").map(|r| r.trim_start()).and_then(|r| r.strip_prefix(name)).is_some_and(|r| r.trim_start().starts_with('('))
+        l.strip_prefix("def ")
+            .map(|r| r.trim_start())
+            .and_then(|r| r.strip_prefix(name))
+            .is_some_and(|r| r.trim_start().starts_with('('))
     })
 }
 
 /// The top-level import lines of a prompt.
 fn imports_of(prompt: &str) -> String {
-    prompt.lines().filter(|l| l.starts_with("import ") || (l.starts_with("from ") && l.contains(" import "))).map(|l| format!("{l}\n")).collect()
+    prompt
+        .lines()
+        .filter(|l| l.starts_with("import ") || (l.starts_with("from ") && l.contains(" import ")))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 fn nonce() -> String {
     let mut h = RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     format!("FERROTUNE-PASS-{:016x}", h.finish())
 }
 
@@ -110,9 +140,18 @@ fn py_str(s: &str) -> String {
 }
 
 /// The whole test program for one sample, or None when the row has no tests.
-fn program(row: &serde_json::Map<String, Value>, code: &str, partial: bool, nonce: &str) -> Option<String> {
+fn program(
+    row: &serde_json::Map<String, Value>,
+    code: &str,
+    partial: bool,
+    nonce: &str,
+) -> Option<String> {
     Some(match tests_of(row)? {
-        Tests::HumanEval { prompt, test, entry_point } => {
+        Tests::HumanEval {
+            prompt,
+            test,
+            entry_point,
+        } => {
             let prelude = match prompt {
                 Some(p) if !defines(code, &entry_point) => p,
                 // The model wrote the whole function but may rely on the prompt's imports
@@ -120,16 +159,27 @@ fn program(row: &serde_json::Map<String, Value>, code: &str, partial: bool, nonc
                 Some(p) => imports_of(&p),
                 None => String::new(),
             };
-            format!("{prelude}{code}\n\n{test}\n\ncheck({entry_point})\nprint({})\n", py_str(nonce))
+            format!(
+                "{prelude}{code}\n\n{test}\n\ncheck({entry_point})\nprint({})\n",
+                py_str(nonce)
+            )
         }
         Tests::Mbpp { setup, asserts } if partial => {
-            let list = asserts.iter().map(|a| py_str(a)).collect::<Vec<_>>().join(",\n    ");
+            let list = asserts
+                .iter()
+                .map(|a| py_str(a))
+                .collect::<Vec<_>>()
+                .join(",\n    ");
             format!(
                 "{setup}\n{code}\n\n__ft_tests = [\n    {list}\n]\n__ft_passed = 0\nfor __ft_t in __ft_tests:\n    try:\n        exec(__ft_t, globals())\n        __ft_passed += 1\n    except BaseException:\n        pass\nprint({}, __ft_passed, len(__ft_tests))\n",
                 py_str(nonce)
             )
         }
-        Tests::Mbpp { setup, asserts } => format!("{setup}\n{code}\n\n{}\nprint({})\n", asserts.join("\n"), py_str(nonce)),
+        Tests::Mbpp { setup, asserts } => format!(
+            "{setup}\n{code}\n\n{}\nprint({})\n",
+            asserts.join("\n"),
+            py_str(nonce)
+        ),
     })
 }
 
@@ -140,6 +190,12 @@ pub struct Judged {
     pub outcome: Outcome,
 }
 
+/// `code_tests`: run the completion's Python against the row's tests in the sandbox.
+///
+/// Params: `python` (default "python3"; resolved once to the real interpreter), `timeout_s`
+/// (default 5, wall clock per sample), `memory_mb` (default 512, address space), `partial`
+/// (default false; MBPP rows only: fraction of asserts passing), `workers` (default 0 = one per
+/// core). Scores: 1.0 pass, 0.0 fail / timeout / killed, None for rows without tests.
 pub struct CodeTests {
     label: String,
     python: PathBuf,
@@ -149,12 +205,16 @@ pub struct CodeTests {
 }
 
 impl CodeTests {
-    pub const PARAMS: &'static [&'static str] = &["python", "timeout_s", "memory_mb", "partial", "workers"];
+    pub const PARAMS: &'static [&'static str] =
+        &["python", "timeout_s", "memory_mb", "partial", "workers"];
 
     /// Build from a config entry whose `name` is this reward (the registry's `build` returns
     /// a trait object; this gives the concrete type, e.g. to inspect outcomes in eval).
     pub fn from_spec(spec: &crate::RewardSpec) -> Result<Self, RewardError> {
-        Self::from_params(spec.key().to_string(), &Params::new(&spec.name, &spec.params, Self::PARAMS)?)
+        Self::from_params(
+            spec.key().to_string(),
+            &Params::new(&spec.name, &spec.params, Self::PARAMS)?,
+        )
     }
 
     pub(crate) fn from_params(label: String, p: &Params) -> Result<Self, RewardError> {
@@ -165,36 +225,78 @@ impl CodeTests {
         }
         let memory_mb = p.u64("memory_mb")?.unwrap_or(512);
         if memory_mb < 32 {
-            return Err(p.invalid("memory_mb", format!("{memory_mb} MiB is too little for an interpreter (>= 32)")));
+            return Err(p.invalid(
+                "memory_mb",
+                format!("{memory_mb} MiB is too little for an interpreter (>= 32)"),
+            ));
         }
         let partial = p.bool("partial")?.unwrap_or(false);
         let workers = p.u64("workers")?.unwrap_or(0) as usize;
         let info = resolve_python(&python).map_err(|e| p.invalid("python", e.to_string()))?;
-        let spec = SandboxSpec { timeout: Duration::from_secs_f64(timeout), memory_mb, read_paths: info.roots.clone(), ..SandboxSpec::default() };
-        let sandbox_err = |source| RewardError::Sandbox { reward: p.reward().into(), source };
+        let spec = SandboxSpec {
+            timeout: Duration::from_secs_f64(timeout),
+            memory_mb,
+            read_paths: info.roots.clone(),
+            ..SandboxSpec::default()
+        };
+        let sandbox_err = |source| RewardError::Sandbox {
+            reward: p.reward().into(),
+            source,
+        };
         let sandbox = Sandbox::new(spec).map_err(sandbox_err)?;
         // Fail at config time, not on the first batch, when the interpreter cannot start inside.
-        let probe = sandbox.run(&[info.executable.clone().into(), "-c".into(), "print('ok')".into()], b"", &[]).map_err(sandbox_err)?;
+        let probe = sandbox
+            .run(
+                &[
+                    info.executable.clone().into(),
+                    "-c".into(),
+                    "print('ok')".into(),
+                ],
+                b"",
+                &[],
+            )
+            .map_err(sandbox_err)?;
         if !probe.success() || probe.stdout != b"ok\n" {
-            return Err(sandbox_err(SandboxError::Unsupported(format!("{} does not start inside the sandbox: {}", info.executable.display(), probe.reason()))));
+            return Err(sandbox_err(SandboxError::Unsupported(format!(
+                "{} does not start inside the sandbox: {}",
+                info.executable.display(),
+                probe.reason()
+            ))));
         }
-        Ok(CodeTests { label, python: info.executable, sandbox, partial, workers })
+        Ok(CodeTests {
+            label,
+            python: info.executable,
+            sandbox,
+            partial,
+            workers,
+        })
     }
 
     /// Run one sample; Ok(None) when its row has no tests, Err when the sandbox itself failed.
     pub fn judge(&self, s: &Sample) -> Result<Option<Judged>, SandboxError> {
         let code = extract_code(s.completion);
         let marker = nonce();
-        let Some(prog) = program(s.row, &code, self.partial, &marker) else { return Ok(None) };
+        let Some(prog) = program(s.row, &code, self.partial, &marker) else {
+            return Ok(None);
+        };
         let argv: Vec<OsString> = vec![self.python.clone().into(), "prog.py".into()];
-        let outcome = self.sandbox.run(&argv, b"", &[("prog.py", prog.as_bytes())])?;
+        let outcome = self
+            .sandbox
+            .run(&argv, b"", &[("prog.py", prog.as_bytes())])?;
         let text = String::from_utf8_lossy(&outcome.stdout);
-        let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+        let last = text
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
         let mut fields = last.split_whitespace();
         let score = if !outcome.success() || fields.next() != Some(marker.as_str()) {
             0.0
         } else {
-            match (fields.next().and_then(|x| x.parse::<f64>().ok()), fields.next().and_then(|x| x.parse::<f64>().ok())) {
+            match (
+                fields.next().and_then(|x| x.parse::<f64>().ok()),
+                fields.next().and_then(|x| x.parse::<f64>().ok()),
+            ) {
                 (Some(passed), Some(total)) if total > 0.0 => passed / total,
                 _ => 1.0,
             }
@@ -218,7 +320,10 @@ impl Reward for CodeTests {
                 Ok(j) => out.values.push(j.map(|j| j.score)),
                 Err(e) => {
                     out.values.push(Some(0.0));
-                    out.failures.push(Failure { sample: i, reason: e.to_string() });
+                    out.failures.push(Failure {
+                        sample: i,
+                        reason: e.to_string(),
+                    });
                 }
             }
         }

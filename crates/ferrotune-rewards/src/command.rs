@@ -22,6 +22,12 @@ use crate::params::Params;
 use crate::sandbox::{resolve_python, Sandbox, SandboxError, SandboxSpec};
 use crate::{parallel_map, Failure, Reward, RewardError, Sample, Scores};
 
+/// `command`: a user scorer program (see the module doc for the protocol).
+///
+/// Params: `cmd` (required, list of strings; a `python*` first element is resolved to the real
+/// interpreter), `timeout_s` (default 10), `memory_mb` (default 1024), `read_paths` (extra
+/// folders the program may read), `workers` (default 0 = one per core). Failures score 0.0
+/// and are reported in `Scores::failures`.
 pub struct CommandReward {
     label: String,
     argv: Vec<OsString>,
@@ -31,41 +37,59 @@ pub struct CommandReward {
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 impl CommandReward {
-    pub const PARAMS: &'static [&'static str] = &["cmd", "timeout_s", "memory_mb", "read_paths", "workers"];
+    pub const PARAMS: &'static [&'static str] =
+        &["cmd", "timeout_s", "memory_mb", "read_paths", "workers"];
 
     /// Build from a config entry whose `name` is this reward (the registry's `build` returns
     /// a trait object; this gives the concrete type, e.g. to inspect outcomes in eval).
     pub fn from_spec(spec: &crate::RewardSpec) -> Result<Self, RewardError> {
-        Self::from_params(spec.key().to_string(), &Params::new(&spec.name, &spec.params, Self::PARAMS)?)
+        Self::from_params(
+            spec.key().to_string(),
+            &Params::new(&spec.name, &spec.params, Self::PARAMS)?,
+        )
     }
 
     pub(crate) fn from_params(label: String, p: &Params) -> Result<Self, RewardError> {
-        let cmd = p.str_list("cmd")?.ok_or_else(|| p.missing("cmd", "e.g. cmd = [\"python3\", \"score.py\"]"))?;
-        let Some(first) = cmd.first() else { return Err(p.invalid("cmd", "is empty")) };
+        let cmd = p
+            .str_list("cmd")?
+            .ok_or_else(|| p.missing("cmd", "e.g. cmd = [\"python3\", \"score.py\"]"))?;
+        let Some(first) = cmd.first() else {
+            return Err(p.invalid("cmd", "is empty"));
+        };
         let timeout = p.non_negative("timeout_s")?.unwrap_or(10.0);
         if !(timeout > 0.0 && timeout <= 3600.0) {
             return Err(p.invalid("timeout_s", format!("must be in (0, 3600], got {timeout}")));
         }
         let memory_mb = p.u64("memory_mb")?.unwrap_or(1024);
         if memory_mb < 32 {
-            return Err(p.invalid("memory_mb", format!("{memory_mb} MiB is too little (>= 32)")));
+            return Err(p.invalid(
+                "memory_mb",
+                format!("{memory_mb} MiB is too little (>= 32)"),
+            ));
         }
         let workers = p.u64("workers")?.unwrap_or(0) as usize;
         let mut read_paths = Vec::new();
         for rp in p.str_list("read_paths")?.unwrap_or_default() {
-            let c = std::fs::canonicalize(&rp).map_err(|e| p.invalid("read_paths", format!("{rp}: {e}")))?;
+            let c = std::fs::canonicalize(&rp)
+                .map_err(|e| p.invalid("read_paths", format!("{rp}: {e}")))?;
             read_paths.push(c);
         }
         let exe = if first.contains('/') {
             std::fs::canonicalize(first).map_err(|e| p.invalid("cmd", format!("{first}: {e}")))?
         } else {
-            find_on_path(first).ok_or_else(|| p.invalid("cmd", format!("`{first}` is not on PATH")))?
+            find_on_path(first)
+                .ok_or_else(|| p.invalid("cmd", format!("`{first}` is not on PATH")))?
         };
-        let is_python = Path::new(first).file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("python"));
+        let is_python = Path::new(first)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("python"));
         let mut argv: Vec<OsString> = Vec::with_capacity(cmd.len());
         if is_python {
             // A pyenv shim is a bash script that needs half of $PYENV_ROOT: run the real binary.
@@ -73,7 +97,8 @@ impl CommandReward {
             read_paths.extend(info.roots);
             argv.push(info.executable.into());
         } else {
-            let exe = std::fs::canonicalize(&exe).map_err(|e| p.invalid("cmd", format!("{}: {e}", exe.display())))?;
+            let exe = std::fs::canonicalize(&exe)
+                .map_err(|e| p.invalid("cmd", format!("{}: {e}", exe.display())))?;
             read_paths.push(exe.clone());
             argv.push(exe.into());
         }
@@ -86,9 +111,22 @@ impl CommandReward {
                 _ => argv.push(arg.into()),
             }
         }
-        let spec = SandboxSpec { timeout: Duration::from_secs_f64(timeout), memory_mb, read_paths, ..SandboxSpec::default() };
-        let sandbox = Sandbox::new(spec).map_err(|source| RewardError::Sandbox { reward: p.reward().into(), source })?;
-        Ok(CommandReward { label, argv, sandbox, workers })
+        let spec = SandboxSpec {
+            timeout: Duration::from_secs_f64(timeout),
+            memory_mb,
+            read_paths,
+            ..SandboxSpec::default()
+        };
+        let sandbox = Sandbox::new(spec).map_err(|source| RewardError::Sandbox {
+            reward: p.reward().into(),
+            source,
+        })?;
+        Ok(CommandReward {
+            label,
+            argv,
+            sandbox,
+            workers,
+        })
     }
 
     /// Score one sample; Err(reason) when the program failed.
@@ -99,19 +137,31 @@ impl CommandReward {
             "completion_tokens": s.completion_tokens,
             "row": s.row,
         });
-        let input = serde_json::to_vec(&input).map_err(|e| format!("cannot encode the sample: {e}"))?;
-        let outcome = self.sandbox.run(&self.argv, &input, &[]).map_err(|e: SandboxError| e.to_string())?;
+        let input =
+            serde_json::to_vec(&input).map_err(|e| format!("cannot encode the sample: {e}"))?;
+        let outcome = self
+            .sandbox
+            .run(&self.argv, &input, &[])
+            .map_err(|e: SandboxError| e.to_string())?;
         if !outcome.success() {
             return Err(format!("scorer failed: {}", outcome.reason()));
         }
         let text = String::from_utf8_lossy(&outcome.stdout);
-        let last = text.lines().rev().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
+        let last = text
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .unwrap_or("");
         if last == "null" || last == "None" {
             return Ok(None);
         }
         match last.parse::<f64>() {
             Ok(x) if x.is_finite() => Ok(Some(x)),
-            _ => Err(format!("scorer printed {:?}, not a number", last.chars().take(80).collect::<String>())),
+            _ => Err(format!(
+                "scorer printed {:?}, not a number",
+                last.chars().take(80).collect::<String>()
+            )),
         }
     }
 }

@@ -20,6 +20,10 @@
 use crate::params::Params;
 use crate::{Reward, RewardError, Sample};
 
+/// `format_tags`: credit for using the requested `<tag>…</tag>` layout.
+///
+/// Params: `tags` (default ["reasoning", "answer"]), `mode` = "soft" (default) | "strict".
+/// See the module doc for the exact rules.
 pub struct FormatTags {
     label: String,
     tags: Vec<String>,
@@ -30,33 +34,52 @@ impl FormatTags {
     pub const PARAMS: &'static [&'static str] = &["tags", "mode"];
 
     pub(crate) fn from_params(label: String, p: &Params) -> Result<Self, RewardError> {
-        let tags = p.str_list("tags")?.unwrap_or_else(|| vec!["reasoning".into(), "answer".into()]);
+        let tags = p
+            .str_list("tags")?
+            .unwrap_or_else(|| vec!["reasoning".into(), "answer".into()]);
         if tags.is_empty() {
             return Err(p.invalid("tags", "must name at least one tag"));
         }
         for t in &tags {
             if t.is_empty() || t.contains(['<', '>', '/']) || t.chars().any(char::is_whitespace) {
-                return Err(p.invalid("tags", format!("`{t}` is not a plain tag name (no <, >, / or spaces)")));
+                return Err(p.invalid(
+                    "tags",
+                    format!("`{t}` is not a plain tag name (no <, >, / or spaces)"),
+                ));
             }
         }
         let strict = p.choice("mode", &["soft", "strict"], "soft")? == "strict";
-        Ok(FormatTags { label, tags, strict })
+        Ok(FormatTags {
+            label,
+            tags,
+            strict,
+        })
     }
 
     pub fn new(tags: &[&str], strict: bool) -> Self {
-        FormatTags { label: "format_tags".into(), tags: tags.iter().map(|t| t.to_string()).collect(), strict }
+        FormatTags {
+            label: "format_tags".into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            strict,
+        }
     }
 
     /// The credit of one completion.
     pub fn credit(&self, text: &str) -> f64 {
         let text = text.trim();
-        let spans: Vec<Option<(usize, usize)>> = self.tags.iter().map(|t| tag_span(text, t)).collect();
+        let spans: Vec<Option<(usize, usize)>> =
+            self.tags.iter().map(|t| tag_span(text, t)).collect();
         // Longest chain, in listed order, of present spans that follow each other without
         // overlapping (n is tiny: O(n²)). chain[k] = length of the best chain ending at tag k.
         let mut chain = vec![0usize; spans.len()];
         for k in 0..spans.len() {
             let Some((start, _)) = spans[k] else { continue };
-            chain[k] = 1 + (0..k).filter(|&j| spans[j].is_some_and(|(_, end)| end <= start)).map(|j| chain[j]).max().unwrap_or(0);
+            chain[k] = 1
+                + (0..k)
+                    .filter(|&j| spans[j].is_some_and(|(_, end)| end <= start))
+                    .map(|j| chain[j])
+                    .max()
+                    .unwrap_or(0);
         }
         let longest = chain.iter().copied().max().unwrap_or(0);
         let soft = longest as f64 / self.tags.len() as f64;
@@ -103,6 +126,9 @@ impl Reward for FormatTags {
         &self.label
     }
     fn score(&self, samples: &[Sample]) -> Vec<Option<f64>> {
-        samples.iter().map(|s| Some(self.credit(s.completion))).collect()
+        samples
+            .iter()
+            .map(|s| Some(self.credit(s.completion)))
+            .collect()
     }
 }

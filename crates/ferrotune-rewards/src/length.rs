@@ -10,6 +10,8 @@
 use crate::params::Params;
 use crate::{Reward, RewardError, Sample};
 
+/// `length`: DAPO soft overlong punishment. Params: `max_len`, `buffer` (both required
+/// integers, 0 ≤ buffer ≤ max_len). Scores in [−1, 0].
 pub struct LengthPenalty {
     label: String,
     max_len: u64,
@@ -20,16 +22,34 @@ impl LengthPenalty {
     pub const PARAMS: &'static [&'static str] = &["max_len", "buffer"];
 
     pub(crate) fn from_params(label: String, p: &Params) -> Result<Self, RewardError> {
-        let max_len = p.u64("max_len")?.ok_or_else(|| p.missing("max_len", "DAPO's L_max, e.g. the generation max_new_tokens"))?;
-        let buffer = p.u64("buffer")?.ok_or_else(|| p.missing("buffer", "DAPO's L_cache, the soft zone before max_len"))?;
+        let max_len = p.u64("max_len")?.ok_or_else(|| {
+            p.missing(
+                "max_len",
+                "DAPO's L_max, e.g. the generation max_new_tokens",
+            )
+        })?;
+        let buffer = p
+            .u64("buffer")?
+            .ok_or_else(|| p.missing("buffer", "DAPO's L_cache, the soft zone before max_len"))?;
         if buffer > max_len {
-            return Err(p.invalid("buffer", format!("must be in 0..=max_len ({max_len}), got {buffer}")));
+            return Err(p.invalid(
+                "buffer",
+                format!("must be in 0..=max_len ({max_len}), got {buffer}"),
+            ));
         }
-        Ok(LengthPenalty { label, max_len, buffer })
+        Ok(LengthPenalty {
+            label,
+            max_len,
+            buffer,
+        })
     }
 
     pub fn new(max_len: u64, buffer: u64) -> Self {
-        LengthPenalty { label: "length".into(), max_len, buffer }
+        LengthPenalty {
+            label: "length".into(),
+            max_len,
+            buffer,
+        }
     }
 
     pub fn penalty(&self, len: usize) -> f64 {
@@ -50,6 +70,9 @@ impl Reward for LengthPenalty {
         &self.label
     }
     fn score(&self, samples: &[Sample]) -> Vec<Option<f64>> {
-        samples.iter().map(|s| Some(self.penalty(s.completion_tokens))).collect()
+        samples
+            .iter()
+            .map(|s| Some(self.penalty(s.completion_tokens)))
+            .collect()
     }
 }

@@ -19,7 +19,10 @@ mod length;
 mod params;
 pub mod sandbox;
 
-pub use answer::{extract_last_number, normalize_text, parse_number, AnswerMatch, Extract, NumericCloseness};
+pub use answer::{
+    answers_match, extract_last_number, normalize_text, parse_number, AnswerMatch, Extract,
+    NumericCloseness,
+};
 pub use code::{extract_code, CodeTests};
 pub use command::CommandReward;
 pub use format::FormatTags;
@@ -65,7 +68,10 @@ pub trait Reward: Send + Sync {
     /// `score` plus the samples the reward could not judge. Rewards that run programs override
     /// it; pure text rewards never fail.
     fn score_detailed(&self, samples: &[Sample]) -> Scores {
-        Scores { values: self.score(samples), failures: Vec::new() }
+        Scores {
+            values: self.score(samples),
+            failures: Vec::new(),
+        }
     }
 }
 
@@ -74,21 +80,43 @@ pub enum RewardError {
     #[error("unknown reward `{name}` (known: {known})")]
     UnknownReward { name: String, known: String },
     #[error("reward `{reward}`: unknown parameter `{key}` (allowed: {allowed})")]
-    UnknownParam { reward: String, key: String, allowed: String },
+    UnknownParam {
+        reward: String,
+        key: String,
+        allowed: String,
+    },
     #[error("reward `{reward}`: parameter `{key}` must be {expected}, found {found}")]
-    ParamType { reward: String, key: String, expected: String, found: String },
+    ParamType {
+        reward: String,
+        key: String,
+        expected: String,
+        found: String,
+    },
     #[error("reward `{reward}`: missing required parameter `{key}` ({hint})")]
-    MissingParam { reward: String, key: String, hint: String },
+    MissingParam {
+        reward: String,
+        key: String,
+        hint: String,
+    },
     #[error("reward `{reward}`: parameter `{key}`: {reason}")]
-    InvalidParam { reward: String, key: String, reason: String },
+    InvalidParam {
+        reward: String,
+        key: String,
+        reason: String,
+    },
     #[error("reward `{reward}`: `weight` must be a finite number, got {weight}")]
     BadWeight { reward: String, weight: f64 },
     #[error("reward log key `{0}` appears twice; give one of them a different `label`")]
     DuplicateLabel(String),
-    #[error("no rewards configured: add `rewards = [{{ name = \"...\" }}]` (see `--explain rewards`)")]
+    #[error(
+        "no rewards configured: add `rewards = [{{ name = \"...\" }}]` (see `--explain rewards`)"
+    )]
     Empty,
     #[error("reward `{reward}`: {source}")]
-    Sandbox { reward: String, source: SandboxError },
+    Sandbox {
+        reward: String,
+        source: SandboxError,
+    },
 }
 
 fn one() -> f64 {
@@ -109,7 +137,12 @@ pub struct RewardSpec {
 impl RewardSpec {
     /// A spec with default weight and no parameters (for code that builds configs).
     pub fn new(name: &str) -> Self {
-        RewardSpec { name: name.into(), weight: 1.0, label: None, params: toml::Table::new() }
+        RewardSpec {
+            name: name.into(),
+            weight: 1.0,
+            label: None,
+            params: toml::Table::new(),
+        }
     }
     /// The log key: `label`, else `name`.
     pub fn key(&self) -> &str {
@@ -140,13 +173,29 @@ pub fn build(spec: &RewardSpec) -> Result<Box<dyn Reward>, RewardError> {
     Ok(match name {
         "format_tags" => Box::new(FormatTags::from_params(label, &p(FormatTags::PARAMS)?)?),
         "answer_match" => Box::new(AnswerMatch::from_params(label, &p(AnswerMatch::PARAMS)?)?),
-        "numeric_closeness" => Box::new(NumericCloseness::from_params(label, &p(NumericCloseness::PARAMS)?)?),
-        "length" => Box::new(LengthPenalty::from_params(label, &p(LengthPenalty::PARAMS)?)?),
+        "numeric_closeness" => Box::new(NumericCloseness::from_params(
+            label,
+            &p(NumericCloseness::PARAMS)?,
+        )?),
+        "length" => Box::new(LengthPenalty::from_params(
+            label,
+            &p(LengthPenalty::PARAMS)?,
+        )?),
         "code_tests" => Box::new(CodeTests::from_params(label, &p(CodeTests::PARAMS)?)?),
-        "command" => Box::new(CommandReward::from_params(label, &p(CommandReward::PARAMS)?)?),
+        "command" => Box::new(CommandReward::from_params(
+            label,
+            &p(CommandReward::PARAMS)?,
+        )?),
         _ => {
-            let known = AVAILABLE.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ");
-            return Err(RewardError::UnknownReward { name: name.into(), known });
+            let known = AVAILABLE
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(RewardError::UnknownReward {
+                name: name.into(),
+                known,
+            });
         }
     })
 }
@@ -172,7 +221,10 @@ impl RewardSet {
         let mut parts = Vec::with_capacity(specs.len());
         for spec in specs {
             if !spec.weight.is_finite() {
-                return Err(RewardError::BadWeight { reward: spec.name.clone(), weight: spec.weight });
+                return Err(RewardError::BadWeight {
+                    reward: spec.name.clone(),
+                    weight: spec.weight,
+                });
             }
             parts.push((build(spec)?, spec.weight));
         }
@@ -214,7 +266,11 @@ impl RewardSet {
             if s.values.len() != samples.len() {
                 s.failures.push(Failure {
                     sample: 0,
-                    reason: format!("reward returned {} scores for {} samples", s.values.len(), samples.len()),
+                    reason: format!(
+                        "reward returned {} scores for {} samples",
+                        s.values.len(),
+                        samples.len()
+                    ),
                 });
                 s.values.resize(samples.len(), None);
             }
@@ -228,15 +284,30 @@ impl RewardSet {
             per_reward.push(s.values);
             failures.push(s.failures);
         }
-        Scored { per_reward, total, failures }
+        Scored {
+            per_reward,
+            total,
+            failures,
+        }
     }
 }
 
 /// Map `f` over `0..n` on at most `workers` std threads (0 = available_parallelism), results in
 /// order. Used by the rewards that run programs.
-pub(crate) fn parallel_map<T: Send, F: Fn(usize) -> T + Sync>(n: usize, workers: usize, f: F) -> Vec<T> {
-    let auto = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let workers = if workers == 0 { auto } else { workers.min(auto) }.clamp(1, n.max(1));
+pub(crate) fn parallel_map<T: Send, F: Fn(usize) -> T + Sync>(
+    n: usize,
+    workers: usize,
+    f: F,
+) -> Vec<T> {
+    let auto = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let workers = if workers == 0 {
+        auto
+    } else {
+        workers.min(auto)
+    }
+    .clamp(1, n.max(1));
     if workers == 1 || n <= 1 {
         return (0..n).map(f).collect();
     }
@@ -257,5 +328,7 @@ pub(crate) fn parallel_map<T: Send, F: Fn(usize) -> T + Sync>(n: usize, workers:
             });
         }
     });
-    out.into_iter().map(|v| v.expect("every index is filled by exactly one worker")).collect()
+    out.into_iter()
+        .map(|v| v.expect("every index is filled by exactly one worker"))
+        .collect()
 }

@@ -24,11 +24,23 @@ fn kind(v: &toml::Value) -> &'static str {
 
 impl<'a> Params<'a> {
     /// Reject any key not in `allowed` (typos must not silently fall back to defaults).
-    pub fn new(reward: &'a str, table: &'a toml::Table, allowed: &[&str]) -> Result<Self, RewardError> {
+    pub fn new(
+        reward: &'a str,
+        table: &'a toml::Table,
+        allowed: &[&str],
+    ) -> Result<Self, RewardError> {
         for key in table.keys() {
             if !allowed.contains(&key.as_str()) {
-                let allowed = if allowed.is_empty() { "none".to_string() } else { allowed.join(", ") };
-                return Err(RewardError::UnknownParam { reward: reward.into(), key: key.clone(), allowed });
+                let allowed = if allowed.is_empty() {
+                    "none".to_string()
+                } else {
+                    allowed.join(", ")
+                };
+                return Err(RewardError::UnknownParam {
+                    reward: reward.into(),
+                    key: key.clone(),
+                    allowed,
+                });
             }
         }
         Ok(Params { reward, table })
@@ -39,15 +51,28 @@ impl<'a> Params<'a> {
     }
 
     fn type_err(&self, key: &str, expected: &str, v: &toml::Value) -> RewardError {
-        RewardError::ParamType { reward: self.reward.into(), key: key.into(), expected: expected.into(), found: kind(v).into() }
+        RewardError::ParamType {
+            reward: self.reward.into(),
+            key: key.into(),
+            expected: expected.into(),
+            found: kind(v).into(),
+        }
     }
 
     pub fn invalid(&self, key: &str, reason: impl Into<String>) -> RewardError {
-        RewardError::InvalidParam { reward: self.reward.into(), key: key.into(), reason: reason.into() }
+        RewardError::InvalidParam {
+            reward: self.reward.into(),
+            key: key.into(),
+            reason: reason.into(),
+        }
     }
 
     pub fn missing(&self, key: &str, hint: &str) -> RewardError {
-        RewardError::MissingParam { reward: self.reward.into(), key: key.into(), hint: hint.into() }
+        RewardError::MissingParam {
+            reward: self.reward.into(),
+            key: key.into(),
+            hint: hint.into(),
+        }
     }
 
     pub fn has(&self, key: &str) -> bool {
@@ -63,7 +88,12 @@ impl<'a> Params<'a> {
     }
 
     /// A string from a fixed set of choices.
-    pub fn choice(&self, key: &str, choices: &[&str], default: &str) -> Result<String, RewardError> {
+    pub fn choice(
+        &self,
+        key: &str,
+        choices: &[&str],
+        default: &str,
+    ) -> Result<String, RewardError> {
         let v = self.str(key)?.unwrap_or_else(|| default.to_string());
         if choices.contains(&v.as_str()) {
             Ok(v)

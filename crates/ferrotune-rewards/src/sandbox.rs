@@ -11,46 +11,69 @@
 //!
 //! ```text
 //! trainer ── supervisor (forked by std's Command, never execs; child subreaper)
-//!               └── target (execs argv; everything it forks stays below the supervisor)
+//!               └── target = PID 1 of a fresh PID namespace (execs argv; all it forks stays
+//!                   inside that namespace and below the supervisor)
 //! ```
 //!
 //! Why a supervisor: orphans are re-parented to the nearest subreaper, and PID 1 on our
 //! machines does not reap, so without one every killed grandchild would stay a zombie. The
 //! supervisor reaps the whole subtree, kills the rest when the target exits or when the
-//! trainer asks (SIGUSR1), and exits with the target's status.
+//! trainer asks (SIGUSR1), and exits with the target's status. Why a PID namespace: killing its
+//! init (the target) makes the kernel kill every process in it, including those that called
+//! `setsid` to leave the process group.
 //!
 //! Privileges. As root (our machines and CI) each run gets two fresh uids: the target runs as
 //! uid X, the supervisor as (real Y, effective X). RLIMIT_NPROC then really applies (the kernel
-//! exempts uid 0), `kill(-1)` from the supervisor reaches exactly the processes of uid X (also
-//! those that called `setsid`), and the sandbox cannot signal its supervisor (uid Y). When an
+//! exempts uid 0), `kill(-1)` from the supervisor reaches exactly the processes of uid X, and
+//! the sandbox cannot signal its supervisor (uid Y; Landlock's signal scope too). When an
 //! allowed folder is not reachable by "others" (the pyenv python under a 0700 /root), the
-//! target keeps CAP_DAC_READ_SEARCH as an ambient capability so it can read and traverse; what
-//! it may read is then decided by Landlock alone. Without root: a user namespace + network
-//! namespace, the process group is killed instead of the uid, and RLIMIT_NPROC counts all of
-//! the user's processes (weaker; documented, not used on our machines).
+//! target keeps CAP_DAC_READ_SEARCH (and nothing else) as an ambient capability so it can read
+//! and traverse; what it may read is then decided by Landlock alone. Without root: a user
+//! namespace holds the network and PID namespaces, the uid stays the caller's, and
+//! RLIMIT_NPROC counts the processes of that uid inside the new user namespace (checked: the
+//! hostile tests also pass when run as uid 65534).
 //!
 //! Fail closed: no Landlock (kernel < 5.13 or disabled) or no namespace ⇒ `SandboxError`, never
 //! an unconfined run. Known gaps: pathname unix sockets that are world-writable can still be
-//! connected to (Landlock ABI < 9 does not cover `connect` on them); a program that reads its
-//! own source can see whatever that source contains.
+//! connected to (Landlock does not cover `connect` on them in the ABIs we target); CPU time is
+//! shared by scheduling, so a fork bomb (at most `max_procs` spinning processes) slows other
+//! samples scored at the same time until its own timeout; a program that reads its own source
+//! can see whatever that source contains.
 
+mod child;
 mod landlock;
+mod watch;
 
-use std::ffi::{OsStr, OsString};
-use std::io::{self, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use child::{child_setup, ChildCfg, PrivateMount};
+use watch::watch;
+
+use std::ffi::{CString, OsStr, OsString};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// Folders every program needs to start (dynamic loader, libc, locale, time zone).
 const SYSTEM_READ: &[&str] = &[
-    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache",
-    "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/alternatives",
-    "/dev/urandom", "/dev/random", "/dev/zero",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/localtime",
+    "/etc/alternatives",
+    "/dev/urandom",
+    "/dev/random",
+    "/dev/zero",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +102,9 @@ pub struct SandboxSpec {
     pub max_procs: u64,
     /// RLIMIT_FSIZE, MiB: largest file the program may write.
     pub max_file_mb: u64,
+    /// Size of the private folder, MiB (root mode: a tmpfs of this size, in memory; without
+    /// root the folder is on the temp dir's disk and only `max_file_mb` bounds each file).
+    pub disk_mb: u64,
     /// RLIMIT_NOFILE.
     pub max_open_files: u64,
     /// Bytes kept of stdout and of stderr each; more output kills the run (`End::OutputLimit`).
@@ -95,6 +121,7 @@ impl Default for SandboxSpec {
             memory_mb: 512,
             max_procs: 16,
             max_file_mb: 16,
+            disk_mb: 64,
             max_open_files: 64,
             output_cap: 1 << 20,
             read_paths: Vec::new(),
@@ -137,9 +164,23 @@ impl Outcome {
     /// A one-line reason for logs: the end and the last stderr line.
     pub fn reason(&self) -> String {
         let err = String::from_utf8_lossy(&self.stderr);
-        let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim();
         let last: String = last.chars().take(200).collect();
-        format!("{:?} after {:.2}s{}", self.end, self.wall.as_secs_f64(), if last.is_empty() { String::new() } else { format!(": {last}") })
+        format!(
+            "{:?} after {:.2}s{}",
+            self.end,
+            self.wall.as_secs_f64(),
+            if last.is_empty() {
+                String::new()
+            } else {
+                format!(": {last}")
+            }
+        )
     }
 }
 
@@ -156,7 +197,11 @@ pub struct PythonInfo {
 /// (a pyenv shim takes ~0.4 s to answer).
 pub fn resolve_python(python: &str) -> Result<PythonInfo, SandboxError> {
     static CACHE: std::sync::Mutex<Vec<(String, PythonInfo)>> = std::sync::Mutex::new(Vec::new());
-    if let Some((_, info)) = CACHE.lock().ok().and_then(|c| c.iter().find(|(k, _)| k == python).cloned()) {
+    if let Some((_, info)) = CACHE
+        .lock()
+        .ok()
+        .and_then(|c| c.iter().find(|(k, _)| k == python).cloned())
+    {
         return Ok(info);
     }
     let info = query_python(python)?;
@@ -167,7 +212,10 @@ pub fn resolve_python(python: &str) -> Result<PythonInfo, SandboxError> {
 }
 
 fn query_python(python: &str) -> Result<PythonInfo, SandboxError> {
-    let perr = |reason: String| SandboxError::Python { python: python.to_string(), reason };
+    let perr = |reason: String| SandboxError::Python {
+        python: python.to_string(),
+        reason,
+    };
     let script = "import sys, json; print(json.dumps([sys.executable, sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix]))";
     let out = Command::new(python)
         .args(["-c", script])
@@ -216,12 +264,19 @@ impl Sandbox {
         let mut read_roots: Vec<PathBuf> = SYSTEM_READ.iter().map(PathBuf::from).collect();
         let mut dac_bypass = false;
         for p in &spec.read_paths {
-            let c = std::fs::canonicalize(p).map_err(io_err(format!("read path {}", p.display())))?;
+            let c =
+                std::fs::canonicalize(p).map_err(io_err(format!("read path {}", p.display())))?;
             dac_bypass |= !reachable_by_others(&c, true);
             read_roots.push(c);
         }
         dac_bypass |= !reachable_by_others(&std::env::temp_dir(), false);
-        Ok(Sandbox { spec, abi, privileged, dac_bypass: dac_bypass && privileged, read_roots })
+        Ok(Sandbox {
+            spec,
+            abi,
+            privileged,
+            dac_bypass: dac_bypass && privileged,
+            read_roots,
+        })
     }
 
     pub fn spec(&self) -> &SandboxSpec {
@@ -231,39 +286,89 @@ impl Sandbox {
     /// Run `argv` (argv[0] an absolute path) in a fresh private folder holding `files`
     /// (name → content), feeding `stdin`. Err only when the sandbox itself failed; everything
     /// the program does is in `Outcome`.
-    pub fn run(&self, argv: &[OsString], stdin: &[u8], files: &[(&str, &[u8])]) -> Result<Outcome, SandboxError> {
+    pub fn run(
+        &self,
+        argv: &[OsString],
+        stdin: &[u8],
+        files: &[(&str, &[u8])],
+    ) -> Result<Outcome, SandboxError> {
         let start = Instant::now();
         let Some(program) = argv.first() else {
             return Err(SandboxError::Unsupported("empty command".into()));
         };
         let (uid_x, uid_y) = fresh_uids();
-        let dir = PrivateDir::create(self.privileged.then_some(uid_x))?;
-        for (name, data) in files {
+        for (name, _) in files {
             if name.is_empty() || name.contains('/') || *name == ".." || *name == "." {
                 return Err(SandboxError::Unsupported(format!("bad file name {name:?}")));
             }
-            let path = dir.path.join(name);
-            std::fs::write(&path, data).map_err(io_err(format!("write {}", path.display())))?;
-            if self.privileged {
-                std::os::unix::fs::chown(&path, Some(uid_x), Some(uid_x)).map_err(io_err("chown sandbox file"))?;
-            }
         }
+        let dir = PrivateDir::create()?;
         let mut rules = landlock::Ruleset::new(self.abi).map_err(io_err("landlock ruleset"))?;
         for root in &self.read_roots {
-            rules.allow(root, landlock::Access::ReadExec).map_err(io_err(format!("landlock rule {}", root.display())))?;
+            rules
+                .allow(root, landlock::Access::ReadExec)
+                .map_err(io_err(format!("landlock rule {}", root.display())))?;
         }
-        rules.allow(Path::new("/dev/null"), landlock::Access::ReadWriteFile).map_err(io_err("landlock rule /dev/null"))?;
-        rules.allow(&dir.path, landlock::Access::Full).map_err(io_err("landlock rule for the private folder"))?;
+        rules
+            .allow(Path::new("/dev/null"), landlock::Access::ReadWriteFile)
+            .map_err(io_err("landlock rule /dev/null"))?;
+        let mount = if self.privileged {
+            // Written by the child into its tmpfs (see child.rs).
+            let c = |p: &Path| {
+                CString::new(p.as_os_str().as_bytes())
+                    .map_err(|_| SandboxError::Unsupported(format!("NUL in path {}", p.display())))
+            };
+            let options = format!(
+                "size={}m,nr_inodes=8192,mode=0700,uid={uid_x},gid={uid_x}",
+                self.spec.disk_mb
+            );
+            Some(PrivateMount {
+                dir: c(&dir.path)?,
+                options: CString::new(options)
+                    .map_err(|_| SandboxError::Unsupported("tmpfs options".into()))?,
+                files: files
+                    .iter()
+                    .map(|(n, d)| Ok((c(&dir.path.join(n))?, d.to_vec())))
+                    .collect::<Result<_, SandboxError>>()?,
+                rights: landlock::full_access(self.abi),
+            })
+        } else {
+            for (name, data) in files {
+                let path = dir.path.join(name);
+                std::fs::write(&path, data).map_err(io_err(format!("write {}", path.display())))?;
+            }
+            rules
+                .allow(&dir.path, landlock::Access::Full)
+                .map_err(io_err("landlock rule for the private folder"))?;
+            None
+        };
 
         let limits = [
-            (libc::RLIMIT_CPU, cpu_seconds(self.spec.timeout), cpu_seconds(self.spec.timeout) + 1),
-            (libc::RLIMIT_AS, self.spec.memory_mb << 20, self.spec.memory_mb << 20),
-            (libc::RLIMIT_FSIZE, self.spec.max_file_mb << 20, self.spec.max_file_mb << 20),
-            (libc::RLIMIT_NOFILE, self.spec.max_open_files, self.spec.max_open_files),
+            (
+                libc::RLIMIT_CPU,
+                cpu_seconds(self.spec.timeout),
+                cpu_seconds(self.spec.timeout) + 1,
+            ),
+            (
+                libc::RLIMIT_AS,
+                self.spec.memory_mb << 20,
+                self.spec.memory_mb << 20,
+            ),
+            (
+                libc::RLIMIT_FSIZE,
+                self.spec.max_file_mb << 20,
+                self.spec.max_file_mb << 20,
+            ),
+            (
+                libc::RLIMIT_NOFILE,
+                self.spec.max_open_files,
+                self.spec.max_open_files,
+            ),
             (libc::RLIMIT_NPROC, self.spec.max_procs, self.spec.max_procs),
         ];
         let cfg = ChildCfg {
             privileged: self.privileged,
+            mount,
             dac_bypass: self.dac_bypass,
             uid_x,
             uid_y,
@@ -285,7 +390,11 @@ impl Sandbox {
             .env("OPENBLAS_NUM_THREADS", "1")
             .env("MKL_NUM_THREADS", "1")
             .current_dir(&dir.path)
-            .stdin(if stdin.is_empty() { Stdio::null() } else { Stdio::piped() })
+            .stdin(if stdin.is_empty() {
+                Stdio::null()
+            } else {
+                Stdio::piped()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
@@ -293,7 +402,16 @@ impl Sandbox {
         unsafe {
             cmd.pre_exec(move || child_setup(&cfg));
         }
-        let mut child = cmd.spawn().map_err(io_err(format!("start {}", Path::new(program).display())))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|source| {
+                let hint = if source.kind() == io::ErrorKind::PermissionDenied {
+                    " (the kernel refused a namespace, uid change or Landlock: needs root, or unprivileged user namespaces)"
+                } else {
+                    ""
+                };
+                SandboxError::Io { what: format!("start {}{hint}", Path::new(program).display()), source }
+            })?;
         drop(rules);
         let sup = child.id() as libc::pid_t;
         let stdin_pipe = child.stdin.take();
@@ -309,7 +427,13 @@ impl Sandbox {
             Some(e) => e,
             None => classify(status, &stderr),
         };
-        Ok(Outcome { end, stdout, stderr, wall, uid: self.privileged.then_some(uid_x) })
+        Ok(Outcome {
+            end,
+            stdout,
+            stderr,
+            wall,
+            uid: self.privileged.then_some(uid_x),
+        })
     }
 }
 
@@ -334,7 +458,11 @@ fn classify(status: std::process::ExitStatus, stderr: &[u8]) -> End {
 
 /// Is `path` readable by "others" through every ancestor (so a fresh uid can reach it)?
 fn reachable_by_others(path: &Path, need_read: bool) -> bool {
-    let ok_dir = |p: &Path| std::fs::metadata(p).map(|m| m.mode() & 0o001 != 0).unwrap_or(false);
+    let ok_dir = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| m.mode() & 0o001 != 0)
+            .unwrap_or(false)
+    };
     if !path.ancestors().skip(1).all(ok_dir) {
         return false;
     }
@@ -359,17 +487,23 @@ struct PrivateDir {
 }
 
 impl PrivateDir {
-    fn create(owner: Option<u32>) -> Result<Self, SandboxError> {
+    fn create() -> Result<Self, SandboxError> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-        let name = format!("ferrotune-sandbox-{}-{}-{nanos}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let name = format!(
+            "ferrotune-sandbox-{}-{}-{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         let path = std::env::temp_dir().join(name);
-        std::fs::DirBuilder::new().mode(0o700).create(&path).map_err(io_err(format!("create {}", path.display())))?;
-        let dir = PrivateDir { path };
-        if let Some(uid) = owner {
-            std::os::unix::fs::chown(&dir.path, Some(uid), Some(uid)).map_err(io_err("chown the private folder"))?;
-        }
-        Ok(dir)
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(io_err(format!("create {}", path.display())))?;
+        Ok(PrivateDir { path })
     }
 }
 
@@ -381,315 +515,14 @@ impl Drop for PrivateDir {
     }
 }
 
-type Watched = (Vec<u8>, Vec<u8>, Option<End>);
-
-/// Pump stdout/stderr (capped), feed stdin from a thread, enforce the wall-clock limit, and
-/// return once the supervisor has exited and both pipes are closed.
-fn watch(
-    sup: libc::pid_t,
-    out: std::process::ChildStdout,
-    err: std::process::ChildStderr,
-    stdin_pipe: Option<std::process::ChildStdin>,
-    stdin: &[u8],
-    spec: &SandboxSpec,
-) -> Result<Watched, SandboxError> {
-    // SAFETY: pidfd_open on our own unreaped child.
-    let pfd = unsafe { libc::syscall(libc::SYS_pidfd_open, sup, 0) };
-    if pfd < 0 {
-        let e = io::Error::last_os_error();
-        request_kill(sup, true);
-        return Err(SandboxError::Io { what: "pidfd_open".into(), source: e });
-    }
-    // SAFETY: fresh fd from the kernel.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pfd as RawFd) };
-    for fd in [out.as_raw_fd(), err.as_raw_fd()] {
-        // SAFETY: fcntl on fds we own.
-        unsafe { libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK) };
-    }
-    std::thread::scope(|s| {
-        if let Some(mut pipe) = stdin_pipe {
-            // A program that never reads its stdin must not block us: write from a thread;
-            // it ends with EPIPE once the program is gone.
-            s.spawn(move || {
-                let _ = pipe.write_all(stdin);
-            });
-        }
-        let mut streams = [(Some(out.as_raw_fd()), Vec::new()), (Some(err.as_raw_fd()), Vec::new())];
-        let mut exited = false;
-        let mut killed: Option<End> = None;
-        let deadline = Instant::now() + spec.timeout;
-        let mut give_up: Option<Instant> = None; // after exit/kill: how long we still wait
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            if exited && streams.iter().all(|(fd, _)| fd.is_none()) {
-                break;
-            }
-            let now = Instant::now();
-            if let Some(g) = give_up {
-                if now >= g {
-                    // Last resort: the supervisor did not finish; kill it (pdeathsig takes
-                    // its target) and stop reading.
-                    // SAFETY: signalling our own child, unreaped, so its pid is still ours.
-                    unsafe { libc::kill(sup, libc::SIGKILL) };
-                    break;
-                }
-            }
-            let mut wait_ms = match (killed.is_some(), give_up) {
-                (true, _) => 20, // re-send the kill request until the supervisor is gone
-                (false, Some(g)) => g.saturating_duration_since(now).as_millis() as i32 + 1,
-                (false, None) => deadline.saturating_duration_since(now).as_millis() as i32 + 1,
-            };
-            wait_ms = wait_ms.max(1);
-            let mut fds: Vec<libc::pollfd> = Vec::with_capacity(3);
-            for (fd, _) in &streams {
-                if let Some(fd) = fd {
-                    fds.push(libc::pollfd { fd: *fd, events: libc::POLLIN, revents: 0 });
-                }
-            }
-            if !exited {
-                fds.push(libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
-            }
-            // SAFETY: fds is a valid array of pollfd.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                request_kill(sup, true);
-                return Err(SandboxError::Io { what: "poll".into(), source: e });
-            }
-            for p in &fds {
-                if p.revents == 0 {
-                    continue;
-                }
-                if p.fd == pidfd.as_raw_fd() {
-                    exited = true;
-                    give_up.get_or_insert(Instant::now() + Duration::from_secs(2));
-                    continue;
-                }
-                let Some((slot, data)) = streams.iter_mut().find(|(fd, _)| *fd == Some(p.fd)) else { continue };
-                // SAFETY: reading into our buffer from an fd we own.
-                let r = unsafe { libc::read(p.fd, buf.as_mut_ptr().cast(), buf.len()) };
-                if r > 0 {
-                    let r = r as usize;
-                    let room = spec.output_cap.saturating_sub(data.len());
-                    data.extend_from_slice(&buf[..r.min(room)]);
-                    if r > room && killed.is_none() {
-                        killed = Some(End::OutputLimit);
-                        give_up = Some(Instant::now() + Duration::from_secs(2));
-                    }
-                } else if r == 0 {
-                    *slot = None;
-                } else {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
-                        *slot = None;
-                    }
-                }
-            }
-            if killed.is_none() && !exited && Instant::now() >= deadline {
-                killed = Some(End::Timeout);
-                give_up = Some(Instant::now() + Duration::from_secs(2));
-            }
-            if killed.is_some() && !exited {
-                request_kill(sup, false);
-            }
-        }
-        let [(_, o), (_, e)] = streams;
-        Ok((o, e, killed))
-    })
-}
-
-/// Ask the supervisor to kill everything of this run (SIGUSR1); `hard` kills the supervisor
-/// itself (its target dies by pdeathsig) for when we cannot wait.
-fn request_kill(sup: libc::pid_t, hard: bool) {
-    // SAFETY: signalling our own unreaped child.
-    unsafe { libc::kill(sup, if hard { libc::SIGKILL } else { libc::SIGUSR1 }) };
-}
-
-// ---------------------------------------------------------------------------------------------
-// Between fork and exec: async-signal-safe code only (syscalls on values copied before fork).
-
-#[derive(Clone, Copy)]
-struct ChildCfg {
-    privileged: bool,
-    dac_bypass: bool,
-    uid_x: u32,
-    uid_y: u32,
-    limits: [(libc::__rlimit_resource_t, u64, u64); 5],
-    ruleset_fd: RawFd,
-}
-
-const CAP_DAC_READ_SEARCH: u32 = 2;
-
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-fn check(r: libc::c_int) -> io::Result<()> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-fn capset(mask: u32) -> io::Result<()> {
-    let mut hdr = CapHeader { version: 0x2008_0522, pid: 0 };
-    let data = [CapData { effective: mask, permitted: mask, inheritable: mask }, CapData { effective: 0, permitted: 0, inheritable: 0 }];
-    // SAFETY: v3 header with two data words, as the ABI requires.
-    check(unsafe { libc::syscall(libc::SYS_capset, &mut hdr as *mut CapHeader, data.as_ptr()) } as libc::c_int)
-}
-
-fn setrlimit(res: libc::__rlimit_resource_t, soft: u64, hard: u64) -> io::Result<()> {
-    let lim = libc::rlimit { rlim_cur: soft, rlim_max: hard };
-    // SAFETY: plain syscall.
-    check(unsafe { libc::setrlimit(res, &lim) })
-}
-
-fn child_setup(cfg: &ChildCfg) -> io::Result<()> {
-    // SAFETY (whole function): only syscalls, no allocation, no locks.
-    unsafe {
-        let flags = if cfg.privileged { libc::CLONE_NEWNET } else { libc::CLONE_NEWUSER | libc::CLONE_NEWNET };
-        check(libc::unshare(flags))?;
-        check(libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0))?;
-        setrlimit(libc::RLIMIT_CORE, 0, 0)?;
-        if cfg.privileged {
-            check(libc::setgroups(0, std::ptr::null()))?;
-            check(libc::setresgid(cfg.uid_x, cfg.uid_x, cfg.uid_x))?;
-            if cfg.dac_bypass {
-                check(libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0))?;
-            }
-            // Supervisor credentials: can kill uid X, cannot be signalled by it.
-            check(libc::setresuid(cfg.uid_y, cfg.uid_x, cfg.uid_y))?;
-        }
-        let sup = libc::getpid();
-        let pid = libc::fork();
-        if pid < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if pid > 0 {
-            supervise(pid, cfg.privileged);
-        }
-        // Target.
-        check(libc::setpgid(0, 0))?;
-        if cfg.privileged {
-            check(libc::setresuid(cfg.uid_x, cfg.uid_x, cfg.uid_x))?;
-            if cfg.dac_bypass {
-                capset(1 << CAP_DAC_READ_SEARCH)?;
-                check(libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong, CAP_DAC_READ_SEARCH as libc::c_ulong, 0, 0))?;
-            }
-        }
-        // After the credential change (which clears it).
-        check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
-        if libc::getppid() != sup {
-            libc::_exit(125);
-        }
-        for (res, soft, hard) in cfg.limits {
-            setrlimit(res, soft, hard)?;
-        }
-        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
-        landlock::restrict_self(cfg.ruleset_fd)?;
-    }
-    Ok(())
-}
-
-static KILL_REQUESTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_kill_request(_: libc::c_int) {
-    KILL_REQUESTED.store(true, Ordering::SeqCst);
-}
-
-/// The supervisor: reap the subtree, kill it when the target ends or on SIGUSR1, exit with the
-/// target's status. Never returns.
-fn supervise(target: libc::pid_t, privileged: bool) -> ! {
-    // SAFETY (whole function): only syscalls in a single-threaded forked child.
-    unsafe {
-        let _ = capset(0);
-        // Close the pipes (and std's exec-error pipe) so the trainer sees EOF as soon as the
-        // sandboxed processes are gone.
-        libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_kill_request as extern "C" fn(libc::c_int) as usize;
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-        let mut target_status: Option<libc::c_int> = None;
-        let mut killing = false;
-        let mut rounds = 0u32;
-        loop {
-            if KILL_REQUESTED.load(Ordering::SeqCst) {
-                killing = true;
-            }
-            if killing {
-                kill_all(target, privileged);
-            }
-            let mut st = 0;
-            let opts = if killing { libc::__WALL | libc::WNOHANG } else { libc::__WALL };
-            let r = libc::waitpid(-1, &mut st, opts);
-            if r > 0 {
-                if r == target {
-                    target_status = Some(st);
-                    killing = true;
-                }
-                continue;
-            }
-            if r == 0 {
-                // Still children after a kill: give the kernel a moment, then kill again.
-                // Bounded so a process in uninterruptible sleep cannot hold us forever.
-                rounds += 1;
-                if rounds > 5000 {
-                    break;
-                }
-                let ts = libc::timespec { tv_sec: 0, tv_nsec: 1_000_000 };
-                libc::nanosleep(&ts, std::ptr::null_mut());
-                continue;
-            }
-            if *libc::__errno_location() == libc::EINTR {
-                continue;
-            }
-            break; // ECHILD: the whole subtree is gone.
-        }
-        match target_status {
-            Some(st) if libc::WIFEXITED(st) => libc::_exit(libc::WEXITSTATUS(st)),
-            Some(st) if libc::WIFSIGNALED(st) => {
-                let sig = libc::WTERMSIG(st);
-                libc::signal(sig, libc::SIG_DFL);
-                libc::kill(libc::getpid(), sig);
-                libc::_exit(128 + sig)
-            }
-            _ => libc::_exit(125),
-        }
-    }
-}
-
-/// Root mode: every process of uid X (wherever it moved its process group). Otherwise: the
-/// target's process group.
-unsafe fn kill_all(target: libc::pid_t, privileged: bool) {
-    if privileged {
-        libc::kill(-1, libc::SIGKILL);
-    } else {
-        libc::kill(-target, libc::SIGKILL);
-        libc::kill(target, libc::SIGKILL);
-    }
-}
-
 /// For callers that want to pass a command line as strings.
 pub fn argv<I, S>(items: I) -> Vec<OsString>
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    items.into_iter().map(|s| s.as_ref().to_os_string()).collect()
+    items
+        .into_iter()
+        .map(|s| s.as_ref().to_os_string())
+        .collect()
 }

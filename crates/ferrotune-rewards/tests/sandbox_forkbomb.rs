@@ -14,4 +14,3 @@ fn fork_bomb_is_capped_and_killed() {
     assert_eq!(score, Some(0.0));
     assert_eq!(out.end, End::Timeout);
 }
-

@@ -69,6 +69,11 @@ pub trait GrpoEnv {
     }
     /// A sample of this step's completions, to be written to `completions.jsonl`.
     fn record(&mut self, _step: usize, _rows: &[CompletionRecord]) {}
+    /// Problems met while scoring since the last call (e.g. a user scorer that crashed), as
+    /// lines for the user, and how many samples could not be judged.
+    fn drain_failures(&mut self) -> (Vec<String>, usize) {
+        (Vec::new(), 0)
+    }
 }
 
 /// What a reward function measures, for the health checks.
@@ -465,6 +470,13 @@ pub fn train_grpo(
             let scores = env
                 .score(Split::Train, &items, &gens)
                 .map_err(TrainError::Plan)?;
+            let (notes, failed) = env.drain_failures();
+            for n in notes {
+                obs.message(&format!("step {}: {n}", state.step + 1));
+            }
+            if failed > 0 {
+                rollout_metrics.push(("rewards/failures".into(), failed as f64));
+            }
             let totals = weighted_totals(&scores, &weights, gens.len());
             let adv = advantages(&totals, g, plan.scale_rewards)
                 .map_err(|e| TrainError::Plan(e.to_string()))?;

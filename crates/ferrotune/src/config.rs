@@ -545,6 +545,12 @@ impl RunConfig {
             if g.beta < 0.0 || !g.beta.is_finite() {
                 return bad("grpo.beta", "must be >= 0".into());
             }
+            if g.beta > 0.0 && self.lora.is_none() {
+                return bad(
+                    "grpo.beta",
+                    "the KL reference is the base with adapters switched off, so beta > 0 needs a [lora] section (or set beta = 0 for full fine-tuning)".into(),
+                );
+            }
             if !(0.0..1.0).contains(&g.epsilon) {
                 return bad("grpo.epsilon", "must be in [0, 1)".into());
             }
@@ -717,7 +723,10 @@ mod tests {
         let mut bad = cfg.clone();
         bad.grpo.as_mut().unwrap().num_generations = 3;
         let e = bad.validate(Path::new("c.toml")).unwrap_err().to_string();
-        assert!(e.contains("grpo.num_generations") && e.contains("divisible"), "{e}");
+        assert!(
+            e.contains("grpo.num_generations") && e.contains("divisible"),
+            "{e}"
+        );
     }
 
     #[test]

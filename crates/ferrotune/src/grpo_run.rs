@@ -109,6 +109,9 @@ pub struct TextEnv<'a> {
     pub stop: Vec<String>,
     /// `completions.jsonl`, when logging completions.
     pub completions: Option<std::fs::File>,
+    /// Samples the rewards could not judge since the last drain: (reward, reason) and count.
+    pub failures: Vec<(String, String)>,
+    pub failed: usize,
 }
 
 /// What a reward function measures, by its registry name.
@@ -182,7 +185,23 @@ impl GrpoEnv for TextEnv<'_> {
                 row: &pool[i].row,
             })
             .collect();
-        Ok(self.rewards.score(&samples).per_reward)
+        let scored = self.rewards.score(&samples);
+        for (label, fails) in self.rewards.labels().iter().zip(&scored.failures) {
+            self.failed += fails.len();
+            for f in fails.iter().take(3) {
+                self.failures.push((label.clone(), f.reason.clone()));
+            }
+        }
+        Ok(scored.per_reward)
+    }
+    fn drain_failures(&mut self) -> (Vec<String>, usize) {
+        let n = std::mem::take(&mut self.failed);
+        let notes = std::mem::take(&mut self.failures)
+            .into_iter()
+            .take(3)
+            .map(|(l, r)| format!("reward `{l}` could not judge a sample (scored 0): {r}"))
+            .collect();
+        (notes, n)
     }
     fn stop(&self, ids: &[u32]) -> bool {
         if self.stop.is_empty() {
@@ -407,6 +426,8 @@ pub fn run_grpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<GrpoSu
         } else {
             None
         },
+        failures: Vec::new(),
+        failed: 0,
     };
     let mut obs = GrpoObserver {
         inner: CliObserver {

@@ -60,7 +60,8 @@ pub struct ArchSection {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TokenizerSection {
-    /// Final vocabulary size (also the model's vocab_size).
+    /// Largest vocabulary size; the trainer stops earlier when no pair occurs `min_frequency`
+    /// times. The model's vocab_size is the size reached.
     #[serde(default = "d_vocab")]
     pub vocab_size: usize,
     #[serde(default = "d_min_freq")]
@@ -120,6 +121,9 @@ pub struct PretrainRun {
     /// Eval loss every N steps (0 = only at the end).
     #[serde(default)]
     pub eval_every: usize,
+    /// Also checkpoint every N steps into the run folder (0 = only at the end).
+    #[serde(default)]
+    pub save_every: usize,
     /// f32 | bf16 | auto (f32 when the weights fit in 10 MB, else bf16).
     #[serde(default = "d_save_dtype")]
     pub save_dtype: String,
@@ -332,6 +336,17 @@ impl PretrainConfig {
         let c = &self.corpus;
         if c.arithmetic_docs + c.chat_docs + c.english_docs == 0 && c.files.is_empty() {
             return bad("corpus", "generates no document and names no file".into());
+        }
+        if c.max_operand < 1 {
+            return bad("corpus.max_operand", "must be at least 1".into());
+        }
+        for (field, v) in [
+            ("corpus.three_digit_fraction", c.three_digit_fraction),
+            ("corpus.multiplication_fraction", c.multiplication_fraction),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return bad(field, format!("{v} is not a fraction in [0, 1]"));
+            }
         }
         if let Err(e) = self.optim.lr_scheduler_type.parse::<ScheduleKind>() {
             return bad("optim.lr_scheduler_type", e.to_string());
@@ -603,13 +618,13 @@ pub fn pretrain(cfg: &PretrainConfig, quiet: bool) -> Result<PretrainSummary> {
         },
         max_grad_norm: cfg.optim.max_grad_norm,
         log_every: r.log_every.max(1),
-        save_every: 0,
+        save_every: r.save_every,
         eval_every: if r.eval_every > 0 {
             r.eval_every
         } else {
             r.max_steps
         },
-        keep_last: 1,
+        keep_last: 0,
         max_nonfinite_steps: 5,
         shuffle: true,
         pad_id: tok.pad_id().unwrap_or(eot),

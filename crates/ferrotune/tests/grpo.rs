@@ -222,3 +222,139 @@ fn bad_reward_configs_fail_with_one_line() {
         assert!(!tmp.path().join("bad/checkpoints").exists());
     }
 }
+
+/// Micro-batching is invisible: 32 completions as one micro-batch or as 2 × 16 accumulated
+/// give the same update, for each loss type whose normalisation spans the step (the sampled
+/// completions are the same: one generation batch either way). One step with AdamW's epsilon
+/// at 1 makes the update ≈ lr · gradient, so rounding is not amplified to ±lr by sign(g).
+#[test]
+fn accumulation_equals_one_big_micro_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    for loss in ["grpo", "dr_grpo", "dapo"] {
+        let mut adapters = Vec::new();
+        for (name, bs, acc) in [("one", 32, 1), ("two", 16, 2)] {
+            let run = format!("{loss}-{name}");
+            let cfg = config(
+                tmp.path(),
+                &run,
+                "max_steps = 1\nbatch_size_placeholder = 0",
+                &format!("loss_type = \"{loss}\"\nbeta = 0.04"),
+            );
+            let text = std::fs::read_to_string(&cfg)
+                .unwrap()
+                .replace("batch_size = 32\n", "")
+                .replace(
+                    "learning_rate = 1e-2",
+                    "learning_rate = 1e-1\nadam_epsilon = 1.0",
+                )
+                .replace(
+                    "batch_size_placeholder = 0",
+                    &format!("batch_size = {bs}\ngradient_accumulation_steps = {acc}"),
+                );
+            std::fs::write(&cfg, text).unwrap();
+            let out = ferrotune(&["train", "--config", cfg.to_str().unwrap()]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            adapters.push(
+                candle_core::safetensors::load(
+                    tmp.path()
+                        .join(&run)
+                        .join("checkpoints/step-1/adapter_model.safetensors"),
+                    &candle_core::Device::Cpu,
+                )
+                .unwrap(),
+            );
+        }
+        let mut moved = 0.0f32;
+        for (k, a) in &adapters[0] {
+            if k.contains("lora_B") {
+                moved = moved.max(
+                    a.abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap(),
+                );
+            }
+            let d = (a - &adapters[1][k])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-7, "{loss}: {k} differs by {d} between 32x1 and 16x2");
+        }
+        assert!(
+            moved > 1e-5,
+            "{loss}: the step did not move the adapters ({moved})"
+        );
+    }
+}
+
+/// Users bring their own reward: a program that reads the sample as JSON and prints a score
+/// runs (sandboxed) inside the training loop; a scorer that crashes scores 0, is reported, and
+/// the run goes on.
+#[test]
+fn command_rewards_score_inside_the_loop_and_failures_do_not_stop_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("has_seven.py");
+    std::fs::write(
+        &good,
+        "import json, sys\ns = json.load(sys.stdin)\nprint(1.0 if '7' in s['completion'] else 0.0)\n",
+    )
+    .unwrap();
+    let bad = tmp.path().join("crash.py");
+    std::fs::write(&bad, "raise SystemExit('scorer bug')\n").unwrap();
+    let rewards = format!(
+        "rewards = [{{ name = \"command\", label = \"seven\", cmd = [\"python3\", \"{good}\"], read_paths = [\"{dir}\"] }}, {{ name = \"command\", label = \"broken\", cmd = [\"python3\", \"{bad}\"], read_paths = [\"{dir}\"] }}]",
+        good = good.display(),
+        bad = bad.display(),
+        dir = tmp.path().display()
+    );
+    let cfg = config(
+        tmp.path(),
+        "cmd",
+        "max_steps = 2\nbatch_size_placeholder = 0",
+        "",
+    );
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("batch_size = 32\n", "")
+        .replace("batch_size_placeholder = 0", "batch_size = 16")
+        .replace(
+            "rewards = [{ name = \"answer_match\", extract = \"regex\", pattern = \"(7)\" }]",
+            &rewards,
+        );
+    std::fs::write(&cfg, text).unwrap();
+    let out = ferrotune(&["train", "--config", cfg.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("reward `broken` could not judge"),
+        "no failure reported: {err}"
+    );
+    let run = tmp.path().join("cmd");
+    // The user's scorer agrees with the same rule applied to the logged completions.
+    let recs: Vec<serde_json::Value> = std::fs::read_to_string(run.join("completions.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 32);
+    for r in &recs {
+        let want = if r["completion"].as_str().unwrap().contains('7') {
+            1.0
+        } else {
+            0.0
+        };
+        assert_eq!(r["rewards"]["seven"].as_f64(), Some(want), "{r}");
+        assert_eq!(r["rewards"]["broken"].as_f64(), Some(0.0), "{r}");
+    }
+    assert_eq!(metric(&run, "rewards/failures"), vec![16.0, 16.0]);
+}

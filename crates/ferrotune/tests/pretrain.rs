@@ -160,6 +160,11 @@ fn same_config_same_model_and_refusals() {
         ("run.seq_len=100", "run.seq_len"),
         ("tokenizer.vocab_size=100", "tokenizer.vocab_size"),
         ("run.save_dtype=\"f8\"", "run.save_dtype"),
+        ("corpus.max_operand=0", "corpus.max_operand"),
+        (
+            "corpus.three_digit_fraction=1.5",
+            "corpus.three_digit_fraction",
+        ),
     ] {
         let err = PretrainConfig::load(&cfg_path, &[set.to_string()]).unwrap_err();
         assert!(err.to_string().contains(field), "{set}: {err}");

@@ -101,8 +101,16 @@ impl Ruleset {
     pub fn new(abi: u32) -> io::Result<Self> {
         let attr = RulesetAttr {
             handled_access_fs: handled_fs(abi),
-            handled_access_net: if abi >= 4 { NET_BIND_TCP | NET_CONNECT_TCP } else { 0 },
-            scoped: if abi >= 6 { SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL } else { 0 },
+            handled_access_net: if abi >= 4 {
+                NET_BIND_TCP | NET_CONNECT_TCP
+            } else {
+                0
+            },
+            scoped: if abi >= 6 {
+                SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL
+            } else {
+                0
+            },
         };
         // Older kernels reject a struct larger than they know unless the tail is zero; size the
         // struct to the fields this ABI has.
@@ -115,14 +123,22 @@ impl Ruleset {
         };
         // SAFETY: attr outlives the call; size does not exceed the struct.
         let fd = unsafe {
-            libc::syscall(libc::SYS_landlock_create_ruleset, &attr as *const RulesetAttr, size as usize, 0u32)
+            libc::syscall(
+                libc::SYS_landlock_create_ruleset,
+                &attr as *const RulesetAttr,
+                size as usize,
+                0u32,
+            )
         };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: the kernel just returned this fd to us.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-        Ok(Ruleset { fd, handled: handled_fs(abi) })
+        Ok(Ruleset {
+            fd,
+            handled: handled_fs(abi),
+        })
     }
 
     /// Allow `access` beneath `path`. A path that does not exist is skipped (returns Ok(false)),
@@ -134,7 +150,11 @@ impl Ruleset {
         let raw = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
         if raw < 0 {
             let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::NotFound { Ok(false) } else { Err(e) };
+            return if e.kind() == io::ErrorKind::NotFound {
+                Ok(false)
+            } else {
+                Err(e)
+            };
         }
         // SAFETY: fresh fd from open.
         let pfd = unsafe { OwnedFd::from_raw_fd(raw) };
@@ -148,26 +168,41 @@ impl Ruleset {
             rights &= FILE_RIGHTS;
         }
         rights &= self.handled;
-        let attr = PathBeneathAttr { allowed_access: rights, parent_fd: pfd.as_raw_fd() };
-        // SAFETY: attr outlives the call; both fds are open.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_landlock_add_rule,
-                self.fd.as_raw_fd(),
-                RULE_PATH_BENEATH,
-                &attr as *const PathBeneathAttr,
-                0u32,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        add_rule(self.fd.as_raw_fd(), pfd.as_raw_fd(), rights)?;
         Ok(true)
     }
 
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
+}
+
+/// Every right this ABI can restrict, for a directory rule (the private folder).
+pub fn full_access(abi: u32) -> u64 {
+    handled_fs(abi)
+}
+
+/// Add a path-beneath rule for an already opened `O_PATH` fd. Async-signal-safe: the child uses
+/// it for the private tmpfs it mounts after the fork.
+pub fn add_rule(ruleset_fd: RawFd, path_fd: RawFd, rights: u64) -> io::Result<()> {
+    let attr = PathBeneathAttr {
+        allowed_access: rights,
+        parent_fd: path_fd,
+    };
+    // SAFETY: attr outlives the call; both fds are open.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_add_rule,
+            ruleset_fd,
+            RULE_PATH_BENEATH,
+            &attr as *const PathBeneathAttr,
+            0u32,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Enforce the ruleset on the calling thread and its future children. Async-signal-safe: call

@@ -37,14 +37,19 @@ pub fn judge() -> &'static CodeTests {
 
 /// MBPP-style row whose only test passes when the program gets that far.
 pub fn row() -> Map<String, Value> {
-    json!({ "test_list": ["assert True"] }).as_object().unwrap().clone()
+    json!({ "test_list": ["assert True"] })
+        .as_object()
+        .unwrap()
+        .clone()
 }
 
 /// Processes (any state, zombies included) still owned by `uid`.
 pub fn leftovers(uid: u32) -> Vec<String> {
     let mut found = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(status) = std::fs::read_to_string(e.path().join("status")) else { continue };
+        let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
         let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
         if uid_line.split_whitespace().nth(1) == Some(uid.to_string().as_str()) {
             found.push(status.lines().take(3).collect::<Vec<_>>().join(" "));
@@ -62,13 +67,37 @@ pub fn run(code: &str) -> (Option<f64>, ferrotune_rewards::Outcome) {
 pub fn run_with(judge: &CodeTests, code: &str) -> (Option<f64>, ferrotune_rewards::Outcome) {
     let row = row();
     let completion = format!("```python\n{code}\n```");
-    let sample = Sample { prompt: "", completion: &completion, completion_tokens: 1, row: &row };
+    let sample = Sample {
+        prompt: "",
+        completion: &completion,
+        completion_tokens: 1,
+        row: &row,
+    };
     let t = Instant::now();
     let judged = judge.judge(&sample).unwrap().unwrap();
     let score = Some(judged.score);
-    assert!(t.elapsed() < Duration::from_secs(12), "took {:?}", t.elapsed());
-    let uid = judged.outcome.uid.expect("tests run as root, like CI");
-    assert_eq!(leftovers(uid), Vec::<String>::new(), "processes left behind");
+    assert!(
+        t.elapsed() < Duration::from_secs(12),
+        "took {:?}",
+        t.elapsed()
+    );
+    // As root (our machines, CI) the run had uids of its own: nothing of it may be left. Without
+    // root there is no such uid to look for (sandbox.rs, "Privileges").
+    match judged.outcome.uid {
+        Some(uid) => assert_eq!(
+            leftovers(uid),
+            Vec::<String>::new(),
+            "processes left behind"
+        ),
+        None => {
+            use std::os::unix::fs::MetadataExt;
+            assert_ne!(
+                std::fs::metadata("/proc/self").unwrap().uid(),
+                0,
+                "root runs must report their uid"
+            );
+        }
+    }
     (score, judged.outcome)
 }
 
