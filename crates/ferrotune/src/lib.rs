@@ -3,8 +3,10 @@
 
 pub mod config;
 pub mod corpus;
+pub mod demo;
 pub mod eval;
 pub mod grpo_run;
 pub mod lm;
 pub mod pretrain_run;
 pub mod sft_run;
+pub mod task_eval;

@@ -194,8 +194,56 @@ enum Cmd {
     },
     /// List the reward functions usable in `grpo.rewards`, with their parameters.
     Rewards,
-    /// Run the whole recipe on the embedded model (coming with the demo issue).
-    Demo,
+    /// Evaluate a model (+ adapter) on a task with the training reward functions: mean reward,
+    /// accuracy, format rate, pass@k; and perplexity of a held-out text.
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Task file: JSONL/Parquet/CSV with `prompt` and what the rewards read (`answer`, ...).
+        #[arg(long)]
+        task: Option<PathBuf>,
+        /// Reward functions as a TOML array: '[{name="answer_match", extract="answer_tag"}]'.
+        #[arg(long)]
+        rewards: Option<String>,
+        /// Take rewards, stop strings, lengths and the task (data.eval) from a GRPO run config.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Completions per prompt (pass@k needs k <= samples).
+        #[arg(long, default_value_t = 1)]
+        samples: usize,
+        /// pass@k for these k (comma separated).
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        k: Vec<usize>,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long)]
+        max_new_tokens: Option<usize>,
+        #[arg(long)]
+        stop: Vec<String>,
+        #[arg(long, default_value_t = 512)]
+        max_prompt_len: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Also the perplexity of this text file (or JSONL `text` column).
+        #[arg(long)]
+        text: Option<PathBuf>,
+        /// Write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// The whole recipe on the embedded model, nothing downloaded: evaluate, SFT the answer
+    /// format, GRPO with verifiable rewards, evaluate every checkpoint, report.
+    Demo {
+        /// Output folder (must be absent or empty).
+        #[arg(long, default_value = "runs/demo")]
+        out: PathBuf,
+        /// A short run (about 2 minutes on 2 cores) that shows every stage.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 fn load(m: &ModelArgs) -> Result<Lm> {
@@ -422,14 +470,135 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Data {
             cmd: DataCmd::Gen { kind },
         } => gen_data(kind)?,
+        Cmd::Eval {
+            model,
+            task,
+            rewards,
+            config,
+            samples,
+            k,
+            temperature,
+            max_new_tokens,
+            stop,
+            max_prompt_len,
+            seed,
+            text,
+            json,
+        } => {
+            use ferrotune::grpo_run::{load_prompts, reward_specs, role_of};
+            use ferrotune::task_eval::{eval_task, perplexity_of_file, TaskOptions};
+            let run_cfg = config
+                .as_ref()
+                .map(|c| RunConfig::load(c, &[]))
+                .transpose()?;
+            let grpo = run_cfg.as_ref().and_then(|c| c.grpo.clone());
+            if run_cfg.is_some() && grpo.is_none() {
+                bail!("--config: not a GRPO config (no [grpo] section with rewards)");
+            }
+            let task = task.or_else(|| run_cfg.as_ref().and_then(|c| c.data.eval.clone()));
+            if task.is_none() && text.is_none() {
+                bail!("give --task FILE (with --rewards or --config) and/or --text FILE");
+            }
+            let lm = load(&model)?;
+            let mut report = serde_json::Map::new();
+            if let Some(task) = &task {
+                let specs: Vec<ferrotune_rewards::RewardSpec> = match (&rewards, &grpo) {
+                    (Some(r), _) => {
+                        let t: toml::Table = toml::from_str(&format!("r = {r}"))
+                            .map_err(|e| anyhow::anyhow!("--rewards: {}", e.to_string().trim()))?;
+                        let arr = t
+                            .get("r")
+                            .and_then(|v| v.as_array())
+                            .cloned()
+                            .unwrap_or_default();
+                        arr.into_iter()
+                            .enumerate()
+                            .map(|(i, v)| {
+                                serde::Deserialize::deserialize(v)
+                                    .map_err(|e| anyhow::anyhow!("--rewards[{i}]: {e}"))
+                            })
+                            .collect::<Result<_>>()?
+                    }
+                    (None, Some(g)) => reward_specs(g)?,
+                    (None, None) => bail!(
+                        "--task needs --rewards '[{{name=\"answer_match\"}}]' or --config RUN.toml"
+                    ),
+                };
+                let set = ferrotune_rewards::RewardSet::from_specs(&specs).context("rewards")?;
+                let roles: Vec<_> = specs.iter().map(|s| role_of(&s.name)).collect();
+                let prompt_len = grpo.as_ref().map_or(max_prompt_len, |g| g.max_prompt_len);
+                let items = load_prompts(&lm.tokenizer, task, prompt_len)?;
+                let opts = TaskOptions {
+                    samples,
+                    temperature,
+                    top_p: None,
+                    max_new_tokens: max_new_tokens
+                        .or(grpo.as_ref().map(|g| g.max_completion_len))
+                        .unwrap_or(256),
+                    batch_size: 16,
+                    stop: if stop.is_empty() {
+                        grpo.as_ref().map(|g| g.stop.clone()).unwrap_or_default()
+                    } else {
+                        stop
+                    },
+                    seed,
+                    ks: k,
+                };
+                let r = eval_task(&lm, &items, &set, &roles, &opts)?;
+                println!(
+                    "{}: {} prompts x {} samples in {:.1}s",
+                    task.display(),
+                    r.prompts,
+                    r.samples_per_prompt,
+                    r.seconds
+                );
+                println!("  mean reward      {:.4}", r.mean_reward);
+                for (l, m) in &r.rewards {
+                    println!("  {l:<16} {m:.4}");
+                }
+                if let Some(a) = r.accuracy {
+                    println!("  accuracy         {a:.4}");
+                }
+                if let Some(f) = r.format_rate {
+                    println!("  format rate      {f:.4}");
+                }
+                for (k, p) in &r.pass_at_k {
+                    println!("  pass@{k:<11} {p:.4}");
+                }
+                println!(
+                    "  mean length      {:.1} tokens ({:.0}% truncated)",
+                    r.mean_length,
+                    100.0 * r.truncated_fraction
+                );
+                report.insert("task".into(), serde_json::to_value(&r)?);
+            }
+            if let Some(t) = &text {
+                let p = perplexity_of_file(&lm, t, None)?;
+                println!(
+                    "{}: perplexity {:.4} (mean NLL {:.6} over {} tokens)",
+                    t.display(),
+                    p.ppl(),
+                    p.mean_nll(),
+                    p.tokens
+                );
+                report.insert(
+                    "perplexity".into(),
+                    serde_json::json!({"ppl": p.ppl(), "mean_nll": p.mean_nll(), "tokens": p.tokens}),
+                );
+            }
+            if let Some(j) = json {
+                std::fs::write(&j, serde_json::to_string_pretty(&report)?)
+                    .with_context(|| format!("{}: cannot write", j.display()))?;
+            }
+        }
         Cmd::Rewards => {
             println!("reward functions for grpo.rewards = [{{ name = \"...\", weight = 1.0, ...params }}]:\n");
             for (name, help) in ferrotune_rewards::available() {
                 println!("{name:<18} {help}");
             }
         }
-        Cmd::Demo => {
-            bail!("`ferrotune demo` is coming (issue: demo and evaluation); see README.md");
+        Cmd::Demo { out, quick, seed } => {
+            ferrotune::demo::run_demo(&ferrotune::demo::DemoOptions { out, quick, seed })?;
         }
     }
     Ok(())
