@@ -106,7 +106,8 @@ pub struct CorpusSpec {
     /// Held-out English stories written to `eval/english.txt` (never trained on).
     #[serde(default = "d_heldout_english")]
     pub heldout_english_docs: usize,
-    /// Held-out arithmetic problems written to `eval/arithmetic.jsonl` (never trained on).
+    /// Held-out arithmetic problems written to `eval/arithmetic.jsonl` (never trained on):
+    /// + and - with both operands up to `max_operand`, the demo's task.
     #[serde(default = "d_heldout_arith")]
     pub heldout_arithmetic: usize,
     /// Largest operand of the common problems (1–2 digits by default).
@@ -431,14 +432,20 @@ pub fn generate(spec: &CorpusSpec) -> Corpus {
             english += 1;
         }
     }
-    // Held-out problems: distinct, from the same mix, in a separate stream.
+    // Held-out problems: distinct, in a separate stream (so their number does not change the
+    // training corpus), and only the demo's task: + and - of operands up to max_operand.
+    let task = CorpusSpec {
+        three_digit_fraction: 0.0,
+        multiplication_fraction: 0.0,
+        ..spec.clone()
+    };
     let mut hr = Rng::new(spec.seed ^ 0x4E1D_0u64);
     let mut tries = 0usize;
     while c.heldout_arithmetic.len() < spec.heldout_arithmetic
         && tries < 1000 * (spec.heldout_arithmetic + 1)
     {
         tries += 1;
-        let p = draw_problem(&mut hr, spec);
+        let p = draw_problem(&mut hr, &task);
         if p.held_out() && !c.heldout_arithmetic.contains(&p) {
             c.heldout_arithmetic.push(p);
         }
@@ -500,6 +507,9 @@ mod tests {
     fn held_out_problems_and_stories_never_reach_training() {
         let c = generate(&small());
         assert_eq!(c.heldout_arithmetic.len(), 50);
+        for p in &c.heldout_arithmetic {
+            assert!(matches!(p.op, '+' | '-') && p.a <= 99 && p.b <= 99, "{p:?}");
+        }
         assert_eq!(c.heldout_english.len(), 30);
         assert_eq!(c.train.len(), 800);
         let mut seen = 0;

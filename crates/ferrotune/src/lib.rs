@@ -1,6 +1,7 @@
 //! The ferrotune library behind the binary: model + tokenizer loading as one unit, and the
 //! evaluation room (perplexity). Trainers and the CLI's plumbing live in their own modules.
 
+pub mod compare;
 pub mod config;
 pub mod corpus;
 pub mod demo;

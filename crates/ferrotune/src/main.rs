@@ -194,6 +194,27 @@ enum Cmd {
     },
     /// List the reward functions usable in `grpo.rewards`, with their parameters.
     Rewards,
+    /// Evaluate and rank every checkpoint of a run; flag perplexity regressions.
+    Compare {
+        /// The run folder.
+        run: PathBuf,
+        /// Task file (default: the run's data.eval).
+        #[arg(long)]
+        task: Option<PathBuf>,
+        /// Reward functions as a TOML array (default: the run's grpo.rewards).
+        #[arg(long)]
+        rewards: Option<String>,
+        /// Held-out "do not forget" text: perplexity per checkpoint vs the base.
+        #[arg(long)]
+        forget_set: Option<PathBuf>,
+        #[arg(long, default_value_t = 1.05)]
+        max_ppl_ratio: f64,
+        /// Prompts of a cheap first round that drops the worse half (0 = one full round).
+        #[arg(long, default_value_t = 0)]
+        first_round: usize,
+        #[arg(long)]
+        max_new_tokens: Option<usize>,
+    },
     /// Evaluate a model (+ adapter) on a task with the training reward functions: mean reward,
     /// accuracy, format rate, pass@k; and perplexity of a held-out text.
     Eval {
@@ -503,22 +524,7 @@ fn run(cli: Cli) -> Result<()> {
             let mut report = serde_json::Map::new();
             if let Some(task) = &task {
                 let specs: Vec<ferrotune_rewards::RewardSpec> = match (&rewards, &grpo) {
-                    (Some(r), _) => {
-                        let t: toml::Table = toml::from_str(&format!("r = {r}"))
-                            .map_err(|e| anyhow::anyhow!("--rewards: {}", e.to_string().trim()))?;
-                        let arr = t
-                            .get("r")
-                            .and_then(|v| v.as_array())
-                            .cloned()
-                            .unwrap_or_default();
-                        arr.into_iter()
-                            .enumerate()
-                            .map(|(i, v)| {
-                                serde::Deserialize::deserialize(v)
-                                    .map_err(|e| anyhow::anyhow!("--rewards[{i}]: {e}"))
-                            })
-                            .collect::<Result<_>>()?
-                    }
+                    (Some(r), _) => parse_rewards(r)?,
                     (None, Some(g)) => reward_specs(g)?,
                     (None, None) => bail!(
                         "--task needs --rewards '[{{name=\"answer_match\"}}]' or --config RUN.toml"
@@ -591,6 +597,50 @@ fn run(cli: Cli) -> Result<()> {
                     .with_context(|| format!("{}: cannot write", j.display()))?;
             }
         }
+        Cmd::Compare {
+            run,
+            task,
+            rewards,
+            forget_set,
+            max_ppl_ratio,
+            first_round,
+            max_new_tokens,
+        } => {
+            let rewards = rewards.map(|r| parse_rewards(&r)).transpose()?;
+            let opts = ferrotune::compare::CompareOptions {
+                run: run.clone(),
+                task,
+                rewards,
+                forget_set,
+                max_ppl_ratio,
+                first_round,
+                max_new_tokens,
+            };
+            let rows = ferrotune::compare::compare(&opts)?;
+            print!("{}", ferrotune::compare::table(&rows, max_ppl_ratio));
+            let mut pts: Vec<(f64, f64)> = rows
+                .iter()
+                .filter_map(|r| Some((r.step? as f64, r.mean_reward)))
+                .collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let plot = run.join("plots/compare.png");
+            ferrotune_report::plot_series_labeled(
+                &plot,
+                "checkpoints: mean reward on the eval set",
+                "step",
+                "mean reward",
+                &[("mean reward", pts)],
+            )?;
+            std::fs::write(
+                run.join("compare.json"),
+                serde_json::to_string_pretty(&rows)?,
+            )?;
+            println!(
+                "wrote {} and {}",
+                plot.display(),
+                run.join("compare.json").display()
+            );
+        }
         Cmd::Rewards => {
             println!("reward functions for grpo.rewards = [{{ name = \"...\", weight = 1.0, ...params }}]:\n");
             for (name, help) in ferrotune_rewards::available() {
@@ -624,6 +674,23 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--rewards '[{name="answer_match"}, ...]'` → specs (errors name the entry).
+fn parse_rewards(r: &str) -> Result<Vec<ferrotune_rewards::RewardSpec>> {
+    let t: toml::Table = toml::from_str(&format!("r = {r}"))
+        .map_err(|e| anyhow::anyhow!("--rewards: {}", e.to_string().trim()))?;
+    let arr = t
+        .get("r")
+        .and_then(|v| v.as_array())
+        .cloned()
+        .context("--rewards: expected a TOML array of tables")?;
+    arr.into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            serde::Deserialize::deserialize(v).map_err(|e| anyhow::anyhow!("--rewards[{i}]: {e}"))
+        })
+        .collect()
 }
 
 /// `ferrotune data gen ...`
