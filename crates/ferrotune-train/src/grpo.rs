@@ -195,6 +195,8 @@ pub struct GrpoSummary {
     pub skipped_steps: usize,
     pub last_checkpoint: Option<std::path::PathBuf>,
     pub findings: Vec<crate::health::Finding>,
+    /// The eval hook stopped the run (regression gate).
+    pub stopped_early: bool,
 }
 
 /// One generation batch: completions, their scores and advantages, and cached tensors.

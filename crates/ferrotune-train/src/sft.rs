@@ -100,6 +100,33 @@ pub trait Observer {
     fn metrics(&mut self, step: usize, values: &[(&str, f64)]);
     /// A line for the user (saves, skipped steps).
     fn message(&mut self, msg: &str);
+    /// Called at every eval point with the model (e.g. the perplexity regression gate); its
+    /// metrics are logged, and `stop` ends the run before the regressed state is saved.
+    fn on_eval(
+        &mut self,
+        _step: usize,
+        _model: &dyn CausalLm,
+    ) -> std::result::Result<EvalVerdict, String> {
+        Ok(EvalVerdict::default())
+    }
+}
+
+/// What an eval hook found.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EvalVerdict {
+    pub metrics: Vec<(String, f64)>,
+    /// Stop the run now (the last saved checkpoint is the one to keep).
+    pub stop: bool,
+}
+
+/// Run the observer's eval hook, log what it measured; true = stop.
+pub(crate) fn eval_hook(obs: &mut dyn Observer, step: usize, model: &dyn CausalLm) -> Result<bool> {
+    let v = obs.on_eval(step, model).map_err(TrainError::Plan)?;
+    if !v.metrics.is_empty() {
+        let refs: Vec<(&str, f64)> = v.metrics.iter().map(|(k, x)| (k.as_str(), *x)).collect();
+        obs.metrics(step, &refs);
+    }
+    Ok(v.stop)
 }
 
 /// The outcome of a run.
@@ -111,6 +138,8 @@ pub struct SftSummary {
     pub last_eval_loss: Option<f64>,
     pub skipped_steps: usize,
     pub last_checkpoint: Option<std::path::PathBuf>,
+    /// The eval hook stopped the run (regression gate).
+    pub stopped_early: bool,
 }
 
 /// A right-padded collated batch as model input.
@@ -195,6 +224,7 @@ pub fn train_sft<S: Sequence>(
         last_eval_loss: None,
         skipped_steps: 0,
         last_checkpoint: None,
+        stopped_early: false,
     };
     let mut acc = GradAccumulator::new(&params);
     while state.step < plan.total_steps {
@@ -282,6 +312,10 @@ pub fn train_sft<S: Sequence>(
             if let Some(e) = eval_loss(model, eval, plan.batch_size, plan.pad_id, device)? {
                 summary.last_eval_loss = Some(e);
                 obs.metrics(state.step, &[("eval_loss", e)]);
+            }
+            if eval_hook(obs, state.step, model)? {
+                summary.stopped_early = true;
+                break;
             }
         }
         let save_now = (plan.save_every > 0 && state.step.is_multiple_of(plan.save_every))

@@ -138,6 +138,23 @@ pub struct RunSection {
 #[serde(deny_unknown_fields)]
 pub struct SftSection {}
 
+/// `[eval]`: the perplexity regression gate on a held-out "do not forget" text.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Text file (or JSONL with `text`) whose perplexity must not rise.
+    #[serde(default)]
+    pub forget_set: Option<PathBuf>,
+    #[serde(default = "d_max_ppl_ratio")]
+    pub max_ppl_ratio: f64,
+    #[serde(default)]
+    pub stop_on_regression: bool,
+}
+
+fn d_max_ppl_ratio() -> f64 {
+    1.05
+}
+
 /// `[grpo]`: group relative policy optimisation with verifiable rewards. Names and defaults
 /// follow TRL's `GRPOConfig` (`max_prompt_len` keeps the older TRL prompt truncation).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -195,6 +212,8 @@ pub struct RunConfig {
     pub sft: Option<SftSection>,
     #[serde(default)]
     pub grpo: Option<GrpoSection>,
+    #[serde(default)]
+    pub eval: Option<EvalSection>,
 }
 
 fn d_dtype() -> String {
@@ -325,6 +344,10 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("run.keep_last", "0", "keep only the newest N checkpoints (0 = all)"),
     ("run.max_nonfinite_steps", "5", "stop after N consecutive steps with non-finite loss or gradients"),
     ("sft", "(section)", "marks the run as supervised fine-tuning"),
+    ("eval", "(section)", "perplexity regression gate, checked every run.eval_every steps"),
+    ("eval.forget_set", "none", "held-out text (or JSONL `text`) whose perplexity must not rise; ppl(model) / ppl(base) is logged as eval/forget_ppl_ratio"),
+    ("eval.max_ppl_ratio", "1.05", "a ratio above this is a regression, reported loudly"),
+    ("eval.stop_on_regression", "false", "stop at a regression, keeping the last good checkpoint"),
     ("grpo", "(section)", "marks the run as GRPO (RL from verifiable rewards); data.train holds prompts (+ answer)"),
     ("grpo.num_generations", "8", "G: completions sampled per prompt; run.batch_size x gradient_accumulation_steps must be divisible by it"),
     ("grpo.max_prompt_len", "512", "prompts longer than this keep their last tokens (counted and reported)"),
@@ -407,6 +430,9 @@ impl RunConfig {
         if let Some(e) = cfg.data.eval.as_mut() {
             *e = normalize(&base.join(&*e));
         }
+        if let Some(f) = cfg.eval.as_mut().and_then(|e| e.forget_set.as_mut()) {
+            *f = normalize(&base.join(&*f));
+        }
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -450,7 +476,30 @@ impl RunConfig {
                 "give either data.eval or data.eval_fraction, not both".into(),
             );
         }
-        if self.run.eval_every > 0 && self.data.eval.is_none() && self.data.eval_fraction == 0.0 {
+        let forget = self.eval.as_ref().and_then(|e| e.forget_set.as_ref());
+        if let Some(e) = &self.eval {
+            if forget.is_none() {
+                return bad(
+                    "eval.forget_set",
+                    "the [eval] section needs forget_set".into(),
+                );
+            }
+            if self.run.eval_every == 0 {
+                return bad(
+                    "run.eval_every",
+                    "the regression gate ([eval]) runs at eval steps: set run.eval_every".into(),
+                );
+            }
+            if !(e.max_ppl_ratio > 0.0 && e.max_ppl_ratio.is_finite()) {
+                return bad("eval.max_ppl_ratio", "must be a positive number".into());
+            }
+        }
+        if self.run.eval_every > 0
+            && self.data.eval.is_none()
+            && self.data.eval_fraction == 0.0
+            && forget.is_none()
+            && self.grpo.is_none()
+        {
             return bad(
                 "run.eval_every",
                 "needs an eval set: set data.eval or data.eval_fraction".into(),
@@ -679,9 +728,13 @@ mod tests {
             );
         }
         for k in explained {
-            if ["model", "lora", "data", "optim", "run", "sft", "grpo"].contains(&k)
+            if [
+                "model", "lora", "data", "optim", "run", "sft", "grpo", "eval",
+            ]
+            .contains(&k)
                 || k == "data.eval"
                 || k.starts_with("grpo.")
+                || k.starts_with("eval.")
             {
                 continue;
             }

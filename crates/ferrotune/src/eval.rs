@@ -69,3 +69,62 @@ pub fn perplexity(
     }
     Ok(out)
 }
+
+/// The perplexity regression gate: ppl(model) / ppl(base) on a held-out "do not forget" text,
+/// checked at every eval step of a training run. The base perplexity is measured once before
+/// training starts (fresh adapters are exactly the base).
+pub struct RegressionGate {
+    pub path: std::path::PathBuf,
+    ids: Vec<u32>,
+    window: usize,
+    pub base_ppl: f64,
+    pub max_ratio: f64,
+    pub stop: bool,
+    device: Device,
+    /// The last step whose state passed the gate.
+    pub last_good_step: Option<usize>,
+}
+
+impl RegressionGate {
+    /// Measure the base perplexity of `ids` now.
+    pub fn new(
+        model: &dyn CausalLm,
+        path: std::path::PathBuf,
+        ids: Vec<u32>,
+        max_ratio: f64,
+        stop: bool,
+        device: &Device,
+    ) -> Result<Self> {
+        let window = model.config().max_position_embeddings.min(1024);
+        let base = perplexity(model, &ids, window, window / 2, Mode::EVAL, device)?.ppl();
+        Ok(RegressionGate {
+            path,
+            ids,
+            window,
+            base_ppl: base,
+            max_ratio,
+            stop,
+            device: device.clone(),
+            last_good_step: None,
+        })
+    }
+
+    /// (ppl, ratio, regressed) of the model now.
+    pub fn check(&mut self, step: usize, model: &dyn CausalLm) -> Result<(f64, f64, bool)> {
+        let ppl = perplexity(
+            model,
+            &self.ids,
+            self.window,
+            self.window / 2,
+            Mode::EVAL,
+            &self.device,
+        )?
+        .ppl();
+        let ratio = ppl / self.base_ppl;
+        let bad = ratio > self.max_ratio;
+        if !bad {
+            self.last_good_step = Some(step);
+        }
+        Ok((ppl, ratio, bad))
+    }
+}

@@ -282,6 +282,13 @@ impl Observer for GrpoObserver {
             self.inner.progress.update(step as u64, &head);
         }
     }
+    fn on_eval(
+        &mut self,
+        step: usize,
+        model: &dyn ferrotune_models::CausalLm,
+    ) -> std::result::Result<ferrotune_train::sft::EvalVerdict, String> {
+        self.inner.gate_check(step, model)
+    }
     fn message(&mut self, msg: &str) {
         if let (Some(f), Some(rest)) = (self.health.as_mut(), msg.strip_prefix("health [")) {
             let _ = writeln!(f, "{}", json!({ "finding": rest }));
@@ -432,6 +439,7 @@ pub fn run_grpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<GrpoSu
     let mut obs = GrpoObserver {
         inner: CliObserver {
             log,
+            gate: crate::sft_run::regression_gate(cfg, &lm)?,
             progress: Progress::auto(plan.total_steps as u64)
                 .with_log_every(cfg.run.log_every as u64)
                 .resumed_from(resumed_step),

@@ -74,6 +74,80 @@ fn load_sft_data(lm: &Lm, path: &Path, cfg: &RunConfig) -> Result<(Vec<Tokenized
 pub(crate) struct CliObserver {
     pub(crate) log: RunLog,
     pub(crate) progress: Progress,
+    pub(crate) gate: Option<crate::eval::RegressionGate>,
+}
+
+/// The regression gate of `cfg` (`[eval] forget_set`), measured on the model as loaded (fresh
+/// adapters = the base).
+pub(crate) fn regression_gate(
+    cfg: &RunConfig,
+    lm: &Lm,
+) -> Result<Option<crate::eval::RegressionGate>> {
+    let Some(e) = &cfg.eval else { return Ok(None) };
+    let Some(path) = &e.forget_set else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("eval.forget_set: {}: cannot read", path.display()))?;
+    let ids = lm.tokenizer.encode(&text, true)?;
+    if ids.len() < 2 {
+        bail!(
+            "eval.forget_set: {}: needs at least 2 tokens",
+            path.display()
+        );
+    }
+    let gate = crate::eval::RegressionGate::new(
+        lm.model.as_ref(),
+        path.clone(),
+        ids,
+        e.max_ppl_ratio,
+        e.stop_on_regression,
+        &lm.device,
+    )?;
+    eprintln!(
+        "regression gate: base perplexity {:.4} on {} (max ratio {})",
+        gate.base_ppl,
+        path.display(),
+        e.max_ppl_ratio
+    );
+    Ok(Some(gate))
+}
+
+impl CliObserver {
+    /// The gate's check, as the trainers' eval hook.
+    pub(crate) fn gate_check(
+        &mut self,
+        step: usize,
+        model: &dyn ferrotune_models::CausalLm,
+    ) -> std::result::Result<ferrotune_train::sft::EvalVerdict, String> {
+        let Some(g) = self.gate.as_mut() else {
+            return Ok(Default::default());
+        };
+        let (ppl, ratio, bad) = g.check(step, model).map_err(|e| e.to_string())?;
+        if bad {
+            self.progress.println(&format!(
+                "REGRESSION at step {step}: perplexity on {} is {ppl:.4}, {ratio:.3}x the base ({:.4}); max_ppl_ratio = {}{}",
+                g.path.display(),
+                g.base_ppl,
+                g.max_ratio,
+                if g.stop {
+                    format!(
+                        "; stopping (last good eval: {})",
+                        g.last_good_step.map_or("none".into(), |s| format!("step {s}"))
+                    )
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        Ok(ferrotune_train::sft::EvalVerdict {
+            metrics: vec![
+                ("eval/forget_ppl".into(), ppl),
+                ("eval/forget_ppl_ratio".into(), ratio),
+            ],
+            stop: bad && g.stop,
+        })
+    }
 }
 
 impl Observer for CliObserver {
@@ -86,6 +160,13 @@ impl Observer for CliObserver {
     }
     fn message(&mut self, msg: &str) {
         self.progress.println(msg);
+    }
+    fn on_eval(
+        &mut self,
+        step: usize,
+        model: &dyn ferrotune_models::CausalLm,
+    ) -> std::result::Result<ferrotune_train::sft::EvalVerdict, String> {
+        self.gate_check(step, model)
     }
 }
 
@@ -271,6 +352,7 @@ fn train_with<S: Sequence>(
     };
     let mut obs = CliObserver {
         log,
+        gate: regression_gate(cfg, lm)?,
         progress: Progress::auto(total_steps as u64)
             .with_log_every(cfg.run.log_every as u64)
             .resumed_from(resumed_step),
