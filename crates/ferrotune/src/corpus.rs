@@ -56,12 +56,12 @@ fn fnv(bytes: &[u8]) -> u64 {
 /// One problem in ten is held out: never trained on, used by the demo to measure accuracy.
 /// The rule is fixed (not seeded) so every regenerated corpus holds out the same problems.
 pub fn is_held_out(a: i64, op: char, b: i64) -> bool {
-    splitmix64(fnv(format!("{a}{op}{b}").as_bytes())) % 10 == 0
+    splitmix64(fnv(format!("{a}{op}{b}").as_bytes())).is_multiple_of(10)
 }
 
 /// One story in ten (by its text) goes to the held-out English file only.
 pub fn is_held_out_text(text: &str) -> bool {
-    splitmix64(fnv(text.as_bytes()) ^ 0xE46) % 10 == 0
+    (splitmix64(fnv(text.as_bytes()) ^ 0xE46)).is_multiple_of(10)
 }
 
 /// An arithmetic problem.
@@ -237,7 +237,7 @@ fn word_op(op: char) -> &'static str {
 fn arithmetic_line(rng: &mut Rng, p: &Problem) -> String {
     let (e, r) = (p.expr(), p.answer());
     match rng.range(0, 9) {
-        0 | 1 | 2 => format!("{e} = {r}"),
+        0..=2 => format!("{e} = {r}"),
         3 => format!("What is {e}? {r}"),
         4 => format!("Q: What is {e}?\nA: {r}"),
         5 => format!("{} {} {} is {r}.", p.a, word_op(p.op), p.b),
@@ -439,7 +439,7 @@ pub fn generate(spec: &CorpusSpec) -> Corpus {
         multiplication_fraction: 0.0,
         ..spec.clone()
     };
-    let mut hr = Rng::new(spec.seed ^ 0x4E1D_0u64);
+    let mut hr = Rng::new(spec.seed ^ 0x0004_E1D0_u64);
     let mut tries = 0usize;
     while c.heldout_arithmetic.len() < spec.heldout_arithmetic
         && tries < 1000 * (spec.heldout_arithmetic + 1)

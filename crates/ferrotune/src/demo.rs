@@ -102,7 +102,7 @@ fn eval_specs() -> Result<Vec<RewardSpec>> {
     let t: toml::Table = toml::from_str(
         r#"r = [
   { name = "answer_match", label = "correct", extract = "answer_tag" },
-  { name = "format_tags", label = "format", tags = ["answer"], mode = "strict" },
+  { name = "format_tags", label = "format", tags = ["answer"] },
   { name = "numeric_closeness", label = "closeness", extract = "answer_tag" },
 ]"#,
     )?;
@@ -123,7 +123,9 @@ fn chat_problems(problems: &[Problem], path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// SFT rows: the same chat prompt, completion `<answer>N</answer>`.
+/// SFT rows: the same chat prompt, completion `The answer is <answer>N</answer>.` (the
+/// pretrained model already starts replies with "The answer is"; a bare `<answer>` first token
+/// fights a prior of ~1e-10 and LoRA SFT cannot move it without wrecking perplexity).
 fn sft_rows(problems: &[Problem], path: &Path) -> Result<()> {
     let mut out = String::new();
     for p in problems {
@@ -133,7 +135,7 @@ fn sft_rows(problems: &[Problem], path: &Path) -> Result<()> {
                     {"role": "system", "content": SYSTEM},
                     {"role": "user", "content": p.prompt},
                 ],
-                "completion": [{"role": "assistant", "content": format!("<answer>{}</answer>", p.answer)}],
+                "completion": [{"role": "assistant", "content": format!("The answer is <answer>{}</answer>.", p.answer)}],
             })
             .to_string(),
         );
@@ -167,7 +169,7 @@ fn evaluate(
         &set,
         &roles,
         &TaskOptions {
-            max_new_tokens: 16,
+            max_new_tokens: 24,
             batch_size: 64,
             stop: vec!["</answer>".into()],
             ..TaskOptions::default()
@@ -348,7 +350,7 @@ train = "data/grpo.jsonl"
 eval = "data/grpo-eval.jsonl"
 
 [optim]
-learning_rate = 2e-3
+learning_rate = 1e-3
 lr_scheduler_type = "constant"
 
 [run]
@@ -364,13 +366,13 @@ eval_every = {save_every}
 [grpo]
 num_generations = 8
 max_prompt_len = 96
-max_completion_len = 16
+max_completion_len = 24
 temperature = 1.0
 beta = 0.04
 loss_type = "dr_grpo"
 stop = ["</answer>"]
 rewards = [
-  {{ name = "format_tags", weight = 0.25, tags = ["answer"], mode = "strict" }},
+  {{ name = "format_tags", weight = 0.25, tags = ["answer"] }},
   {{ name = "answer_match", weight = 1.0, extract = "answer_tag" }},
   {{ name = "numeric_closeness", weight = 0.5, extract = "answer_tag" }},
 ]

@@ -276,7 +276,7 @@ impl PretrainConfig {
         };
         let m = &self.model;
         let kv = m.num_key_value_heads.unwrap_or(m.num_attention_heads);
-        if m.num_attention_heads == 0 || m.hidden_size % m.num_attention_heads != 0 {
+        if m.num_attention_heads == 0 || !m.hidden_size.is_multiple_of(m.num_attention_heads) {
             return bad(
                 "model.num_attention_heads",
                 format!(
@@ -285,13 +285,13 @@ impl PretrainConfig {
                 ),
             );
         }
-        if kv == 0 || m.num_attention_heads % kv != 0 {
+        if kv == 0 || !m.num_attention_heads.is_multiple_of(kv) {
             return bad(
                 "model.num_key_value_heads",
                 format!("must divide num_attention_heads {}", m.num_attention_heads),
             );
         }
-        if (m.hidden_size / m.num_attention_heads) % 2 != 0 {
+        if !(m.hidden_size / m.num_attention_heads).is_multiple_of(2) {
             return bad(
                 "model.num_attention_heads",
                 "head_dim must be even for rotary embeddings".into(),
