@@ -5,8 +5,8 @@
 //! checkpoint formats (it calls `ferrotune-ckpt`), or when to print.
 
 pub mod grpo;
-pub mod health;
 pub mod grpo_loss;
+pub mod health;
 pub mod loss;
 pub mod optim;
 pub mod schedule;

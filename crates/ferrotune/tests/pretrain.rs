@@ -143,13 +143,27 @@ fn same_config_same_model_and_refusals() {
     let text = TINY.replace("max_steps = 40", "max_steps = 3");
     let cfg_path = write_config(tmp.path(), &text);
     run_pretrain(&cfg_path, &[], true).unwrap();
-    let first = std::fs::read(tmp.path().join("out/model/model.safetensors")).unwrap();
+    // Compared as tensors: safetensors headers may list tensors in any order.
+    let load = |p: std::path::PathBuf| {
+        let mut v: Vec<(String, Vec<f32>)> =
+            candle_core::safetensors::load(p, &candle_core::Device::Cpu)
+                .unwrap()
+                .into_iter()
+                .map(|(k, t)| {
+                    let t = t.to_dtype(candle_core::DType::F32).unwrap();
+                    (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                })
+                .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let first = load(tmp.path().join("out/model/model.safetensors"));
     // Without overwrite the existing folders are refused...
     let err = run_pretrain(&cfg_path, &[], true).unwrap_err();
     assert!(format!("{err:#}").contains("overwrite"), "{err:#}");
     // ...with it the run is replaced, and gives the same weights.
     run_pretrain(&cfg_path, &["run.overwrite=true".to_string()], true).unwrap();
-    let second = std::fs::read(tmp.path().join("out/model/model.safetensors")).unwrap();
+    let second = load(tmp.path().join("out/model/model.safetensors"));
     assert!(
         first == second,
         "same config and seed must give the same weights"
