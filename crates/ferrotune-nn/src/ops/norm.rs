@@ -56,32 +56,31 @@ fn mean_inv_std(x: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-/// Sums per-row parameter-gradient contributions `f(x_row, g_row, acc)` over all rows, in
-/// parallel, into an (H) vector.
+/// Sums per-row parameter-gradient contributions `f(x_row, g_row, acc)` over all rows into an
+/// (H) vector: blocks of rows in parallel, then the block sums added in block order, so the
+/// result is bit-identical from run to run (rayon's fold/reduce would group by work stealing).
 fn param_grad(
     x: &[f32],
     g: &[f32],
     h: usize,
     f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    x.par_chunks(h * ROWS_PER_TASK)
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(h * ROWS_PER_TASK)
         .zip(g.par_chunks(h * ROWS_PER_TASK))
-        .fold(
-            || vec![0f32; h],
-            |mut acc, (xs, gs)| {
-                for (xr, gr) in xs.chunks_exact(h).zip(gs.chunks_exact(h)) {
-                    f(xr, gr, &mut acc);
-                }
-                acc
-            },
-        )
-        .reduce(
-            || vec![0f32; h],
-            |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                a
-            },
-        )
+        .map(|(xs, gs)| {
+            let mut acc = vec![0f32; h];
+            for (xr, gr) in xs.chunks_exact(h).zip(gs.chunks_exact(h)) {
+                f(xr, gr, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut out = vec![0f32; h];
+    for p in partials {
+        out.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
+    out
 }
 
 impl CustomOp2 for RmsNormOp {
