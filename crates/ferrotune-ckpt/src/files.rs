@@ -81,6 +81,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
         path,
     )
     .map_err(|e| st_err(e.to_string()))?;
+    canonical_header(path).map_err(|e| st_err(format!("rewriting the header: {e}")))?;
     // The safetensors writer creates the file owner-only; weights are meant to be shared like
     // every other file we write.
     #[cfg(unix)]
@@ -91,6 +92,43 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
     File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(io(path))
+}
+
+/// Rewrite a safetensors header with its top-level keys and `__metadata__` keys sorted, in
+/// place and at the same length: the writer serialises hash maps in random order, so equal
+/// tensors would otherwise give files that differ byte for byte.
+fn canonical_header(path: &Path) -> std::result::Result<(), String> {
+    use std::collections::BTreeMap;
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| e.to_string())?;
+    let n = usize::try_from(u64::from_le_bytes(len)).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; n];
+    f.read_exact(&mut buf).map_err(|e| e.to_string())?;
+    let top: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(buf.trim_ascii_end()).map_err(|e| e.to_string())?;
+    let mut top = top;
+    if let Some(serde_json::Value::Object(m)) = top.get("__metadata__") {
+        let sorted: BTreeMap<String, serde_json::Value> =
+            m.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let v = serde_json::to_value(sorted).map_err(|e| e.to_string())?;
+        top.insert("__metadata__".into(), v);
+    }
+    let mut out = serde_json::to_vec(&top).map_err(|e| e.to_string())?;
+    if out.len() > n {
+        return Err(format!(
+            "canonical header is {} bytes, the file has {n}",
+            out.len()
+        ));
+    }
+    out.resize(n, b' ');
+    f.seek(SeekFrom::Start(8)).map_err(|e| e.to_string())?;
+    f.write_all(&out).map_err(|e| e.to_string())
 }
 
 /// Read a safetensors file back as `(name, tensor)` in the order it was written by

@@ -278,3 +278,38 @@ fn prune_keeps_the_newest() {
         .collect();
     assert_eq!(left.len(), 1, "no .del- leftovers: {left:?}");
 }
+
+/// Equal tensors give byte-identical files (the writer's hash-map header order is made
+/// canonical), in a fresh process each time, and the files still load elsewhere with the
+/// tensors intact.
+#[test]
+fn equal_checkpoints_are_byte_identical_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tensors = optimizer_state();
+    let mut files = Vec::new();
+    for i in 0..4 {
+        let p = tmp.path().join(format!("t{i}.safetensors"));
+        ferrotune_ckpt::files::write_safetensors(&p, &tensors).unwrap();
+        files.push(fs::read(&p).unwrap());
+        let back = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();
+        for (name, t) in &tensors {
+            let d = (t - &back[name])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(d, 0.0, "{name}");
+        }
+        let order: Vec<String> = ferrotune_ckpt::files::read_safetensors(&p, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let want: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
+        assert_eq!(order, want);
+    }
+    assert!(files.windows(2).all(|w| w[0] == w[1]));
+}
