@@ -66,9 +66,9 @@ impl Sizes {
         } else {
             Sizes {
                 sft_steps: 150,
-                grpo_steps: 80,
+                grpo_steps: 160,
                 eval_problems: 300,
-                grpo_save_every: 20,
+                grpo_save_every: 40,
             }
         }
     }
@@ -350,7 +350,7 @@ train = "data/grpo.jsonl"
 eval = "data/grpo-eval.jsonl"
 
 [optim]
-learning_rate = 1e-3
+learning_rate = 5e-5
 lr_scheduler_type = "constant"
 
 [run]
