@@ -10,7 +10,7 @@
 //!
 //! # Determinism
 //!
-//! Random numbers come from SplitMix64 (a fixed algorithm written here, like `order.rs`), not
+//! Random numbers come from SplitMix64 (`order.rs`'s fixed algorithm), not
 //! from `rand`, whose `StdRng` stream may change between versions: the same spec gives the same
 //! file on every machine and every future build. Only integer arithmetic is used.
 //!
@@ -25,6 +25,7 @@
 //! holds is refused up front; when `n` is at least half the space (or redrawing stalls), the
 //! whole space is enumerated, shuffled with the seed, and the first `n` kept.
 
+use crate::order::SplitMix64;
 use std::collections::HashSet;
 use std::fmt;
 use std::fs::File;
@@ -219,30 +220,6 @@ pub struct ArithmeticSpec {
 pub struct WordSpec {
     pub n: usize,
     pub seed: u64,
-}
-
-/// SplitMix64 (Steele, Lea & Flood 2014), fixed by its definition.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0), without modulo bias (Lemire's multiply-and-reject).
-    fn below(&mut self, n: u64) -> u64 {
-        let threshold = n.wrapping_neg() % n;
-        loop {
-            let m = u128::from(self.next_u64()) * u128::from(n);
-            if (m as u64) >= threshold {
-                return (m >> 64) as u64;
-            }
-        }
-    }
 }
 
 /// XORed into the seed per family, so arithmetic and word problems with one seed differ.
