@@ -29,10 +29,10 @@ use crate::health::{HealthMonitor, HealthStats};
 use crate::loss::scored_logprobs;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::Schedule;
-use crate::sft::{batch_tensors, restore_weights, save, Observer, Result, TrainError, Trainable};
-use crate::step::{
-    clip_grad_norm, first_non_finite, grad_norm, GradAccumulator, NonFiniteGuard, StepAction,
+use crate::sft::{
+    apply_update, batch_tensors, restore_weights, save, Observer, Result, TrainError, Trainable,
 };
+use crate::step::{GradAccumulator, NonFiniteGuard};
 
 /// Which prompt set an item comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -713,28 +713,19 @@ pub fn train_grpo(
             ratio_mean += s.ratio_mean / n_micro as f64;
             ratio_dev = ratio_dev.max(s.ratio_max_abs_dev);
         }
-        let mut grads = acc.take();
-        let gnorm = if plan.max_grad_norm > 0.0 {
-            clip_grad_norm(&mut grads, &params, plan.max_grad_norm)?
-        } else {
-            grad_norm(&grads, &params)?
-        };
-        let bad = if gnorm.is_finite() {
-            None
-        } else {
-            first_non_finite(&grads, &params)?
-        };
         let lr = plan.schedule.lr_at(state.step, plan.learning_rate);
-        match state.guard.observe(state.step, bad.as_deref())? {
-            StepAction::Apply => opt.step(&grads, lr)?,
-            StepAction::Skip => {
-                summary.skipped_steps += 1;
-                obs.message(&format!(
-                    "step {}: non-finite gradients (first: {}), update skipped",
-                    state.step + 1,
-                    bad.unwrap_or_default()
-                ));
-            }
+        let (gnorm, applied) = apply_update(
+            &mut acc,
+            &params,
+            &mut opt,
+            &mut state.guard,
+            state.step,
+            plan.max_grad_norm,
+            lr,
+            obs,
+        )?;
+        if !applied {
+            summary.skipped_steps += 1;
         }
         let train_secs = t_train.elapsed().as_secs_f64();
         if iteration == 0 {

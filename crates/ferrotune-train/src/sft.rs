@@ -119,6 +119,49 @@ pub struct EvalVerdict {
     pub stop: bool,
 }
 
+/// The end of every trainer's step: take the accumulated gradients, clip them to
+/// `max_grad_norm` (0 = only measure the norm), and apply AdamW at `lr` unless some gradient is
+/// non-finite, in which case the guard decides between skipping (named to the observer) and
+/// stopping. Returns (gradient norm, whether the update was applied).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn apply_update(
+    acc: &mut GradAccumulator,
+    params: &[(String, Var)],
+    opt: &mut AdamW,
+    guard: &mut NonFiniteGuard,
+    step: usize,
+    max_grad_norm: f64,
+    lr: f64,
+    obs: &mut dyn Observer,
+) -> Result<(f64, bool)> {
+    let mut grads = acc.take();
+    let norm = if max_grad_norm > 0.0 {
+        clip_grad_norm(&mut grads, params, max_grad_norm)?
+    } else {
+        grad_norm(&grads, params)?
+    };
+    // A non-finite norm is exactly "some gradient is NaN or inf"; then name the first one.
+    let bad = if norm.is_finite() {
+        None
+    } else {
+        first_non_finite(&grads, params)?
+    };
+    match guard.observe(step, bad.as_deref())? {
+        StepAction::Apply => {
+            opt.step(&grads, lr)?;
+            Ok((norm, true))
+        }
+        StepAction::Skip => {
+            obs.message(&format!(
+                "step {}: non-finite gradients (first: {}), update skipped",
+                step + 1,
+                bad.unwrap_or_default()
+            ));
+            Ok((norm, false))
+        }
+    }
+}
+
 /// Run the observer's eval hook, log what it measured; true = stop.
 pub(crate) fn eval_hook(obs: &mut dyn Observer, step: usize, model: &dyn CausalLm) -> Result<bool> {
     let v = obs.on_eval(step, model).map_err(TrainError::Plan)?;
@@ -255,30 +298,20 @@ pub fn train_sft<S: Sequence>(
             let loss = (nll / total_tokens.max(1) as f64)?;
             acc.add(&loss.backward()?)?;
         }
-        let mut grads = acc.take();
         // 3. Clip (or just measure), skip non-finite steps, update.
-        let grad_norm = if plan.max_grad_norm > 0.0 {
-            clip_grad_norm(&mut grads, &params, plan.max_grad_norm)?
-        } else {
-            grad_norm(&grads, &params)?
-        };
-        // A non-finite norm is exactly "some gradient is NaN or inf"; then name the first one.
-        let bad = if grad_norm.is_finite() {
-            None
-        } else {
-            first_non_finite(&grads, &params)?
-        };
         let lr = plan.schedule.lr_at(state.step, plan.learning_rate);
-        match state.guard.observe(state.step, bad.as_deref())? {
-            StepAction::Apply => opt.step(&grads, lr)?,
-            StepAction::Skip => {
-                summary.skipped_steps += 1;
-                obs.message(&format!(
-                    "step {}: non-finite gradients (first: {}), update skipped",
-                    state.step + 1,
-                    bad.unwrap_or_default()
-                ));
-            }
+        let (grad_norm, applied) = apply_update(
+            &mut acc,
+            &params,
+            &mut opt,
+            &mut state.guard,
+            state.step,
+            plan.max_grad_norm,
+            lr,
+            obs,
+        )?;
+        if !applied {
+            summary.skipped_steps += 1;
         }
         state.step += 1;
         state.cursor = loader.cursor();
