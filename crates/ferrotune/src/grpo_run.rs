@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use ferrotune_data::{prompt_examples, read_rows, split, EvalSize, Example, Segment};
 use ferrotune_generate::{Finish, Generation, SamplingParams};
-use ferrotune_report::{plot_metrics, Progress, RunLog};
+use ferrotune_report::{plot_metrics, Progress};
 use ferrotune_rewards::{RewardSet, RewardSpec, Sample};
 use ferrotune_tokenize::Tokenizer;
 use ferrotune_train::grpo::{
@@ -22,7 +22,7 @@ use serde_json::{json, Map, Value};
 
 use crate::config::{GrpoSection, RunConfig};
 use crate::lm::Lm;
-use crate::sft_run::{adamw, load_model, open_run, schedule, trainable, CliObserver};
+use crate::sft_run::{adamw, load_model, open_run, schedule, start_log, trainable, CliObserver};
 
 /// A prompt ready to generate from.
 #[derive(Debug, Clone)]
@@ -403,16 +403,7 @@ pub fn run_grpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<GrpoSu
     }
     let plan = grpo_plan(cfg, g, &lm, train.len())?;
     plan.validate().map_err(|e| anyhow::anyhow!(e))?;
-    let resumed_step = checkpoint.as_ref().map(|c| c.step).unwrap_or(0);
-    if checkpoint.is_none() {
-        std::fs::write(run.config_toml(), cfg.to_toml())
-            .with_context(|| format!("{}: cannot write", run.config_toml().display()))?;
-    }
-    let log = if checkpoint.is_some() {
-        RunLog::resume(run.root(), resumed_step, true)?
-    } else {
-        RunLog::new(run.root(), true)?
-    };
+    let (log, resumed_step) = start_log(cfg, &run, checkpoint.as_ref())?;
     let open_append = |name: &str| -> Result<std::fs::File> {
         let p = run.root().join(name);
         std::fs::OpenOptions::new()

@@ -340,16 +340,7 @@ fn train_with<S: Sequence>(
         shuffle: cfg.data.shuffle,
         pad_id: lm.pad_id(),
     };
-    let resumed_step = checkpoint.as_ref().map(|c| c.step).unwrap_or(0);
-    if checkpoint.is_none() {
-        std::fs::write(run.config_toml(), cfg.to_toml())
-            .with_context(|| format!("{}: cannot write", run.config_toml().display()))?;
-    }
-    let log = if checkpoint.is_some() {
-        RunLog::resume(run.root(), resumed_step, true)?
-    } else {
-        RunLog::new(run.root(), true)?
-    };
+    let (log, resumed_step) = start_log(cfg, &run, checkpoint.as_ref())?;
     let mut obs = CliObserver {
         log,
         gate: regression_gate(cfg, lm)?,
@@ -385,6 +376,24 @@ fn train_with<S: Sequence>(
         eprintln!("warning: plots not written: {e}");
     }
     Ok(summary)
+}
+
+/// A fresh run records its resolved config and starts `metrics.jsonl`; a resumed one keeps
+/// the config and drops metrics logged after the checkpoint. Returns the log and the step
+/// training starts from.
+pub(crate) fn start_log(
+    cfg: &RunConfig,
+    run: &RunDir,
+    checkpoint: Option<&ferrotune_ckpt::Checkpoint>,
+) -> Result<(RunLog, u64)> {
+    Ok(match checkpoint {
+        Some(ck) => (RunLog::resume(run.root(), ck.step, true)?, ck.step),
+        None => {
+            std::fs::write(run.config_toml(), cfg.to_toml())
+                .with_context(|| format!("{}: cannot write", run.config_toml().display()))?;
+            (RunLog::new(run.root(), true)?, 0)
+        }
+    })
 }
 
 /// The learning-rate schedule of `cfg` over `total_steps`.
