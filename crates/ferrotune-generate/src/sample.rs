@@ -56,6 +56,26 @@ pub fn sample_token(logits: &[f32], p: &SamplingParams, rng: &mut StdRng) -> (u3
         .map(|&x| (x as f64 / p.temperature) as f32)
         .collect();
     let lp = log_softmax(&scaled);
+    let truncates =
+        p.top_k.is_some_and(|k| k > 0 && k < lp.len()) || p.top_p.is_some_and(|x| x < 1.0);
+    if !truncates {
+        // No truncation: inverse-CDF in vocabulary order (no sort; the GPU sampler,
+        // `ferrotune_nn::ops::sample_rows_on_device`, applies the same rule).
+        let total: f64 = lp.iter().map(|&l| (l as f64).exp()).sum();
+        let mut u = rng.random::<f64>() * total;
+        let mut last = 0;
+        for (i, &l) in lp.iter().enumerate() {
+            let pi = (l as f64).exp();
+            if pi > 0.0 {
+                last = i;
+            }
+            u -= pi;
+            if u <= 0.0 && pi > 0.0 {
+                return (i as u32, l);
+            }
+        }
+        return (last as u32, lp[last]);
+    }
     // Candidates sorted by probability, descending (stable on ties: lower id first).
     let mut order: Vec<usize> = (0..lp.len()).collect();
     order.sort_by(|&a, &b| lp[b].total_cmp(&lp[a]).then(a.cmp(&b)));

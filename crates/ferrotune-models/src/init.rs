@@ -95,22 +95,28 @@ fn name_key(name: &str) -> u64 {
     })
 }
 
-/// `n` draws from normal(0, std), a pure function of (seed, name).
-fn normal(n: usize, std: f64, seed: u64, name: &str) -> Vec<f32> {
+/// `n` draws from normal(0, std), a pure function of (seed, name). Draws 2i and 2i + 1 come
+/// from counters 2i and 2i + 1 (one Box–Muller pair), so the pairs are filled in parallel.
+pub(crate) fn normal(n: usize, std: f64, seed: u64, name: &str) -> Vec<f32> {
+    use rayon::prelude::*;
     let stream = splitmix64(seed ^ splitmix64(name_key(name)));
     // A uniform in (0, 1]: 53 random bits, never 0 so the log is finite.
     let uniform =
         |k: u64| ((splitmix64(stream.wrapping_add(k)) >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-    let mut out = Vec::with_capacity(n + 1);
-    let mut k = 0u64;
-    while out.len() < n {
-        let (u1, u2) = (uniform(k), uniform(k + 1));
-        k += 2;
-        let r = (-2.0 * u1.ln()).sqrt() * std;
-        let t = 2.0 * std::f64::consts::PI * u2;
-        out.push((r * t.cos()) as f32);
-        out.push((r * t.sin()) as f32);
-    }
+    let mut out = vec![0f32; n + (n & 1)];
+    out.par_chunks_mut(1 << 16)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let first = (c << 16) as u64; // even: chunks hold whole pairs
+            for (p, pair) in chunk.chunks_exact_mut(2).enumerate() {
+                let k = first + 2 * p as u64;
+                let (u1, u2) = (uniform(k), uniform(k + 1));
+                let r = (-2.0 * u1.ln()).sqrt() * std;
+                let t = 2.0 * std::f64::consts::PI * u2;
+                pair[0] = (r * t.cos()) as f32;
+                pair[1] = (r * t.sin()) as f32;
+            }
+        });
     out.truncate(n);
     out
 }

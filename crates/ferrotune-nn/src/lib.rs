@@ -6,6 +6,7 @@
 //! file formats (weights arrive through [`WeightSource`]), tokenization or sampling.
 
 pub mod attention;
+pub mod gpu;
 pub mod kv_cache;
 pub mod linear;
 pub mod mlp;

@@ -8,8 +8,8 @@
 //! argument is tracked by autograd (`Tensor::track_op()`), so a frozen weight never gets one
 //! (candle's stock matmul backward would compute it, which makes LoRA cost a full fine-tune).
 //! Internally every op computes in f32 and returns the input dtype (f32, bf16, f16 or f64).
-//! Forward and backward run on CPU; the CUDA kernels come later (`cuda_fwd` is not provided,
-//! so a CUDA tensor gets a clear "no cuda implementation" error).
+//! Every wrapper below dispatches on the device: CPU tensors go to the ops in this folder's CPU
+//! files (the reference), CUDA tensors (with the `cuda` feature) to [`cuda`]'s kernels.
 //!
 //! Why custom ops: candle-nn's fast rms_norm/softmax/rope have no backward, and composites of
 //! stock ops keep every intermediate alive for backward (attention would keep (B, H, T, T)).
@@ -18,6 +18,8 @@
 
 mod attention;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod linear;
 mod logprobs;
 mod norm;
@@ -67,6 +69,14 @@ impl From<OpError> for candle_core::Error {
 /// when b is tracked.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (x, w) = (x.contiguous()?, w.contiguous()?);
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        let y = x.apply_op2(&w, cuda::Linear)?;
+        return match b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        };
+    }
     match b {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, linear::LinearOp),
         None => x.apply_op2(&w, linear::LinearOp),
@@ -75,12 +85,27 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * w`. x: (..., H), w: (H).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        let op = cuda::RmsNorm { eps: eps as f32 };
+        let w = w.to_dtype(x.dtype())?.contiguous()?;
+        return x.contiguous()?.apply_op2(&w, op);
+    }
     let op = norm::RmsNormOp { eps: eps as f32 };
     x.contiguous()?.apply_op2(&w.contiguous()?, op)
 }
 
 /// LayerNorm: `(x - mean) / sqrt(var + eps) * w + b`. x: (..., H), w, b: (H).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        let op = cuda::LayerNorm { eps: eps as f32 };
+        let (w, b) = (
+            w.to_dtype(x.dtype())?.contiguous()?,
+            b.to_dtype(x.dtype())?.contiguous()?,
+        );
+        return x.contiguous()?.apply_op3(&w, &b, op);
+    }
     let op = norm::LayerNormOp { eps: eps as f32 };
     x.contiguous()?
         .apply_op3(&w.contiguous()?, &b.contiguous()?, op)
@@ -90,6 +115,13 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 /// head dim are the pairs). x: (B, H, T, D); cos, sin: (B, T, D/2) (a batch of 1 broadcasts).
 /// cos and sin never get a gradient.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        let f32c = |t: &Tensor| t.detach().to_dtype(DType::F32)?.contiguous();
+        return x
+            .contiguous()?
+            .apply_op3(&f32c(cos)?, &f32c(sin)?, cuda::Rope);
+    }
     x.contiguous()?
         .apply_op3(&cos.contiguous()?, &sin.contiguous()?, rope::RopeOp)
 }
@@ -108,6 +140,10 @@ pub fn attention(
     key_mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        return cuda::attention(q, k, v, key_mask, scale);
+    }
     let key_mask = match key_mask {
         Some(m) => {
             let m = m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -125,6 +161,12 @@ pub fn attention(
 
 /// `silu(gate) * up`, elementwise; same shapes.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if gate.device().is_cuda() {
+        return gate
+            .contiguous()?
+            .apply_op2(&up.contiguous()?, cuda::Swiglu);
+    }
     gate.contiguous()?
         .apply_op2(&up.contiguous()?, swiglu::SwigluOp)
 }
@@ -176,6 +218,11 @@ pub fn token_logprobs_chunked(
     {
         return Err(OpError::Target { row, id, vocab }.into());
     }
+    #[cfg(feature = "cuda")]
+    if hidden.device().is_cuda() {
+        let inv = (1.0 / temperature) as f32;
+        return cuda::token_logprobs(hidden, w, &targets, inv, chunk_rows);
+    }
     let op = logprobs::TokenLogprobsOp {
         targets,
         inv_temp: (1.0 / temperature) as f32,
@@ -184,4 +231,60 @@ pub fn token_logprobs_chunked(
         jacobian: Default::default(),
     };
     hidden.contiguous()?.apply_op2(&w.contiguous()?, op)
+}
+
+/// Draws one token per row of `logits` (B, V) on the GPU: inverse-CDF sampling in vocabulary
+/// order with the caller's uniforms `u` (B,) at `temperature`, or the first maximum at
+/// temperature 0 — the CPU sampler's rule when neither top-k nor top-p truncates. Returns the
+/// ids and their log-probs (under the tempered softmax), or `None` when `logits` is not on a
+/// CUDA device (the caller samples on the host).
+pub fn sample_rows_on_device(
+    logits: &Tensor,
+    u: &[f32],
+    temperature: f64,
+) -> Result<Option<(Vec<u32>, Vec<f32>)>> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() {
+        let inv = if temperature > 0.0 {
+            (1.0 / temperature) as f32
+        } else {
+            0.0
+        };
+        return cuda::sample_rows(logits, u, inv).map(Some);
+    }
+    let _ = (logits, u, temperature);
+    Ok(None)
+}
+
+/// The scalars of one AdamW update, rounded to f32 where torch rounds them (computed by the
+/// optimizer in `ferrotune-train`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamwScalars {
+    /// `1 - lr * weight_decay`, or none without weight decay.
+    pub decay: Option<f32>,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    pub bias_correction2_sqrt: f32,
+    pub eps: f32,
+    pub neg_step_size: f32,
+}
+
+/// One AdamW update of an f32 parameter and its moments, in place, on the GPU (one fused
+/// kernel, the CPU optimizer's order of operations). Returns `false` without touching anything
+/// when the parameter is not on a CUDA device (the caller updates on the host).
+pub fn adamw_step_on_device(
+    param: &Tensor,
+    grad: &Tensor,
+    exp_avg: &Tensor,
+    exp_avg_sq: &Tensor,
+    s: &AdamwScalars,
+) -> Result<bool> {
+    #[cfg(feature = "cuda")]
+    if param.device().is_cuda() {
+        cuda::adamw_step(param, grad, exp_avg, exp_avg_sq, s)?;
+        return Ok(true);
+    }
+    let _ = (param, grad, exp_avg, exp_avg_sq, s);
+    Ok(false)
 }
