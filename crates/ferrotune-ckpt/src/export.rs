@@ -11,6 +11,10 @@
 //!   `tokenizer_config.json` with the chat template and bos/eos);
 //! - `generation_config.json` when the base has one (GGUF: bos/eos ids).
 //!
+//! [`export_model`] does the same for a model already in memory (its LoRA adapters merged),
+//! with [`ExportExtras`] to drop base tensors, add tensors and set config fields: how a reward
+//! model (`reward.rs`) becomes a `…ForSequenceClassification` folder.
+//!
 //! The folder is built beside `out` and renamed into place; an existing non-empty `out` is
 //! refused. Owns: the merge and the file set. Does not own: reading weights or adapters
 //! (`ferrotune_models`), tokenizer construction (`ferrotune_tokenize`).
@@ -80,14 +84,20 @@ fn is_gguf(p: &Path) -> bool {
     p.is_file() && p.extension().and_then(|e| e.to_str()) == Some("gguf")
 }
 
-/// Merge `adapter` (if any) into `base` and write a Hugging Face folder at `out` in `dtype`
-/// (f32, bf16 or f16). See the module docs for the files written.
-pub fn export_merged(
-    base: &Path,
-    adapter: Option<&Path>,
-    out: &Path,
-    dtype: DType,
-) -> Result<ExportReport> {
+/// What an export writes beyond the base's own tensors and config, for models that are a causal
+/// body plus something else (a reward model's `score.weight` and sequence-classification config
+/// fields). Empty for a plain merged export.
+#[derive(Debug, Clone, Default)]
+pub struct ExportExtras {
+    /// Base tensors left out, by HF name (e.g. `lm_head.weight`, unused by a classifier).
+    pub drop: Vec<String>,
+    /// Tensors added, by HF name (any dtype; written in the export dtype).
+    pub tensors: Vec<(String, Tensor)>,
+    /// Top-level `config.json` fields set, replacing the base's.
+    pub config: serde_json::Map<String, Value>,
+}
+
+fn check_output(out: &Path, dtype: DType) -> Result<&'static str> {
     let dtype_str = dtype_name(dtype).ok_or_else(|| CkptError::Unsupported {
         path: out.to_path_buf(),
         msg: format!("export dtype {dtype:?}; use f32, bf16 or f16"),
@@ -97,6 +107,18 @@ pub fn export_merged(
             path: out.to_path_buf(),
         });
     }
+    Ok(dtype_str)
+}
+
+/// Merge `adapter` (if any) into `base` and write a Hugging Face folder at `out` in `dtype`
+/// (f32, bf16 or f16). See the module docs for the files written.
+pub fn export_merged(
+    base: &Path,
+    adapter: Option<&Path>,
+    out: &Path,
+    dtype: DType,
+) -> Result<ExportReport> {
+    check_output(out, dtype)?;
     // Building the model checks that every base tensor is one we understand (names, shapes,
     // config) and, with an adapter, that its keys fit the slots exactly.
     let opts = LoadOptions::default();
@@ -104,7 +126,25 @@ pub fn export_merged(
         Some(a) => load_with_adapter(base, a, &opts)?,
         None => load(base, &opts)?,
     };
-    let model = loaded.model.as_ref();
+    export_model(
+        base,
+        loaded.model.as_ref(),
+        out,
+        dtype,
+        &ExportExtras::default(),
+    )
+}
+
+/// Write `model` — built from the base weights stored at `base` (HF folder or GGUF), with its
+/// in-memory LoRA adapters merged — as a Hugging Face folder at `out`, changed by `extras`.
+pub fn export_model(
+    base: &Path,
+    model: &dyn CausalLm,
+    out: &Path,
+    dtype: DType,
+    extras: &ExportExtras,
+) -> Result<ExportReport> {
+    let dtype_str = check_output(out, dtype)?;
     let cfg = model.config().clone();
     let deltas = adapter_deltas(model, base)?;
 
@@ -118,7 +158,11 @@ pub fn export_merged(
     names.sort();
     let mut tensors = Vec::with_capacity(names.len());
     let mut merged = Vec::new();
-    for name in names.into_iter().filter(|n| !derived_buffer(n)) {
+    let dropped = |n: &String| extras.drop.contains(n);
+    for name in names
+        .into_iter()
+        .filter(|n| !derived_buffer(n) && !dropped(n))
+    {
         let Some(t) = store.load(&name, &Device::Cpu)? else {
             continue;
         };
@@ -150,10 +194,23 @@ pub fn export_merged(
         missing.sort();
         return Err(CkptError::AdapterMismatch {
             slot: missing.first().map(|s| s.to_string()).unwrap_or_default(),
-            msg: format!("adapter slots whose weights are not stored in the base: {missing:?}"),
+            msg: format!(
+                "adapter slots whose weights are not stored in the base (or are dropped from \
+                 the export): {missing:?}"
+            ),
         });
     }
     drop(store);
+    for (name, t) in &extras.tensors {
+        if tensors.iter().any(|(n, _)| n == name) {
+            return Err(CkptError::Unsupported {
+                path: base.to_path_buf(),
+                msg: format!("the export would write {name} twice (base and extra tensor)"),
+            });
+        }
+        let t = t.to_device(&Device::Cpu)?.to_dtype(dtype)?.contiguous()?;
+        tensors.push((name.clone(), t));
+    }
 
     let staging = files::staging_sibling(out, "partial");
     crate::run::remove_any(&staging)?;
@@ -168,9 +225,9 @@ pub fn export_merged(
     files::write_safetensors(&staging.join("model.safetensors"), &tensors)?;
     drop(tensors);
     if gguf {
-        write_gguf_side_files(base, &cfg, dtype_str, &staging, &mut report)?;
+        write_gguf_side_files(base, &cfg, dtype_str, &extras.config, &staging, &mut report)?;
     } else {
-        copy_hf_side_files(base, dtype_str, &staging)?;
+        copy_hf_side_files(base, dtype_str, &extras.config, &staging)?;
     }
     report.files = files::entries(&staging)?;
     files::sync_dir(&staging)?;
@@ -225,8 +282,14 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// HF base: copy config.json (with the export dtype), tokenizer files, generation config.
-fn copy_hf_side_files(base: &Path, dtype_str: &str, staging: &Path) -> Result<()> {
+/// HF base: copy config.json (with the export dtype and `patch`), tokenizer files, generation
+/// config.
+fn copy_hf_side_files(
+    base: &Path,
+    dtype_str: &str,
+    patch: &serde_json::Map<String, Value>,
+    staging: &Path,
+) -> Result<()> {
     let cfg_path = base.join("config.json");
     let mut cfg = files::read_json(&cfg_path)?;
     if let Some(obj) = cfg.as_object_mut() {
@@ -241,6 +304,7 @@ fn copy_hf_side_files(base: &Path, dtype_str: &str, staging: &Path) -> Result<()
         if !set {
             obj.insert("torch_dtype".into(), dtype_str.into());
         }
+        obj.extend(patch.clone());
     }
     files::write_json(&staging.join("config.json"), &cfg)?;
     for name in TOKENIZER_FILES
@@ -396,13 +460,13 @@ fn write_gguf_side_files(
     base: &Path,
     cfg: &ModelConfig,
     dtype_str: &str,
+    patch: &serde_json::Map<String, Value>,
     staging: &Path,
     report: &mut ExportReport,
 ) -> Result<()> {
-    files::write_json(
-        &staging.join("config.json"),
-        &hf_config_json(cfg, dtype_str),
-    )?;
+    let mut config = hf_config_json(cfg, dtype_str);
+    extend(&mut config, patch.clone());
+    files::write_json(&staging.join("config.json"), &config)?;
     let mut gen = serde_json::Map::new();
     if let Some(b) = cfg.bos_token_id {
         gen.insert("bos_token_id".into(), b.into());

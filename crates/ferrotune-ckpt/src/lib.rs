@@ -11,6 +11,7 @@ pub mod error;
 pub mod export;
 pub mod files;
 pub mod peft;
+pub mod reward;
 pub mod run;
 
 pub use checkpoint::{
@@ -18,6 +19,9 @@ pub use checkpoint::{
     Checkpoint, CheckpointParts, CheckpointWeights, LatestCheckpoint, Weights, COMPLETE,
 };
 pub use error::{CkptError, Result};
-pub use export::{export_merged, hf_config_json, ExportReport};
+pub use export::{export_merged, export_model, hf_config_json, ExportExtras, ExportReport};
 pub use peft::{load_with_adapter, save_adapter};
+pub use reward::{
+    export_reward_model, load_reward_adapter, restore_reward_adapter, save_reward_adapter,
+};
 pub use run::{OnExisting, RunDir};

@@ -2,12 +2,16 @@
 //! layout `PeftModel.from_pretrained` reads and `save_pretrained` writes, so an adapter trained
 //! here loads in PEFT and one trained with PEFT loads here.
 //!
+//! A reward model's adapter is a PEFT `SEQ_CLS` adapter: the same files plus the score head as a
+//! `modules_to_save` tensor (`reward.rs` saves and loads it).
+//!
 //! Owns: checking that the model's LoRA slots agree with the config before writing, and the
 //! clear error when an adapter's `target_modules` match nothing. Does not own: the key names
 //! and tensor reading (`ferrotune_models::adapter`), or merging (export.rs).
 
 use std::path::Path;
 
+use candle_core::{DType, Device, Tensor};
 use ferrotune_models::adapter::{adapter_tensors, load_weights, PeftConfig};
 use ferrotune_models::{load, CausalLm, LoadOptions, Loaded};
 use ferrotune_nn::LoraConfig;
@@ -27,6 +31,17 @@ pub fn save_adapter(
     base_name: &str,
     dir: &Path,
 ) -> Result<()> {
+    save_adapter_with_head(model, lora, base_name, None, dir)
+}
+
+/// [`save_adapter`], with the sequence-classification head when `score` is given.
+pub(crate) fn save_adapter_with_head(
+    model: &dyn CausalLm,
+    lora: &LoraConfig,
+    base_name: &str,
+    score: Option<&Tensor>,
+    dir: &Path,
+) -> Result<()> {
     if !files::entries(dir)?.is_empty() {
         return Err(CkptError::OutputExists {
             path: dir.to_path_buf(),
@@ -35,7 +50,7 @@ pub fn save_adapter(
     let staging = files::staging_sibling(dir, "partial");
     crate::run::remove_any(&staging)?;
     std::fs::create_dir_all(&staging).map_err(crate::error::io(&staging))?;
-    write_adapter_files(model, lora, base_name, &staging)?;
+    write_adapter_files_with_head(model, lora, base_name, score, &staging)?;
     files::sync_dir(&staging)?;
     files::commit_dir(&staging, dir)
 }
@@ -47,19 +62,45 @@ pub(crate) fn write_adapter_files(
     base_name: &str,
     dir: &Path,
 ) -> Result<()> {
+    write_adapter_files_with_head(model, lora, base_name, None, dir)
+}
+
+/// PEFT's key for a sequence-classification head saved through `modules_to_save`.
+pub const SCORE_KEY: &str = "base_model.model.score.weight";
+
+/// [`write_adapter_files`]; with a `score` head (1, H), as PEFT saves a `SEQ_CLS` adapter:
+/// `task_type: "SEQ_CLS"`, `modules_to_save: ["classifier", "score"]` and the head under
+/// [`SCORE_KEY`].
+pub(crate) fn write_adapter_files_with_head(
+    model: &dyn CausalLm,
+    lora: &LoraConfig,
+    base_name: &str,
+    score: Option<&Tensor>,
+    dir: &Path,
+) -> Result<()> {
     check_slots(model, lora)?;
-    let cfg = PeftConfig::from_lora(
+    let mut cfg = PeftConfig::from_lora(
         lora,
         (!base_name.is_empty()).then(|| base_name.to_string()),
         model.config().family,
     );
+    let mut tensors = adapter_tensors(model)?;
+    if let Some(score) = score {
+        cfg.task_type = Some("SEQ_CLS".into());
+        cfg.modules_to_save = Some(serde_json::json!(["classifier", "score"]));
+        let t = score
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?
+            .contiguous()?;
+        tensors.push((SCORE_KEY.into(), t));
+    }
     let path = dir.join(ADAPTER_CONFIG);
     let value = serde_json::to_value(&cfg).map_err(|source| CkptError::Json {
         path: path.clone(),
         source,
     })?;
     files::write_json(&path, &value)?;
-    files::write_safetensors(&dir.join(ADAPTER_WEIGHTS), &adapter_tensors(model)?)
+    files::write_safetensors(&dir.join(ADAPTER_WEIGHTS), &tensors)
 }
 
 /// The written config must reproduce exactly the model's adapter slots on load: the same slots

@@ -1,6 +1,8 @@
 //! PEFT LoRA adapters on disk: `adapter_config.json` + `adapter_model.safetensors` with keys
 //! `base_model.model.<slot path>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r). Reads a
 //! config into our [`LoraConfig`], loads adapter weights into a model's slots, and saves them.
+//! A sequence-classification adapter (`task_type: "SEQ_CLS"`, PEFT's `modules_to_save:
+//! ["classifier", "score"]`) also carries the reward head as `base_model.model.score.weight`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -84,11 +86,27 @@ impl PeftConfig {
         if cfg.use_dora {
             return Err(bad("use_dora", "DoRA is not supported"));
         }
-        if cfg.modules_to_save.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(bad("modules_to_save", "not supported"));
+        if let Some(modules) = cfg.modules_to_save.as_ref().filter(|v| !v.is_null()) {
+            // PEFT adds these two for SEQ_CLS; the classifier head of our families is `score`.
+            let head_only = modules.as_array().is_some_and(|a| {
+                a.iter()
+                    .all(|m| matches!(m.as_str(), Some("classifier" | "score")))
+            });
+            if !(cfg.is_seq_cls() && head_only) {
+                return Err(bad(
+                    "modules_to_save",
+                    "only the sequence-classification head (`score`, with task_type \"SEQ_CLS\") \
+                     is supported",
+                ));
+            }
         }
         cfg.targets().map_err(|m| bad("target_modules", &m))?;
         Ok(cfg)
+    }
+
+    /// A sequence-classification (reward model) adapter.
+    pub fn is_seq_cls(&self) -> bool {
+        self.task_type.as_deref() == Some("SEQ_CLS")
     }
 
     pub fn targets(&self) -> std::result::Result<TargetModules, String> {
@@ -175,6 +193,16 @@ pub fn adapter_tensors(model: &dyn CausalLm) -> Result<Vec<(String, Tensor)>> {
 /// built with the adapter's LoRA config). Every slot must find its A and B, and every key in
 /// the file must belong to a slot.
 pub fn load_weights(model: &dyn CausalLm, dir: &Path) -> Result<()> {
+    load_weights_keeping(model, dir, &[]).map(|_| ())
+}
+
+/// [`load_weights`], except that the keys in `keep` (e.g. a `modules_to_save` head) are not
+/// slot keys: they are returned, f32 on the CPU, instead of being refused as unexpected.
+pub fn load_weights_keeping(
+    model: &dyn CausalLm,
+    dir: &Path,
+    keep: &[&str],
+) -> Result<HashMap<String, Tensor>> {
     let path = dir.join("adapter_model.safetensors");
     if !path.exists() {
         return Err(ModelError::Io {
@@ -189,7 +217,13 @@ pub fn load_weights(model: &dyn CausalLm, dir: &Path) -> Result<()> {
             msg: root_msg(&e),
         })?;
     let mut problems = Vec::new();
-    let mut used = 0usize;
+    let mut kept = HashMap::new();
+    for k in keep {
+        if let Some(t) = tensors.get(*k) {
+            kept.insert(k.to_string(), t.to_dtype(DType::F32)?);
+        }
+    }
+    let mut used = kept.len();
     for slot in model.linear_slots() {
         let Some(l) = &slot.lora else { continue };
         for (which, var) in [("lora_A", &l.a), ("lora_B", &l.b)] {
@@ -213,11 +247,12 @@ pub fn load_weights(model: &dyn CausalLm, dir: &Path) -> Result<()> {
         let mut extra: Vec<&String> = tensors
             .keys()
             .filter(|k| {
-                !model.linear_slots().iter().any(|s| {
-                    s.lora.is_some()
-                        && (**k == peft_key(&s.path, "lora_A")
-                            || **k == peft_key(&s.path, "lora_B"))
-                })
+                !keep.contains(&k.as_str())
+                    && !model.linear_slots().iter().any(|s| {
+                        s.lora.is_some()
+                            && (**k == peft_key(&s.path, "lora_A")
+                                || **k == peft_key(&s.path, "lora_B"))
+                    })
             })
             .collect();
         extra.sort();
@@ -232,7 +267,7 @@ pub fn load_weights(model: &dyn CausalLm, dir: &Path) -> Result<()> {
         ));
     }
     if problems.is_empty() {
-        Ok(())
+        Ok(kept)
     } else {
         Err(ModelError::Weights { path, problems })
     }

@@ -3,7 +3,7 @@
 //! with LoRA slots and an external KV cache.
 //!
 //! Owns: configs, family files (`decoder` for Llama/Mistral/Qwen2/Qwen3, `gpt2`), key/shape
-//! checks. Does not own: tokenization, sampling, losses or printing.
+//! checks, the reward model's score head (`reward`). Does not own: tokenization, sampling, losses or printing.
 
 pub mod adapter;
 pub mod batch;
@@ -13,6 +13,7 @@ pub mod error;
 pub mod gguf;
 pub mod gpt2;
 pub mod init;
+pub mod reward;
 pub mod source;
 
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ use ferrotune_nn::{KvCache, Linear, LoraConfig, Mode, Vb};
 pub use batch::Batch;
 pub use config::{Family, HfConfig, ModelConfig};
 pub use error::{ModelError, Result};
+pub use reward::RewardModel;
 use source::{CheckedSource, SafetensorsStore};
 
 /// A causal language model: ids in, full logits out.
