@@ -24,6 +24,7 @@ mod error;
 mod example;
 mod order;
 mod pack;
+mod pref;
 mod read;
 mod sft;
 mod synth;
@@ -36,12 +37,14 @@ pub use example::{
 };
 pub use order::{split, split_items, Cursor, EvalSize, Loader, Shuffler, Split};
 pub use pack::{pack, Packed};
+pub use pref::{tokenize_preference, tokenize_preferences_all, PrefPair, PrefSet};
 pub use read::{read_rows, FileFormat, Row};
 pub use sft::{
     tokenize_sft, tokenize_sft_all, SftOptions, Tokenized, TokenizedSet, TruncationStats,
 };
 pub use synth::{
-    arithmetic, arithmetic_excluding, arithmetic_space, parse_digits, parse_ops, prompt_set,
-    word_problems, word_problems_excluding, word_space, write_jsonl, ArithmeticSpec, Op, Problem,
-    PromptFormat, SynthError, SynthResult, WordSpec, WordTemplate, MAX_DIGITS, WORD_TEMPLATES,
+    arithmetic, arithmetic_excluding, arithmetic_space, parse_digits, parse_ops, preference_pairs,
+    prompt_set, tagged_reply, word_problems, word_problems_excluding, word_space, write_jsonl,
+    write_preference_jsonl, ArithmeticSpec, Op, PreferencePair, Problem, PromptFormat,
+    RejectedKind, SynthError, SynthResult, WordSpec, WordTemplate, MAX_DIGITS, WORD_TEMPLATES,
 };

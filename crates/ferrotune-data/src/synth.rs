@@ -2,7 +2,9 @@
 //! rewards without downloading a dataset: arithmetic (`What is 47 + 815?`) and word problems from
 //! a dozen templates. Seeded and deterministic, never repeating within a file, and able to
 //! exclude another file's prompts so a held-out set is truly held out. Also writes them as TRL
-//! prompt datasets (plain or conversational JSONL) that [`crate::prompt_examples`] reads back.
+//! prompt datasets (plain or conversational JSONL) that [`crate::prompt_examples`] reads back,
+//! and as preference pairs (chosen = the right answer in the demo's reply format, rejected = a
+//! wrong number or the untagged reply) that [`crate::preference_examples`] reads back.
 //!
 //! Owns: the problem spaces, sampling and the JSONL layout. Does not own: the reward that checks
 //! an answer (the `rewards` crate), the CLI flags (the binary parses with [`parse_ops`] and
@@ -72,6 +74,8 @@ pub enum SynthError {
         "digit range `{text}`: {reason} (write LOW..HIGH, inclusive, e.g. 1..4, or one number)"
     )]
     Digits { text: String, reason: String },
+    #[error("unknown rejected kind `{0}`: use wrong or untagged")]
+    UnknownRejected(String),
     #[error("cannot write {path}: {source}")]
     Io {
         path: PathBuf,
@@ -796,6 +800,126 @@ pub fn write_jsonl(problems: &[Problem], path: &Path, format: &PromptFormat) -> 
             }
         };
         // Serialising strings and integers-as-strings cannot fail; map it anyway, no unwrap.
+        let line = line.map_err(|e| io(std::io::Error::other(e)))?;
+        writeln!(w, "{line}").map_err(io)?;
+    }
+    w.flush().map_err(io)
+}
+
+// ---- preference pairs ----
+
+/// What makes the rejected completion of a generated preference pair worse than the chosen one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejectedKind {
+    /// The right format around a wrong number: the answer off by 1 to 3 either way.
+    Wrong,
+    /// The right number without the `<answer></answer>` tags.
+    Untagged,
+}
+
+impl FromStr for RejectedKind {
+    type Err = SynthError;
+    fn from_str(s: &str) -> SynthResult<Self> {
+        match s.trim() {
+            "wrong" => Ok(RejectedKind::Wrong),
+            "untagged" => Ok(RejectedKind::Untagged),
+            other => Err(SynthError::UnknownRejected(other.to_string())),
+        }
+    }
+}
+
+/// A preference pair over one generated problem (TRL's explicit-prompt preference form).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PreferencePair {
+    pub prompt: String,
+    pub chosen: String,
+    pub rejected: String,
+}
+
+/// XORed into the seed so the wrong-answer offsets do not follow the problems' own draws.
+const PREF_SALT: u64 = 0x7072_6566; // "pref"
+
+/// The reply the demo teaches (`ferrotune demo`'s SFT stage): `The answer is <answer>N</answer>.`
+pub fn tagged_reply(answer: &str) -> String {
+    format!("The answer is <answer>{answer}</answer>.")
+}
+
+/// One pair per problem: chosen = [`tagged_reply`] of the right answer; rejected by `kind`.
+/// Deterministic in (`problems`, `kind`, `seed`). Answers that are not integers (never produced
+/// by the generators here) get a `Wrong` rejection with `?` appended, still different.
+pub fn preference_pairs(
+    problems: &[Problem],
+    kind: RejectedKind,
+    seed: u64,
+) -> Vec<PreferencePair> {
+    let mut rng = SplitMix64(seed ^ PREF_SALT);
+    problems
+        .iter()
+        .map(|p| {
+            let rejected = match kind {
+                RejectedKind::Untagged => format!("The answer is {}.", p.answer),
+                RejectedKind::Wrong => {
+                    let off = 1 + rng.below(3) as i64;
+                    let off = if rng.below(2) == 0 { off } else { -off };
+                    let wrong = match p.answer.parse::<i64>() {
+                        Ok(a) => (a + off).to_string(),
+                        Err(_) => format!("{}?", p.answer),
+                    };
+                    tagged_reply(&wrong)
+                }
+            };
+            PreferencePair {
+                prompt: p.prompt.clone(),
+                chosen: tagged_reply(&p.answer),
+                rejected,
+            }
+        })
+        .collect()
+}
+
+#[derive(Serialize)]
+struct ChatPrefRow {
+    prompt: Vec<Message>,
+    chosen: Vec<Message>,
+    rejected: Vec<Message>,
+}
+
+/// Writes pairs as JSONL: plain text (`prompt`, `chosen`, `rejected` strings, the replies with
+/// a leading space) or TRL's
+/// conversational form (`prompt` a message list, `chosen`/`rejected` one assistant message
+/// each), readable by [`crate::read_rows`] + [`crate::preference_examples`].
+pub fn write_preference_jsonl(
+    pairs: &[PreferencePair],
+    path: &Path,
+    format: &PromptFormat,
+) -> SynthResult<()> {
+    let io = |source| SynthError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut w = BufWriter::new(File::create(path).map_err(io)?);
+    for p in pairs {
+        let line = match format {
+            // Plain text is scored as prompt ++ completion, so the completion brings its own
+            // separating space (TRL's example rows: "The sky is" / " blue.").
+            PromptFormat::Text => serde_json::to_string(&PreferencePair {
+                prompt: p.prompt.clone(),
+                chosen: format!(" {}", p.chosen),
+                rejected: format!(" {}", p.rejected),
+            }),
+            PromptFormat::Chat { system } => {
+                let mut prompt = Vec::with_capacity(2);
+                if let Some(s) = system {
+                    prompt.push(Message::new("system", s.as_str()));
+                }
+                prompt.push(Message::new("user", p.prompt.as_str()));
+                serde_json::to_string(&ChatPrefRow {
+                    prompt,
+                    chosen: vec![Message::new("assistant", p.chosen.as_str())],
+                    rejected: vec![Message::new("assistant", p.rejected.as_str())],
+                })
+            }
+        };
         let line = line.map_err(|e| io(std::io::Error::other(e)))?;
         writeln!(w, "{line}").map_err(io)?;
     }

@@ -1,17 +1,18 @@
 //! Generation over token ids: batched, KV-cached, greedy or sampled (temperature, top-k,
 //! top-p, seeded), stopping on end-of-sequence ids or a caller's stop rule, returning each
-//! sampled token's log-probability.
+//! sampled token's log-probability; speculative decoding with a draft model (`speculative`).
 //!
 //! Owns: sampling and the decode loop. Does not own: text, chat templates or rewards (stop
 //! strings arrive as a callback over ids, which the caller decodes).
 
 pub mod sample;
+pub mod speculative;
 
 use candle_core::{DType, Device, Result, Tensor, D};
 use ferrotune_models::{Batch, CausalLm};
 use ferrotune_nn::Mode;
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 
 pub use sample::{log_softmax, sample_token, SamplingParams};
 
@@ -93,14 +94,13 @@ pub fn generate(
             .forward(&last, opts.mode)?
             .squeeze(1)?
             .to_dtype(DType::F32)?; // (B, V)
-        let rows = logits.to_vec2::<f32>()?;
+        let drawn = sample_batch(&logits, &done, &opts.sampling, &mut rng)?;
         let mut new_ids = Vec::with_capacity(b);
-        for (i, row) in rows.iter().enumerate() {
-            if done[i] {
+        for (i, drawn) in drawn.into_iter().enumerate() {
+            let Some((tok, lp)) = drawn else {
                 new_ids.push(opts.pad_id);
                 continue;
-            }
-            let (tok, lp) = sample_token(row, &opts.sampling, &mut rng);
+            };
             out[i].ids.push(tok);
             out[i].logprobs.push(lp);
             if opts.eos_ids.contains(&tok) {
@@ -152,4 +152,44 @@ pub fn next_token_logprobs(model: &dyn CausalLm, batch: &Batch, mode: Mode) -> R
         .gather(&targets.contiguous()?, 2)?
         .squeeze(2)?
         .broadcast_sub(&lse.squeeze(2)?)
+}
+
+/// One draw per unfinished row of `logits` (B, V) f32, consuming the generator in row order
+/// (one uniform per row when sampling, none when greedy). On a CUDA device, without top-k/top-p,
+/// the draw runs there and only ids and log-probs come back; otherwise the rows are copied to
+/// the host for [`sample_token`]. Both apply the same rule, so a seed gives the same tokens.
+fn sample_batch(
+    logits: &Tensor,
+    done: &[bool],
+    p: &SamplingParams,
+    rng: &mut StdRng,
+) -> Result<Vec<Option<(u32, f32)>>> {
+    let truncates = p.top_k.is_some_and(|k| k > 0) || p.top_p.is_some_and(|x| x < 1.0);
+    if logits.device().is_cuda() && !truncates {
+        let u: Vec<f32> = done
+            .iter()
+            .map(|&d| {
+                if d || p.temperature <= 0.0 {
+                    0.0
+                } else {
+                    rng.random::<f64>() as f32
+                }
+            })
+            .collect();
+        if let Some((ids, lps)) =
+            ferrotune_nn::ops::sample_rows_on_device(logits, &u, p.temperature)?
+        {
+            return Ok(done
+                .iter()
+                .zip(ids.into_iter().zip(lps))
+                .map(|(&d, x)| (!d).then_some(x))
+                .collect());
+        }
+    }
+    let rows = logits.to_vec2::<f32>()?;
+    Ok(rows
+        .iter()
+        .zip(done)
+        .map(|(row, &d)| (!d).then(|| sample_token(row, p, rng)))
+        .collect())
 }

@@ -30,7 +30,7 @@ use crate::loss::scored_logprobs;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::Schedule;
 use crate::sft::{
-    apply_update, batch_tensors, restore_weights, save, Observer, Result, TrainError, Trainable,
+    apply_update, batch_tensors, resume_from, save, Observer, Result, TrainError, Trainable,
 };
 use crate::step::{GradAccumulator, NonFiniteGuard};
 
@@ -401,19 +401,7 @@ pub fn train_grpo(
         rollout_tokens: 0,
     };
     if let Some(ck) = resume {
-        state =
-            serde_json::from_value(ck.trainer_state.clone()).map_err(|e| TrainError::State {
-                path: ck.dir.display().to_string(),
-                msg: e.to_string(),
-            })?;
-        restore_weights(trainable, model, ck)?;
-        let moments = ck.optimizer.iter().cloned().collect();
-        opt.load_state(&moments)?;
-        obs.message(&format!(
-            "resumed from {} (step {})",
-            ck.dir.display(),
-            state.step
-        ));
+        state = resume_from(ck, trainable, model, &mut opt, obs, |s: &GrpoState| s.step)?;
     }
     let mut loader = Loader::resume(
         n_train,

@@ -1,14 +1,18 @@
-//! Trainers, one visible loop per method (`sft` now; `grpo`, `dpo`, ... later), and the shared
+//! Trainers, one visible loop per method (`sft`, `grpo`, `dpo`, ...), and the shared
 //! step helpers: token losses, AdamW, LR schedules, clipping, accumulation, non-finite guard.
 //!
 //! Owns: training math and the order of a step. Does not own: file parsing, progress bars,
 //! checkpoint formats (it calls `ferrotune-ckpt`), or when to print.
 
+pub mod distill_loss;
+pub mod dpo;
 pub mod grpo;
 pub mod grpo_loss;
 pub mod health;
 pub mod loss;
 pub mod optim;
+pub mod ppo_loss;
+pub mod pref_loss;
 pub mod schedule;
 pub mod sft;
 pub mod step;

@@ -245,19 +245,9 @@ pub fn train_sft<S: Sequence>(
         seed: plan.seed,
     };
     if let Some(ck) = resume {
-        state =
-            serde_json::from_value(ck.trainer_state.clone()).map_err(|e| TrainError::State {
-                path: ck.dir.display().to_string(),
-                msg: e.to_string(),
-            })?;
-        restore_weights(trainable, model, ck)?;
-        let moments = ck.optimizer.iter().cloned().collect();
-        opt.load_state(&moments)?;
-        obs.message(&format!(
-            "resumed from {} (step {})",
-            ck.dir.display(),
-            state.step
-        ));
+        state = resume_from(ck, trainable, model, &mut opt, obs, |s: &TrainerState| {
+            s.step
+        })?;
     }
     let mut loader = Loader::resume(train.len(), shuffler, state.cursor)?;
     let mut summary = SftSummary {
@@ -400,6 +390,32 @@ pub(crate) fn save(
         trainer_state,
     };
     Ok(save_checkpoint(run, step as u64, &parts)?)
+}
+
+/// Resumes a trainer from `ck`: its state (`S`, whose step `step_of` reads), the trainable
+/// weights and the optimizer moments; tells the observer (shared by the trainers).
+pub(crate) fn resume_from<S: serde::de::DeserializeOwned>(
+    ck: &Checkpoint,
+    trainable: &Trainable,
+    model: &dyn CausalLm,
+    opt: &mut AdamW,
+    obs: &mut dyn Observer,
+    step_of: impl Fn(&S) -> usize,
+) -> Result<S> {
+    let state: S =
+        serde_json::from_value(ck.trainer_state.clone()).map_err(|e| TrainError::State {
+            path: ck.dir.display().to_string(),
+            msg: e.to_string(),
+        })?;
+    restore_weights(trainable, model, ck)?;
+    let moments = ck.optimizer.iter().cloned().collect();
+    opt.load_state(&moments)?;
+    obs.message(&format!(
+        "resumed from {} (step {})",
+        ck.dir.display(),
+        step_of(&state)
+    ));
+    Ok(state)
 }
 
 /// Load a checkpoint's weights into `trainable` (shared by the trainers).

@@ -197,6 +197,27 @@ pub struct GrpoSection {
     pub rewards: Vec<toml::Table>,
 }
 
+/// `[dpo]`: direct preference optimisation on `prompt` + `chosen` + `rejected` rows. Names and
+/// defaults follow TRL 1.16's `DPOConfig`; the reference model is the base with adapters off.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DpoSection {
+    #[serde(default = "d_dpo_beta")]
+    pub beta: f64,
+    #[serde(default = "d_dpo_loss_type")]
+    pub loss_type: String,
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// Prompt + completion tokens per sequence.
+    #[serde(default = "d_max_seq_len")]
+    pub max_length: usize,
+    /// TRL 1.16 supports only "keep_start".
+    #[serde(default = "d_truncation_mode")]
+    pub truncation_mode: String,
+    #[serde(default)]
+    pub precompute_ref_log_probs: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
@@ -212,6 +233,8 @@ pub struct RunConfig {
     pub sft: Option<SftSection>,
     #[serde(default)]
     pub grpo: Option<GrpoSection>,
+    #[serde(default)]
+    pub dpo: Option<DpoSection>,
     #[serde(default)]
     pub eval: Option<EvalSection>,
 }
@@ -297,6 +320,15 @@ fn d_scale_rewards() -> String {
 fn d_loss_type() -> String {
     "dapo".into()
 }
+fn d_dpo_beta() -> f64 {
+    0.1
+}
+fn d_dpo_loss_type() -> String {
+    "sigmoid".into()
+}
+fn d_truncation_mode() -> String {
+    "keep_start".into()
+}
 fn d_optim() -> OptimSection {
     toml::from_str("").expect("optim defaults deserialize")
 }
@@ -365,6 +397,13 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("grpo.log_completions", "true", "write completions.jsonl (prompt, completion, rewards, advantage) every run.log_every steps"),
     ("grpo.stop", "[]", "stop strings: generation ends after any of them"),
     ("grpo.rewards", "(required)", "reward functions: [{ name = \"answer_match\", weight = 1.0, ...params }]; see `ferrotune rewards`"),
+    ("dpo", "(section)", "marks the run as DPO; data.train holds preference pairs (prompt + chosen + rejected, text or messages); needs [lora]"),
+    ("dpo.beta", "0.1", "strength of the pull to the reference (= the base with adapters off); implicit reward = beta x log-ratio"),
+    ("dpo.loss_type", "\"sigmoid\"", "sigmoid | ipo | hinge (TRL's names)"),
+    ("dpo.label_smoothing", "0.0", "sigmoid only: probability a preference label is flipped (conservative DPO), in [0, 0.5)"),
+    ("dpo.max_length", "1024", "prompt + completion tokens per sequence; longer ones lose their end (data.max_seq_len is not used)"),
+    ("dpo.truncation_mode", "\"keep_start\"", "keep_start (the only mode TRL 1.16 supports)"),
+    ("dpo.precompute_ref_log_probs", "false", "compute the reference log-probs of every train pair once at the start, kept in memory"),
 ];
 
 /// Apply `key=value` overrides to a parsed TOML table. The value is parsed as a TOML value,
@@ -550,17 +589,92 @@ impl RunConfig {
                 ),
             );
         }
-        match (&self.sft, &self.grpo) {
-            (Some(_), Some(_)) => {
-                return bad("grpo", "a run is either [sft] or [grpo], not both".into())
-            }
-            (None, None) => {
+        let methods: Vec<&str> = [
+            ("sft", self.sft.is_some()),
+            ("grpo", self.grpo.is_some()),
+            ("dpo", self.dpo.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect();
+        match methods.as_slice() {
+            [] => {
                 return bad(
                     "sft",
-                    "the config needs a method section: [sft] or [grpo]".into(),
+                    "the config needs a method section: [sft], [grpo] or [dpo]".into(),
                 )
             }
-            _ => {}
+            [_] => {}
+            [.., last] => {
+                return bad(
+                    last,
+                    format!(
+                        "a run has exactly one method section, this one has [{}]",
+                        methods.join("] and [")
+                    ),
+                )
+            }
+        }
+        if let Some(d) = &self.dpo {
+            if self.lora.is_none() {
+                return bad(
+                    "dpo",
+                    "the DPO reference is the base with adapters switched off, so [dpo] needs a [lora] section".into(),
+                );
+            }
+            let loss_type = match d
+                .loss_type
+                .parse::<ferrotune_train::pref_loss::DpoLossType>()
+            {
+                Ok(t) => t,
+                Err(_) => {
+                    return bad(
+                        "dpo.loss_type",
+                        format!("`{}` is not one of sigmoid, ipo, hinge", d.loss_type),
+                    )
+                }
+            };
+            if !(d.beta.is_finite() && d.beta > 0.0) {
+                return bad(
+                    "dpo.beta",
+                    format!(
+                        "must be a positive number (it scales the log-ratio margin), got {}",
+                        d.beta
+                    ),
+                );
+            }
+            let loss = ferrotune_train::pref_loss::DpoConfig {
+                beta: d.beta,
+                loss_type,
+                label_smoothing: d.label_smoothing,
+            };
+            if let Err(e) = loss.validate() {
+                let msg = e.to_string();
+                let msg = msg.strip_prefix("DPO config: ").unwrap_or(&msg).to_string();
+                return bad("dpo.label_smoothing", msg);
+            }
+            if d.max_length < 2 {
+                return bad(
+                    "dpo.max_length",
+                    "must be at least 2 (a prompt token and a completion token)".into(),
+                );
+            }
+            if d.truncation_mode != "keep_start" {
+                return bad(
+                    "dpo.truncation_mode",
+                    format!(
+                        "`{}` is not supported: only keep_start (as TRL 1.16)",
+                        d.truncation_mode
+                    ),
+                );
+            }
+            if self.data.packing {
+                return bad(
+                    "data.packing",
+                    "does not apply to DPO (chosen and rejected are scored as whole sequences)"
+                        .into(),
+                );
+            }
         }
         if let Some(g) = &self.grpo {
             if g.num_generations < 2 {
@@ -729,11 +843,12 @@ mod tests {
         }
         for k in explained {
             if [
-                "model", "lora", "data", "optim", "run", "sft", "grpo", "eval",
+                "model", "lora", "data", "optim", "run", "sft", "grpo", "dpo", "eval",
             ]
             .contains(&k)
                 || k == "data.eval"
                 || k.starts_with("grpo.")
+                || k.starts_with("dpo.")
                 || k.starts_with("eval.")
             {
                 continue;
@@ -779,6 +894,73 @@ mod tests {
         assert!(
             e.contains("grpo.num_generations") && e.contains("divisible"),
             "{e}"
+        );
+    }
+
+    /// The `[dpo]` keys and `KEYS` agree both ways; a DPO config validates; the cross-field
+    /// rules name their key.
+    #[test]
+    fn dpo_keys_are_explained_and_checked() {
+        let t: toml::Table = toml::from_str(
+            "[model]\npath = \"m\"\n[lora]\n[data]\ntrain = \"t.jsonl\"\n[run]\noutput_dir = \"o\"\n[dpo]\n",
+        )
+        .unwrap();
+        let cfg = RunConfig::deserialize(t).unwrap();
+        cfg.validate(Path::new("c.toml")).unwrap();
+        let d = cfg.dpo.as_ref().unwrap();
+        assert_eq!(
+            (d.beta, d.loss_type.as_str(), d.max_length),
+            (0.1, "sigmoid", 1024)
+        );
+        let full: toml::Table = toml::from_str(&cfg.to_toml()).unwrap();
+        let mut keys = Vec::new();
+        leaf_keys("", &full, &mut keys);
+        let dpo_keys: Vec<&String> = keys.iter().filter(|k| k.starts_with("dpo.")).collect();
+        let explained: Vec<&str> = KEYS
+            .iter()
+            .map(|(k, _, _)| *k)
+            .filter(|k| k.starts_with("dpo."))
+            .collect();
+        for k in &dpo_keys {
+            assert!(explained.contains(&k.as_str()), "key {k} is not in KEYS");
+        }
+        for k in explained {
+            assert!(
+                dpo_keys.iter().any(|x| *x == k),
+                "KEYS lists {k}, which [dpo] does not have"
+            );
+        }
+        let check = |f: &dyn Fn(&mut RunConfig), field: &str, words: &str| {
+            let mut c = cfg.clone();
+            f(&mut c);
+            let e = c.validate(Path::new("c.toml")).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(words), "{e}");
+        };
+        check(&|c| c.lora = None, "dpo", "[lora]");
+        check(
+            &|c| c.dpo.as_mut().unwrap().loss_type = "robust".into(),
+            "dpo.loss_type",
+            "robust",
+        );
+        check(
+            &|c| c.dpo.as_mut().unwrap().beta = 0.0,
+            "dpo.beta",
+            "positive",
+        );
+        check(
+            &|c| {
+                let d = c.dpo.as_mut().unwrap();
+                d.loss_type = "ipo".into();
+                d.label_smoothing = 0.1;
+            },
+            "dpo.label_smoothing",
+            "ipo",
+        );
+        check(&|c| c.sft = Some(SftSection {}), "dpo", "[sft] and [dpo]");
+        check(
+            &|c| c.dpo.as_mut().unwrap().truncation_mode = "keep_end".into(),
+            "dpo.truncation_mode",
+            "keep_start",
         );
     }
 

@@ -1,10 +1,12 @@
 //! The ferrotune library behind the binary: model + tokenizer loading as one unit, and the
 //! evaluation room (perplexity). Trainers and the CLI's plumbing live in their own modules.
 
+pub mod bench;
 pub mod compare;
 pub mod config;
 pub mod corpus;
 pub mod demo;
+pub mod dpo_run;
 pub mod eval;
 pub mod grpo_run;
 pub mod lm;

@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ferrotune::config::{self, RunConfig};
+use ferrotune::dpo_run::run_dpo;
 use ferrotune::eval::perplexity;
 use ferrotune::grpo_run::run_grpo;
 use ferrotune::lm::{parse_device, parse_dtype, Lm};
@@ -47,7 +48,8 @@ struct ModelArgs {
 
 #[derive(Subcommand)]
 enum DataCmd {
-    /// Generate a dataset: JSONL rows with `prompt` and `answer` (TRL's prompt-only format).
+    /// Generate a dataset: JSONL rows with `prompt` and `answer` (TRL's prompt-only format), or
+    /// preference pairs (`prompt`, `chosen`, `rejected`).
     Gen {
         #[command(subcommand)]
         kind: GenKind,
@@ -92,6 +94,22 @@ enum GenKind {
     WordProblems {
         #[command(flatten)]
         common: GenCommon,
+    },
+    /// Preference pairs (`prompt`, `chosen`, `rejected`) over arithmetic problems for DPO:
+    /// chosen = `The answer is <answer>N</answer>.` with the right N; rejected = a wrong N (off
+    /// by 1 to 3) or the right N untagged.
+    Preferences {
+        #[command(flatten)]
+        common: GenCommon,
+        /// Operand digits, e.g. 1..4 or 2.
+        #[arg(long, default_value = "1..3")]
+        digits: String,
+        /// Operators, e.g. +-*/ (division is always exact).
+        #[arg(long, default_value = "+-")]
+        ops: String,
+        /// What is wrong with the rejected reply: wrong | untagged.
+        #[arg(long, default_value = "wrong")]
+        rejected: String,
     },
 }
 
@@ -139,7 +157,7 @@ enum Cmd {
         #[arg(long)]
         stride: Option<usize>,
     },
-    /// Train from a TOML config (`[sft]` ...); see `ferrotune config --explain`.
+    /// Train from a TOML config (`[sft]`, `[grpo]` or `[dpo]`); see `ferrotune config --explain`.
     Train {
         /// The run config (TOML).
         #[arg(long, required_unless_present = "resume")]
@@ -264,6 +282,40 @@ enum Cmd {
         quick: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+    /// Benchmarks on a random-init Qwen2-shaped model (bench/gpu/run.sh compares them with
+    /// PyTorch); prints one JSON line.
+    Bench {
+        #[command(subcommand)]
+        cmd: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// One LoRA training step (forward, backward, AdamW), median over `steps`.
+    LoraStep {
+        #[command(flatten)]
+        shape: ferrotune::bench::ShapeArgs,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 512)]
+        seq: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+    },
+    /// Sampled generation (temperature 1, no stop) of `new_tokens` per prompt.
+    Rollout {
+        #[command(flatten)]
+        shape: ferrotune::bench::ShapeArgs,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 256)]
+        new_tokens: usize,
     },
 }
 
@@ -391,6 +443,31 @@ fn run(cli: Cli) -> Result<()> {
                         cfg.run.output_dir.display()
                     );
                 }
+            }
+            if cfg.dpo.is_some() {
+                let s = run_dpo(&cfg, resume.is_some(), overwrite)?;
+                let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or("-".into());
+                println!(
+                    "done: {} steps, loss {} -> {}{}{}",
+                    s.steps,
+                    f(s.first_loss),
+                    f(s.last_loss),
+                    s.last_eval
+                        .as_ref()
+                        .map(|e| format!(
+                            ", eval reward accuracy {} -> {:.3}, eval margin {:.4}",
+                            s.first_eval
+                                .as_ref()
+                                .map_or("-".into(), |f| format!("{:.3}", f.rewards_accuracies)),
+                            e.rewards_accuracies,
+                            e.rewards_margins
+                        ))
+                        .unwrap_or_default(),
+                    s.last_checkpoint
+                        .map(|p| format!(", checkpoint {}", p.display()))
+                        .unwrap_or_default()
+                );
+                return Ok(());
             }
             if cfg.grpo.is_some() {
                 let s = run_grpo(&cfg, resume.is_some(), overwrite)?;
@@ -650,6 +727,24 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Demo { out, quick, seed } => {
             ferrotune::demo::run_demo(&ferrotune::demo::DemoOptions { out, quick, seed })?;
         }
+        Cmd::Bench { cmd } => {
+            let line = match cmd {
+                BenchCmd::LoraStep {
+                    shape,
+                    batch,
+                    seq,
+                    steps,
+                    warmup,
+                } => ferrotune::bench::lora_step(&shape, batch, seq, steps, warmup)?,
+                BenchCmd::Rollout {
+                    shape,
+                    batch,
+                    prompt_len,
+                    new_tokens,
+                } => ferrotune::bench::rollout(&shape, batch, prompt_len, new_tokens)?,
+            };
+            println!("{line}");
+        }
     }
     Ok(())
 }
@@ -701,7 +796,9 @@ fn gen_data(kind: GenKind) -> Result<()> {
         WordSpec,
     };
     let common = match &kind {
-        GenKind::Arithmetic { common, .. } | GenKind::WordProblems { common } => common.clone(),
+        GenKind::Arithmetic { common, .. }
+        | GenKind::WordProblems { common }
+        | GenKind::Preferences { common, .. } => common.clone(),
     };
     // Prompts to leave out, as the generator writes them (the user turn for chat files).
     let mut exclude = std::collections::HashSet::new();
@@ -738,6 +835,15 @@ fn gen_data(kind: GenKind) -> Result<()> {
             },
             &exclude,
         )?,
+        GenKind::Preferences { digits, ops, .. } => {
+            let spec = ArithmeticSpec {
+                n: common.n,
+                seed: common.seed,
+                digits: parse_digits(digits).with_context(|| "--digits")?,
+                ops: parse_ops(ops).with_context(|| "--ops")?,
+            };
+            arithmetic_excluding(&spec, &exclude)?
+        }
     };
     let format = if common.chat {
         PromptFormat::Chat {
@@ -749,6 +855,17 @@ fn gen_data(kind: GenKind) -> Result<()> {
     if let Some(dir) = common.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create", dir.display()))?;
+    }
+    if let GenKind::Preferences { rejected, .. } = &kind {
+        let kind: ferrotune_data::RejectedKind = rejected.parse().with_context(|| "--rejected")?;
+        let pairs = ferrotune_data::preference_pairs(&problems, kind, common.seed);
+        ferrotune_data::write_preference_jsonl(&pairs, &common.out, &format)?;
+        println!(
+            "wrote {} preference pairs to {}",
+            pairs.len(),
+            common.out.display()
+        );
+        return Ok(());
     }
     write_jsonl(&problems, &common.out, &format)?;
     println!(

@@ -1,0 +1,530 @@
+//! DPO (direct preference optimisation, 2305.18290) on tokenized preference pairs, one loop you
+//! can read top to bottom: batch of pairs → policy log-probs of chosen and rejected in one
+//! padded forward → reference log-probs (the same model with adapters off, no graph; cached
+//! once at the start with `precompute_ref_log_probs`) → [`dpo_loss`] → backward (accumulated)
+//! → the shared clip + AdamW step → log → eval → save.
+//!
+//! Sequence log-prob = the sum of log p(token) over the completion tokens (TRL:
+//! `per_token_logps.sum(1)` with prompt and padding masked out); the completion token counts go
+//! along for `ipo`. Logged with TRL's names: `loss`, `rewards/chosen`, `rewards/rejected`,
+//! `rewards/accuracies`, `rewards/margins`, `logps/chosen`, `logps/rejected`, `grad_norm`,
+//! `learning_rate`; eval the same under `eval/`, plus `eval/policy_accuracy`: the fraction of
+//! pairs where the policy itself gives the chosen completion the higher log-prob *per token*
+//! (summed log-probs would favour the shorter reply whatever was learned). Unlike the
+//! implicit-reward accuracy, which is 0 before training (policy = reference, every margin 0),
+//! it says where the base model started.
+//!
+//! Exact resume as SFT: weights, optimizer moments, data cursor, non-finite guard and step are
+//! saved; dropout masks are a pure function of (seed, step, micro-batch).
+//!
+//! Owns: the order of a DPO step. Does not own: the loss formulas (`pref_loss`), reading or
+//! tokenizing pairs (`ferrotune-data`), checkpoint files (`ferrotune-ckpt`).
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use ferrotune_ckpt::{prune, Checkpoint, RunDir};
+use ferrotune_data::{collate_right, Cursor, Loader, PrefPair, Shuffler, Tokenized};
+use ferrotune_models::CausalLm;
+use ferrotune_nn::{splitmix64, Mode};
+use serde::{Deserialize, Serialize};
+
+use crate::loss::scored_logprobs;
+use crate::optim::{AdamW, AdamWConfig};
+use crate::pref_loss::{dpo_loss, DpoConfig, DpoInputs};
+use crate::schedule::Schedule;
+use crate::sft::{
+    apply_update, batch_tensors, eval_hook, resume_from, save, Observer, Result, TrainError,
+    Trainable,
+};
+use crate::step::{GradAccumulator, NonFiniteGuard};
+
+/// The resolved DPO schedule (from the config, with totals computed).
+#[derive(Debug, Clone)]
+pub struct DpoPlan {
+    pub seed: u64,
+    pub total_steps: usize,
+    /// Pairs per micro-batch (each pair is two sequences in the forward).
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub loss: DpoConfig,
+    /// Reference log-probs of every train pair computed once before the first step.
+    pub precompute_ref_log_probs: bool,
+    pub learning_rate: f64,
+    pub schedule: Schedule,
+    pub adamw: AdamWConfig,
+    pub max_grad_norm: f64,
+    pub log_every: usize,
+    pub save_every: usize,
+    pub eval_every: usize,
+    pub keep_last: usize,
+    pub max_nonfinite_steps: usize,
+    pub shuffle: bool,
+    pub pad_id: u32,
+}
+
+/// What the loop saves besides weights and optimizer moments.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DpoState {
+    pub step: usize,
+    pub cursor: Cursor,
+    pub guard: NonFiniteGuard,
+    pub seed: u64,
+    pub pairs_seen: u64,
+}
+
+/// Means over a set of pairs (TRL's logged quantities).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PairStats {
+    pub loss: f64,
+    pub rewards_chosen: f64,
+    pub rewards_rejected: f64,
+    pub rewards_accuracies: f64,
+    pub rewards_margins: f64,
+    pub logps_chosen: f64,
+    pub logps_rejected: f64,
+    /// Fraction of pairs with a higher per-token logπ for chosen than rejected (module docs).
+    pub policy_accuracy: f64,
+    pub pairs: usize,
+}
+
+impl PairStats {
+    fn metrics(&self, prefix: &str) -> Vec<(String, f64)> {
+        [
+            ("loss", self.loss),
+            ("rewards/chosen", self.rewards_chosen),
+            ("rewards/rejected", self.rewards_rejected),
+            ("rewards/accuracies", self.rewards_accuracies),
+            ("rewards/margins", self.rewards_margins),
+            ("logps/chosen", self.logps_chosen),
+            ("logps/rejected", self.logps_rejected),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("{prefix}{k}"), v))
+        .collect()
+    }
+}
+
+/// Per-pair values gathered over micro-batches, reduced to [`PairStats`] at the end.
+#[derive(Default)]
+struct PairAcc {
+    losses: Vec<f64>,
+    chosen_rewards: Vec<f64>,
+    rejected_rewards: Vec<f64>,
+    logps_chosen: Vec<f64>,
+    logps_rejected: Vec<f64>,
+    tokens_chosen: Vec<usize>,
+    tokens_rejected: Vec<usize>,
+}
+
+impl PairAcc {
+    fn stats(&self) -> PairStats {
+        let n = self.losses.len();
+        let mean = |v: &[f64]| {
+            if v.is_empty() {
+                f64::NAN
+            } else {
+                v.iter().sum::<f64>() / v.len() as f64
+            }
+        };
+        let margins: Vec<f64> = self
+            .chosen_rewards
+            .iter()
+            .zip(&self.rejected_rewards)
+            .map(|(c, r)| c - r)
+            .collect();
+        let frac = |k: usize| {
+            if n == 0 {
+                f64::NAN
+            } else {
+                k as f64 / n as f64
+            }
+        };
+        PairStats {
+            loss: mean(&self.losses),
+            rewards_chosen: mean(&self.chosen_rewards),
+            rewards_rejected: mean(&self.rejected_rewards),
+            rewards_accuracies: frac(margins.iter().filter(|&&m| m > 0.0).count()),
+            rewards_margins: mean(&margins),
+            logps_chosen: mean(&self.logps_chosen),
+            logps_rejected: mean(&self.logps_rejected),
+            policy_accuracy: frac(
+                (0..n)
+                    .filter(|&i| {
+                        let per_token = |lp: f64, t: usize| lp / t.max(1) as f64;
+                        per_token(self.logps_chosen[i], self.tokens_chosen[i])
+                            > per_token(self.logps_rejected[i], self.tokens_rejected[i])
+                    })
+                    .count(),
+            ),
+            pairs: n,
+        }
+    }
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DpoSummary {
+    pub steps: usize,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    /// Eval before the first step (fresh runs with an eval set) and at the last eval point.
+    pub first_eval: Option<PairStats>,
+    pub last_eval: Option<PairStats>,
+    pub skipped_steps: usize,
+    pub last_checkpoint: Option<std::path::PathBuf>,
+    /// The eval hook stopped the run (regression gate).
+    pub stopped_early: bool,
+}
+
+/// Summed completion log-probs (B,) and completion token counts of `seqs`, in one right-padded
+/// forward. In a non-train `mode` the result is detached.
+pub fn sequence_logps(
+    model: &dyn CausalLm,
+    seqs: &[&Tokenized],
+    pad_id: u32,
+    mode: Mode,
+    device: &Device,
+) -> Result<(Tensor, Vec<usize>)> {
+    let c = collate_right(seqs, pad_id);
+    let batch = batch_tensors(&c, device)?;
+    let (lp, where_) = scored_logprobs(model, &batch, &c.loss_mask, 1.0, mode)?; // (N,)
+    let mut counts = vec![0usize; seqs.len()];
+    for &(row, _) in &where_ {
+        counts[row] += 1;
+    }
+    let mut sums = Vec::with_capacity(seqs.len());
+    let mut off = 0;
+    for &n in &counts {
+        // Row-major order: each row's scored tokens are contiguous in `lp`.
+        sums.push(if n == 0 {
+            Tensor::zeros((), DType::F32, device)?
+        } else {
+            lp.narrow(0, off, n)?.sum_all()?
+        });
+        off += n;
+    }
+    Ok((Tensor::stack(&sums, 0)?, counts)) // (B,)
+}
+
+/// Policy (B,) ×2 and token counts of a slice of pairs: chosen and rejected in one forward.
+fn pair_logps(
+    model: &dyn CausalLm,
+    pairs: &[&PrefPair],
+    pad_id: u32,
+    mode: Mode,
+    device: &Device,
+) -> Result<(Tensor, Tensor, Vec<usize>, Vec<usize>)> {
+    let b = pairs.len();
+    let seqs: Vec<&Tokenized> = pairs
+        .iter()
+        .map(|p| &p.chosen)
+        .chain(pairs.iter().map(|p| &p.rejected))
+        .collect();
+    let (lp, counts) = sequence_logps(model, &seqs, pad_id, mode, device)?; // (2B,)
+    Ok((
+        lp.narrow(0, 0, b)?,
+        lp.narrow(0, b, b)?,
+        counts[..b].to_vec(),
+        counts[b..].to_vec(),
+    ))
+}
+
+/// Reference log-probs (chosen, rejected) of `pairs`: adapters off, no graph.
+fn ref_logps(
+    model: &dyn CausalLm,
+    pairs: &[&PrefPair],
+    pad_id: u32,
+    device: &Device,
+) -> Result<Vec<(f32, f32)>> {
+    let (c, r, _, _) = pair_logps(model, pairs, pad_id, Mode::REFERENCE, device)?;
+    Ok(c.to_vec1::<f32>()?
+        .into_iter()
+        .zip(r.to_vec1::<f32>()?)
+        .collect())
+}
+
+fn counts_tensor(counts: &[usize], device: &Device) -> candle_core::Result<Tensor> {
+    let v: Vec<f32> = counts.iter().map(|&n| n as f32).collect();
+    Tensor::from_vec(v, counts.len(), device)
+}
+
+/// The DPO loss and per-pair values of one micro-batch, added to `acc`; returns the loss
+/// tensor (mean over these pairs, differentiable in train mode).
+#[allow(clippy::too_many_arguments)]
+fn micro_loss(
+    model: &dyn CausalLm,
+    pairs: &[&PrefPair],
+    refs: &[(f32, f32)],
+    cfg: &DpoConfig,
+    pad_id: u32,
+    mode: Mode,
+    device: &Device,
+    acc: &mut PairAcc,
+) -> Result<Tensor> {
+    let (pc, pr, nc, nr) = pair_logps(model, pairs, pad_id, mode, device)?;
+    let rc: Vec<f32> = refs.iter().map(|r| r.0).collect();
+    let rr: Vec<f32> = refs.iter().map(|r| r.1).collect();
+    let (rc, rr) = (
+        Tensor::from_vec(rc, refs.len(), device)?,
+        Tensor::from_vec(rr, refs.len(), device)?,
+    );
+    acc.tokens_chosen.extend(&nc);
+    acc.tokens_rejected.extend(&nr);
+    let (nc, nr) = (counts_tensor(&nc, device)?, counts_tensor(&nr, device)?);
+    let out = dpo_loss(
+        &DpoInputs {
+            policy_chosen: &pc,
+            policy_rejected: &pr,
+            ref_chosen: &rc,
+            ref_rejected: &rr,
+            chosen_tokens: Some(&nc),
+            rejected_tokens: Some(&nr),
+        },
+        cfg,
+    )?;
+    acc.losses.extend(&out.losses);
+    acc.chosen_rewards.extend(&out.chosen_rewards);
+    acc.rejected_rewards.extend(&out.rejected_rewards);
+    acc.logps_chosen
+        .extend(pc.detach().to_vec1::<f32>()?.iter().map(|&x| x as f64));
+    acc.logps_rejected
+        .extend(pr.detach().to_vec1::<f32>()?.iter().map(|&x| x as f64));
+    Ok(out.loss)
+}
+
+/// DPO loss and stats of `pairs` without an update (policy in eval mode), in batches.
+pub fn eval_pairs(
+    model: &dyn CausalLm,
+    pairs: &[PrefPair],
+    cfg: &DpoConfig,
+    batch_size: usize,
+    pad_id: u32,
+    device: &Device,
+) -> Result<Option<PairStats>> {
+    if pairs.is_empty() {
+        return Ok(None);
+    }
+    let mut acc = PairAcc::default();
+    for chunk in pairs.chunks(batch_size.max(1)) {
+        let refs: Vec<&PrefPair> = chunk.iter().collect();
+        let r = ref_logps(model, &refs, pad_id, device)?;
+        micro_loss(model, &refs, &r, cfg, pad_id, Mode::EVAL, device, &mut acc)?;
+    }
+    Ok(Some(acc.stats()))
+}
+
+/// Run DPO from step 0, or from `resume`, up to `plan.total_steps`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_dpo(
+    model: &dyn CausalLm,
+    trainable: &Trainable,
+    train: &[PrefPair],
+    eval: &[PrefPair],
+    plan: &DpoPlan,
+    run: &RunDir,
+    resume: Option<&Checkpoint>,
+    obs: &mut dyn Observer,
+    device: &Device,
+) -> Result<DpoSummary> {
+    if !matches!(trainable, Trainable::Lora { .. }) {
+        return Err(TrainError::Plan(
+            "DPO's reference is the base with adapters switched off, so it needs LoRA adapters"
+                .into(),
+        ));
+    }
+    plan.loss
+        .validate()
+        .map_err(|e| TrainError::Plan(e.to_string()))?;
+    let params = trainable.params().to_vec();
+    let mut opt = AdamW::new(params.clone(), plan.adamw)?;
+    let shuffler = Shuffler::new(plan.seed, plan.shuffle);
+    let mut state = DpoState {
+        step: 0,
+        cursor: Cursor::default(),
+        guard: NonFiniteGuard::new(plan.max_nonfinite_steps),
+        seed: plan.seed,
+        pairs_seen: 0,
+    };
+    if let Some(ck) = resume {
+        state = resume_from(ck, trainable, model, &mut opt, obs, |s: &DpoState| s.step)?;
+    }
+    let mut summary = DpoSummary {
+        steps: state.step,
+        ..Default::default()
+    };
+    // The reference never changes (adapters off), so its log-probs can be computed once.
+    let ref_cache: Option<Vec<(f32, f32)>> = if plan.precompute_ref_log_probs {
+        let mut all = Vec::with_capacity(train.len());
+        for chunk in train.chunks(plan.batch_size.max(1)) {
+            let refs: Vec<&PrefPair> = chunk.iter().collect();
+            all.extend(ref_logps(model, &refs, plan.pad_id, device)?);
+        }
+        obs.message(&format!(
+            "precomputed reference log-probs of {} pairs",
+            all.len()
+        ));
+        Some(all)
+    } else {
+        None
+    };
+    // Eval before training, so the run shows where it started (fresh runs only: a resumed
+    // run's log already has it).
+    if resume.is_none() && plan.eval_every > 0 {
+        if let Some(s) = eval_pairs(
+            model,
+            eval,
+            &plan.loss,
+            plan.batch_size,
+            plan.pad_id,
+            device,
+        )? {
+            log_eval(obs, 0, &s);
+            summary.first_eval = Some(s);
+        }
+    }
+    let mut loader = Loader::resume(train.len(), shuffler, state.cursor)?;
+    let mut acc = GradAccumulator::new(&params);
+    while state.step < plan.total_steps {
+        let t0 = Instant::now();
+        // 1. The pairs of this optimizer step, by micro-batch.
+        let micro: Vec<Vec<usize>> = (0..plan.grad_accum)
+            .map(|_| Ok(loader.next_batch(plan.batch_size)?))
+            .collect::<Result<_>>()?;
+        let total_pairs: usize = micro.iter().map(Vec::len).sum();
+        // 2. Reference, policy, loss, backward per micro-batch; each micro-batch's mean loss
+        //    is weighted by its share of the step's pairs, so the step's loss is the mean over
+        //    all its pairs (batch 1 × accum 8 = batch 8 × accum 1).
+        let mut pairs_acc = PairAcc::default();
+        for (k, idx) in micro.iter().enumerate() {
+            let pairs: Vec<&PrefPair> = idx.iter().map(|&i| &train[i]).collect();
+            let refs = match &ref_cache {
+                Some(cache) => idx.iter().map(|&i| cache[i]).collect(),
+                None => ref_logps(model, &pairs, plan.pad_id, device)?,
+            };
+            let mode = Mode::train_with_seed(splitmix64(
+                plan.seed ^ splitmix64(((state.step as u64) << 16) | k as u64),
+            ));
+            let loss = micro_loss(
+                model,
+                &pairs,
+                &refs,
+                &plan.loss,
+                plan.pad_id,
+                mode,
+                device,
+                &mut pairs_acc,
+            )?;
+            let loss = (loss * (pairs.len() as f64 / total_pairs.max(1) as f64))?;
+            acc.add(&loss.backward()?)?;
+        }
+        // 3. Clip (or just measure), skip non-finite steps, update.
+        let lr = plan.schedule.lr_at(state.step, plan.learning_rate);
+        let (grad_norm, applied) = apply_update(
+            &mut acc,
+            &params,
+            &mut opt,
+            &mut state.guard,
+            state.step,
+            plan.max_grad_norm,
+            lr,
+            obs,
+        )?;
+        if !applied {
+            summary.skipped_steps += 1;
+        }
+        state.step += 1;
+        state.cursor = loader.cursor();
+        state.pairs_seen += total_pairs as u64;
+        let s = pairs_acc.stats();
+        summary.first_loss.get_or_insert(s.loss);
+        summary.last_loss = Some(s.loss);
+        summary.steps = state.step;
+        // 4. Log, eval, save.
+        if state.step.is_multiple_of(plan.log_every) || state.step == plan.total_steps {
+            let secs = t0.elapsed().as_secs_f64();
+            let mut m = s.metrics("");
+            m.push(("grad_norm".into(), grad_norm));
+            m.push(("learning_rate".into(), lr));
+            m.push(("pairs_per_s".into(), total_pairs as f64 / secs));
+            m.push((
+                "epoch".into(),
+                loader.cursor().epoch as f64
+                    + loader.cursor().index as f64 / train.len().max(1) as f64,
+            ));
+            let refs: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            obs.metrics(state.step, &refs);
+        }
+        if plan.eval_every > 0
+            && (state.step.is_multiple_of(plan.eval_every) || state.step == plan.total_steps)
+        {
+            if let Some(e) = eval_pairs(
+                model,
+                eval,
+                &plan.loss,
+                plan.batch_size,
+                plan.pad_id,
+                device,
+            )? {
+                log_eval(obs, state.step, &e);
+                summary.last_eval = Some(e);
+            }
+            if eval_hook(obs, state.step, model)? {
+                summary.stopped_early = true;
+                break;
+            }
+        }
+        let save_now = (plan.save_every > 0 && state.step.is_multiple_of(plan.save_every))
+            || state.step == plan.total_steps;
+        if save_now {
+            let trainer_state =
+                serde_json::to_value(&state).map_err(|e| TrainError::Plan(e.to_string()))?;
+            let path = save(trainable, model, &opt, state.step, &trainer_state, run)?;
+            obs.message(&format!("saved {}", path.display()));
+            summary.last_checkpoint = Some(path);
+            if plan.keep_last > 0 {
+                prune(run, plan.keep_last)?;
+            }
+        }
+    }
+    Ok(summary)
+}
+
+fn log_eval(obs: &mut dyn Observer, step: usize, s: &PairStats) {
+    let mut m = s.metrics("eval/");
+    m.push(("eval/policy_accuracy".into(), s.policy_accuracy));
+    let refs: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    obs.metrics(step, &refs);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The step's means are over pairs, whatever the micro-batches were; the policy accuracy
+    /// compares per-token log-probs, so a longer chosen reply is not penalised for its length.
+    #[test]
+    fn pair_stats_are_means_over_pairs_and_policy_accuracy_is_per_token() {
+        let acc = PairAcc {
+            losses: vec![0.5, 0.25, 0.75],
+            chosen_rewards: vec![0.2, -0.1, 0.0],
+            rejected_rewards: vec![0.1, 0.1, 0.0],
+            // Pair 0: chosen −10 over 10 tokens (−1/token) vs rejected −4 over 2 (−2/token):
+            // the summed log-prob prefers rejected, the per-token one chosen.
+            logps_chosen: vec![-10.0, -3.0, -6.0],
+            logps_rejected: vec![-4.0, -3.0, -2.0],
+            tokens_chosen: vec![10, 3, 3],
+            tokens_rejected: vec![2, 3, 2],
+        };
+        let s = acc.stats();
+        assert_eq!(s.pairs, 3);
+        assert!((s.loss - 0.5).abs() < 1e-12);
+        assert!((s.rewards_margins - (0.1 - 0.2 + 0.0) / 3.0).abs() < 1e-12);
+        // Only pair 0 has a strictly positive margin (pair 2's is exactly 0).
+        assert!((s.rewards_accuracies - 1.0 / 3.0).abs() < 1e-12);
+        // Per token: pair 0 −1 > −2 yes; pair 1 −1 = −1 no; pair 2 −2 > −1 no.
+        assert!((s.policy_accuracy - 1.0 / 3.0).abs() < 1e-12);
+        assert!((s.logps_chosen - (-19.0 / 3.0)).abs() < 1e-12);
+        assert!(PairAcc::default().stats().loss.is_nan());
+    }
+}

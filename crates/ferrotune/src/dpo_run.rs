@@ -1,0 +1,166 @@
+//! `ferrotune train` for a `[dpo]` config: preference rows (TRL's `prompt` + `chosen` +
+//! `rejected`, plain text or conversational, or an implicit prompt) → tokenized pairs (chat rows
+//! through the model's chat template) → the DPO loop of `ferrotune-train`, with metrics,
+//! TensorBoard, progress and checkpoints wired as for SFT. The math lives in `ferrotune-train`;
+//! this file only connects rooms.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use ferrotune_data::{
+    preference_examples, read_rows, split_items, tokenize_preferences_all, DataError, EvalSize,
+    PrefPair,
+};
+use ferrotune_report::{plot_metrics, Progress};
+use ferrotune_train::dpo::{train_dpo, DpoPlan, DpoSummary};
+use ferrotune_train::pref_loss::DpoConfig;
+
+use crate::config::{DpoSection, RunConfig};
+use crate::lm::Lm;
+use crate::sft_run::{
+    adamw, load_model, open_run, regression_gate, schedule, start_log, trainable, CliObserver,
+};
+
+/// Read and tokenize one preference file; errors name the file and the row.
+fn load_pairs(lm: &Lm, path: &Path, d: &DpoSection) -> Result<Vec<PrefPair>> {
+    let rows = read_rows(path)?;
+    if rows.is_empty() {
+        bail!("{}: no rows", path.display());
+    }
+    let examples = preference_examples(&rows, path)?;
+    let line = |i: usize| rows.get(i).map_or(i + 1, |r| r.line);
+    let set =
+        tokenize_preferences_all(&lm.tokenizer, &examples, d.max_length).map_err(|e| match e {
+            DataError::Example { index, reason } => {
+                anyhow::anyhow!("{}:{}: {reason}", path.display(), line(index))
+            }
+            DataError::Tokenize { index, source } => {
+                anyhow::anyhow!(
+                    "{}:{}: tokenizing failed: {source}",
+                    path.display(),
+                    line(index)
+                )
+            }
+            other => other.into(),
+        })?;
+    eprintln!(
+        "{}: {} pairs, {} with a side cut to dpo.max_length = {}, {} dropped with no completion token left",
+        path.display(),
+        examples.len(),
+        set.truncated,
+        d.max_length,
+        set.dropped
+    );
+    if set.items.is_empty() {
+        bail!(
+            "{}: no pair has a completion token left (check dpo.max_length and the columns)",
+            path.display()
+        );
+    }
+    Ok(set.items)
+}
+
+/// Run (or resume) a DPO config. `resume` = continue the run folder's newest checkpoint.
+pub fn run_dpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<DpoSummary> {
+    let Some(d) = &cfg.dpo else {
+        bail!("not a DPO config (no [dpo] section)");
+    };
+    let loss = DpoConfig {
+        beta: d.beta,
+        loss_type: d
+            .loss_type
+            .parse()
+            .map_err(|e| anyhow::anyhow!("dpo.loss_type: {e}"))?,
+        label_smoothing: d.label_smoothing,
+    };
+    let (run, checkpoint) = open_run(cfg, resume, overwrite)?;
+    let (lm, lora) = load_model(cfg)?;
+    let trainable = trainable(cfg, &lm, &lora)?;
+    let mut train = load_pairs(&lm, &cfg.data.train, d)?;
+    let mut eval = Vec::new();
+    if let Some(e) = &cfg.data.eval {
+        eval = load_pairs(&lm, e, d)?;
+    } else if cfg.data.eval_fraction > 0.0 {
+        let (t, e) = split_items(
+            train,
+            EvalSize::Fraction(cfg.data.eval_fraction),
+            cfg.run.seed,
+        )?;
+        train = t;
+        eval = e;
+    }
+    let per_step = cfg.run.batch_size * cfg.run.gradient_accumulation_steps;
+    let total_steps = if cfg.run.max_steps > 0 {
+        cfg.run.max_steps
+    } else {
+        ((cfg.run.num_train_epochs * train.len() as f64) / per_step as f64)
+            .ceil()
+            .max(1.0) as usize
+    };
+    let plan = DpoPlan {
+        seed: cfg.run.seed,
+        total_steps,
+        batch_size: cfg.run.batch_size,
+        grad_accum: cfg.run.gradient_accumulation_steps,
+        loss,
+        precompute_ref_log_probs: d.precompute_ref_log_probs,
+        learning_rate: cfg.optim.learning_rate,
+        schedule: schedule(cfg, total_steps)?,
+        adamw: adamw(cfg),
+        max_grad_norm: cfg.optim.max_grad_norm,
+        log_every: cfg.run.log_every,
+        save_every: cfg.run.save_every,
+        eval_every: cfg.run.eval_every,
+        keep_last: cfg.run.keep_last,
+        max_nonfinite_steps: cfg.run.max_nonfinite_steps,
+        shuffle: cfg.data.shuffle,
+        pad_id: lm.pad_id(),
+    };
+    let (log, resumed_step) = start_log(cfg, &run, checkpoint.as_ref())?;
+    let mut obs = CliObserver {
+        log,
+        gate: regression_gate(cfg, &lm)?,
+        progress: Progress::auto(total_steps as u64)
+            .with_log_every(cfg.run.log_every as u64)
+            .resumed_from(resumed_step),
+    };
+    eprintln!(
+        "dpo ({}, beta {}): {} train / {} eval pairs, {} steps of {} pairs, {} trainable parameters",
+        d.loss_type,
+        d.beta,
+        train.len(),
+        eval.len(),
+        total_steps,
+        per_step,
+        trainable
+            .params()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum::<usize>()
+    );
+    let summary = train_dpo(
+        lm.model.as_ref(),
+        &trainable,
+        &train,
+        &eval,
+        &plan,
+        &run,
+        checkpoint.as_ref(),
+        &mut obs,
+        &lm.device,
+    )?;
+    obs.progress.finish();
+    if let Err(e) = plot_metrics(
+        run.root(),
+        &[
+            "loss",
+            "rewards/margins",
+            "rewards/accuracies",
+            "eval/rewards/accuracies",
+            "grad_norm",
+        ],
+    ) {
+        eprintln!("warning: plots not written: {e}");
+    }
+    Ok(summary)
+}
