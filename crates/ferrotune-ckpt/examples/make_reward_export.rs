@@ -6,6 +6,8 @@
 //! The test `reward_export::committed_export_loads_in_transformers_with_the_same_scores` checks
 //! the committed folders still equal what this writes.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
 #[path = "../tests/reward_common/mod.rs"]
 mod reward_common;
 

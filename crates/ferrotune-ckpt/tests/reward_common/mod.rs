@@ -6,33 +6,16 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use ferrotune_models::{load, LoadOptions, RewardModel};
-use ferrotune_nn::{LoraConfig, TargetModules};
+use ferrotune_nn::LoraConfig;
 
 pub fn reward_fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/reward")
 }
 
-/// LoRA r=4, alpha=8 on q, k, v, o, gate, up, down.
+/// LoRA r=4, alpha=8 on the seven projections: the same config as the PEFT interop fixture
+/// (`common::llama_lora`; the including crate declares `common` too).
 pub fn lora() -> LoraConfig {
-    LoraConfig {
-        r: 4,
-        lora_alpha: 8.0,
-        lora_dropout: 0.0,
-        use_rslora: false,
-        target_modules: TargetModules::Names(
-            [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
-        ),
-    }
+    crate::common::llama_lora()
 }
 
 /// The causal model at `base` with LoRA (A from seed 0, every B set to `0.05 * sin(k)`, k

@@ -150,18 +150,10 @@ fn contig_cuda(s: &CudaStorage, l: &Layout) -> Result<u64> {
     addr(s, start)
 }
 
+/// (rows, H) of x for a per-row op over the last dim, checked against the parameter length
+/// (the CPU norms' check).
 fn last_dim(op: &'static str, l: &Layout, param_len: usize) -> Result<(usize, usize)> {
-    let h = *l
-        .dims()
-        .last()
-        .ok_or_else(|| OpError::shape(op, "x must have at least one dim"))?;
-    if h != param_len {
-        return Err(OpError::shape(
-            op,
-            format!("parameter has {param_len} elements, x's last dim is {h}"),
-        )
-        .into());
-    }
+    let h = super::norm::hidden(op, l, param_len)?;
     Ok((l.shape().elem_count() / h.max(1), h))
 }
 

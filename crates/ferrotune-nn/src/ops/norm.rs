@@ -27,7 +27,7 @@ pub(crate) struct LayerNormOp {
     pub eps: f32,
 }
 
-fn hidden(op: &'static str, xl: &Layout, param_len: usize) -> Result<usize> {
+pub(super) fn hidden(op: &'static str, xl: &Layout, param_len: usize) -> Result<usize> {
     let h = *xl
         .dims()
         .last()
