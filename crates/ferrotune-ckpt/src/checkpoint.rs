@@ -7,6 +7,7 @@
 //!   model.safetensors                                 full fine-tuning: trainable weights, HF names
 //!   optimizer.safetensors                             optimizer state tensors from the trainer
 //!   trainer_state.json                                step, epoch, data cursor, RNG, metrics
+//!   value_head.safetensors, ...                       trainer-specific extras (PPO's value head)
 //!   COMPLETE                                          written last: manifest of file sizes
 //! ```
 //!
@@ -22,12 +23,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use ferrotune_models::adapter::load_weights;
-use ferrotune_models::CausalLm;
+use ferrotune_models::{CausalLm, RewardModel};
 use ferrotune_nn::LoraConfig;
 
 use crate::error::{io, CkptError, Result};
 use crate::files;
-use crate::peft::{write_adapter_files, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+use crate::peft::{
+    write_adapter_files, write_adapter_files_with_head, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
+};
 use crate::run::{remove_any, RunDir};
 
 /// The marker written last into a checkpoint: its presence means every other file is complete.
@@ -49,6 +52,14 @@ pub enum Weights<'a> {
     },
     /// Full fine-tuning: the trainable weights under their Hugging Face names.
     Full(&'a [(String, Tensor)]),
+    /// A reward model: its body's adapters and the score head, saved as the PEFT `SEQ_CLS`
+    /// adapter folder `reward.rs` writes (the head under `modules_to_save`), so a checkpoint
+    /// loads in PEFT as is and resumes through `restore_reward_adapter`.
+    RewardAdapter {
+        rm: &'a RewardModel,
+        lora: &'a LoraConfig,
+        base_name: &'a str,
+    },
 }
 
 /// Everything the trainer hands over for one checkpoint.
@@ -63,6 +74,19 @@ pub struct CheckpointParts<'a> {
 /// Save a checkpoint for `step` atomically (see the module docs). Returns `checkpoints/step-N`.
 /// A checkpoint that already exists for this step is never replaced.
 pub fn save_checkpoint(run: &RunDir, step: u64, parts: &CheckpointParts) -> Result<PathBuf> {
+    save_checkpoint_with(run, step, parts, &[])
+}
+
+/// [`save_checkpoint`] plus trainer-specific safetensors files `(file name, tensors)` (e.g. PPO's
+/// value head), written into the same staging folder before the marker: they are part of the
+/// atomic save and of the manifest's size check. Read them back with
+/// [`Checkpoint::extra_tensors`].
+pub fn save_checkpoint_with(
+    run: &RunDir,
+    step: u64,
+    parts: &CheckpointParts,
+    extra: &[(&str, &[(String, Tensor)])],
+) -> Result<PathBuf> {
     let dir = run.checkpoint_dir(step);
     if dir.exists() {
         return Err(CkptError::CheckpointExists { path: dir, step });
@@ -87,9 +111,29 @@ pub fn save_checkpoint(run: &RunDir, step: u64, parts: &CheckpointParts) -> Resu
             files::write_safetensors(&tmp.join(FULL_WEIGHTS), tensors)?;
             "full"
         }
+        Weights::RewardAdapter {
+            rm,
+            lora,
+            base_name,
+        } => {
+            let score = Some(rm.score.as_tensor());
+            write_adapter_files_with_head(rm.body.as_ref(), lora, base_name, score, &tmp)?;
+            "adapter"
+        }
     };
     files::write_safetensors(&tmp.join(OPTIMIZER), parts.optimizer)?;
     files::write_json(&tmp.join(TRAINER_STATE), parts.trainer_state)?;
+    for (name, tensors) in extra {
+        let reserved = [COMPLETE, OPTIMIZER, TRAINER_STATE, FULL_WEIGHTS];
+        let taken = reserved.contains(name) || [ADAPTER_CONFIG, ADAPTER_WEIGHTS].contains(name);
+        if taken || name.contains(['/', '\\']) {
+            return Err(CkptError::Unsupported {
+                path: tmp.join(name),
+                msg: "an extra checkpoint file must be a plain name no standard file uses".into(),
+            });
+        }
+        files::write_safetensors(&tmp.join(name), tensors)?;
+    }
 
     let mut sizes = serde_json::Map::new();
     for name in files::entries(&tmp)? {
@@ -247,6 +291,16 @@ impl Checkpoint {
                 msg: "this is a full fine-tuning checkpoint, not a LoRA adapter".into(),
             }),
         }
+    }
+
+    /// A trainer-specific safetensors file written by [`save_checkpoint_with`], on the CPU in
+    /// saved order; `None` when this checkpoint has no such file.
+    pub fn extra_tensors(&self, file: &str) -> Result<Option<Vec<(String, Tensor)>>> {
+        let p = self.dir.join(file);
+        if !p.is_file() {
+            return Ok(None);
+        }
+        Ok(Some(files::read_safetensors(&p, &Device::Cpu)?))
     }
 
     /// The saved full weights (full fine-tuning checkpoints), on the CPU, in saved order.

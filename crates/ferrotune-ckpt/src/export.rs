@@ -135,6 +135,68 @@ pub fn export_merged(
     )
 }
 
+/// The decoder-layer index of an HF tensor name (`model.layers.7.…`, GPT-2's
+/// `transformer.h.7.…`) with the prefix and the rest of the name.
+fn layer_of(name: &str) -> Option<(&'static str, usize, &str)> {
+    for prefix in ["model.layers.", "transformer.h."] {
+        if let Some(rest) = name.strip_prefix(prefix) {
+            let (idx, tail) = rest.split_once('.')?;
+            return Some((prefix, idx.parse().ok()?, tail));
+        }
+    }
+    None
+}
+
+/// Write a smaller model made of some of `base`'s decoder layers (in the given order,
+/// renumbered from 0) with its embeddings, final norm and head: a student that starts from the
+/// teacher's weights (layer dropping, as DistilBERT's and Minitron's students are initialised),
+/// sharing its tokenizer. `config.json` gets the new `num_hidden_layers`.
+pub fn export_layer_subset(
+    base: &Path,
+    layers: &[usize],
+    out: &Path,
+    dtype: DType,
+) -> Result<ExportReport> {
+    check_output(out, dtype)?;
+    let loaded = load(base, &LoadOptions::default())?;
+    let n = loaded.model.config().num_layers;
+    if layers.is_empty() || layers.iter().any(|&l| l >= n) {
+        return Err(CkptError::Unsupported {
+            path: base.to_path_buf(),
+            msg: format!(
+                "layers {layers:?}: the model has layers 0..{n}; give at least one of them"
+            ),
+        });
+    }
+    let store: Box<dyn RawStore> = if is_gguf(base) {
+        Box::new(GgufStore::open(base)?)
+    } else {
+        Box::new(SafetensorsStore::open(&safetensors_files(base)?, base)?)
+    };
+    let mut extras = ExportExtras::default();
+    for name in store.names() {
+        let Some((prefix, idx, tail)) = layer_of(&name) else {
+            continue;
+        };
+        extras.drop.push(name.clone());
+        for (new_idx, _) in layers.iter().enumerate().filter(|(_, &l)| l == idx) {
+            if let Some(t) = store.load(&name, &Device::Cpu)? {
+                extras
+                    .tensors
+                    .push((format!("{prefix}{new_idx}.{tail}"), t.to_dtype(DType::F32)?));
+            }
+        }
+    }
+    drop(store);
+    extras
+        .config
+        .insert("num_hidden_layers".into(), json!(layers.len()));
+    if loaded.model.config().family == Family::Gpt2 {
+        extras.config.insert("n_layer".into(), json!(layers.len()));
+    }
+    export_model(base, loaded.model.as_ref(), out, dtype, &extras)
+}
+
 /// Write `model` — built from the base weights stored at `base` (HF folder or GGUF), with its
 /// in-memory LoRA adapters merged — as a Hugging Face folder at `out`, changed by `extras`.
 pub fn export_model(

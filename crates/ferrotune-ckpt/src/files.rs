@@ -195,14 +195,22 @@ pub fn entries(dir: &Path) -> Result<Vec<String>> {
     Ok(v)
 }
 
+/// The folder holding `path`: its parent, or `.` for a bare relative name (whose parent is the
+/// empty path, which no file call accepts).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
 /// A hidden sibling of `target` to build it in: `<parent>/.<name>.<tag>`.
 pub fn staging_sibling(target: &Path, tag: &str) -> PathBuf {
     let name = target
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "out".into());
-    let parent = target.parent().unwrap_or_else(|| Path::new("."));
-    parent.join(format!(".{name}.{tag}"))
+    parent_dir(target).join(format!(".{name}.{tag}"))
 }
 
 /// Rename a finished staging folder onto `target` (which must not exist, or be an empty
@@ -213,5 +221,5 @@ pub fn commit_dir(staging: &Path, target: &Path) -> Result<()> {
         fs::remove_dir(target).map_err(io(target))?;
     }
     fs::rename(staging, target).map_err(io(target))?;
-    sync_dir(target.parent().unwrap_or_else(|| Path::new(".")))
+    sync_dir(parent_dir(target))
 }

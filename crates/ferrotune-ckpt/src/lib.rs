@@ -16,10 +16,13 @@ pub mod run;
 
 pub use checkpoint::{
     complete_steps, latest_complete, load_checkpoint, load_latest, prune, save_checkpoint,
-    Checkpoint, CheckpointParts, CheckpointWeights, LatestCheckpoint, Weights, COMPLETE,
+    save_checkpoint_with, Checkpoint, CheckpointParts, CheckpointWeights, LatestCheckpoint,
+    Weights, COMPLETE,
 };
 pub use error::{CkptError, Result};
-pub use export::{export_merged, export_model, hf_config_json, ExportExtras, ExportReport};
+pub use export::{
+    export_layer_subset, export_merged, export_model, hf_config_json, ExportExtras, ExportReport,
+};
 pub use peft::{load_with_adapter, save_adapter};
 pub use reward::{
     export_reward_model, load_reward_adapter, restore_reward_adapter, save_reward_adapter,

@@ -329,3 +329,86 @@ fn smollm2_gguf_export_keeps_tokenizer_and_logits() {
         std::fs::rename(&out, dst).unwrap();
     }
 }
+
+/// A layer-subset export is the base with those layers: every layer in order gives the base's
+/// logits exactly; a reordered subset stores exactly the chosen base layers under the new
+/// indices, with the config's layer count changed and the tokenizer files carried over.
+#[test]
+fn layer_subset_export_keeps_the_chosen_layers() {
+    use ferrotune_ckpt::export_layer_subset;
+    for name in ["llama", "gpt2"] {
+        let base = tiny(name);
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(base.join("config.json")).unwrap())
+                .unwrap();
+        let n = cfg
+            .get("num_hidden_layers")
+            .or(cfg.get("n_layer"))
+            .and_then(|v| v.as_u64())
+            .unwrap() as usize;
+        assert!(n >= 2, "{name}: the fixture needs two layers");
+        let tmp = tempfile::tempdir().unwrap();
+
+        let all = tmp.path().join("all");
+        export_layer_subset(&base, &(0..n).collect::<Vec<_>>(), &all, DType::F32).unwrap();
+        let opts = LoadOptions::default();
+        let (a, b) = (load(&base, &opts).unwrap(), load(&all, &opts).unwrap());
+        let batch = Batch::right_padded(&[vec![1u32, 5, 9, 2, 7]], 0, &Device::Cpu).unwrap();
+        let la = a.model.forward(&batch, None, Mode::EVAL).unwrap();
+        let lb = b.model.forward(&batch, None, Mode::EVAL).unwrap();
+        assert_eq!(
+            max_abs(&la, &lb),
+            0.0,
+            "{name}: all layers in order changed the logits"
+        );
+
+        let sub = tmp.path().join("sub");
+        export_layer_subset(&base, &[n - 1, 0], &sub, DType::F32).unwrap();
+        let loaded = load(&sub, &opts).unwrap();
+        assert_eq!(loaded.model.config().num_layers, 2, "{name}");
+        let (ours, orig) = (
+            st(&sub.join("model.safetensors")),
+            st(&base.join("model.safetensors")),
+        );
+        let prefix = if name == "gpt2" {
+            "transformer.h."
+        } else {
+            "model.layers."
+        };
+        let mut checked = 0;
+        for (k, t) in &orig {
+            let Some(rest) = k.strip_prefix(prefix) else {
+                assert_eq!(max_abs(&ours[k], t), 0.0, "{name}: {k} changed");
+                continue;
+            };
+            let (idx, tail) = rest.split_once('.').unwrap();
+            let idx: usize = idx.parse().unwrap();
+            let new = if idx == n - 1 {
+                Some(0)
+            } else if idx == 0 {
+                Some(1)
+            } else {
+                None
+            };
+            match new {
+                Some(j) => {
+                    let key = format!("{prefix}{j}.{tail}");
+                    assert_eq!(max_abs(&ours[&key], t), 0.0, "{name}: {key} is not {k}");
+                    checked += 1;
+                }
+                // Dropped: its name may only survive as one of the two new layers.
+                None => assert!(idx < 2 || !ours.contains_key(k), "{name}: {k} kept"),
+            }
+        }
+        assert!(checked > 0, "{name}: no layer tensor checked");
+        assert_eq!(
+            ours.keys().filter(|k| k.starts_with(prefix)).count(),
+            checked,
+            "{name}: extra layer tensors in the subset"
+        );
+        assert!(
+            export_layer_subset(&base, &[n], &tmp.path().join("bad"), DType::F32).is_err(),
+            "{name}: a layer past the end must be refused"
+        );
+    }
+}

@@ -256,6 +256,29 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Why two tokenizers do not map text to the same ids, or None when they do: the same
+    /// vocabulary (every token string to the same id, added tokens included). Two models may
+    /// only exchange token ids or per-token distributions (distillation, speculative decoding)
+    /// when this is None. Merges and normalizers are not compared: equal vocabularies from
+    /// different merges are vanishingly rare among released checkpoints, and the ids are what
+    /// must agree.
+    pub fn vocab_mismatch(&self, other: &Tokenizer) -> Option<String> {
+        let (a, b) = (self.inner.get_vocab(true), other.inner.get_vocab(true));
+        if a.len() != b.len() {
+            return Some(format!("{} tokens vs {}", a.len(), b.len()));
+        }
+        let mut diff: Vec<(&String, u32)> = a
+            .iter()
+            .filter(|(tok, id)| b.get(*tok) != Some(*id))
+            .map(|(tok, id)| (tok, *id))
+            .collect();
+        diff.sort_by_key(|&(_, id)| id);
+        diff.first().map(|(tok, id)| match b.get(*tok) {
+            Some(other_id) => format!("token {tok:?} is id {id} in one, {other_id} in the other"),
+            None => format!("token {tok:?} (id {id}) is missing from the other"),
+        })
+    }
+
     /// The default chat template's source, if any.
     pub fn chat_template(&self) -> Option<&str> {
         self.templates.first().map(|t| t.source())

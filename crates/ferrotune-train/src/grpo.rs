@@ -209,7 +209,7 @@ struct Rollout {
 }
 
 /// Sequences (prompt + completion) of completions `range` and their completion masks.
-fn micro_batch(
+pub(crate) fn micro_batch(
     env: &dyn GrpoEnv,
     split: Split,
     items: &[usize],
@@ -241,7 +241,7 @@ fn micro_batch(
 }
 
 /// Flat row-major per-token values (N,) → (B, Tc) right-padded with zeros.
-fn to_rows(flat: &Tensor, lens: &[usize], width: usize) -> candle_core::Result<Tensor> {
+pub(crate) fn to_rows(flat: &Tensor, lens: &[usize], width: usize) -> candle_core::Result<Tensor> {
     let mut rows = Vec::with_capacity(lens.len());
     let mut off = 0;
     for &l in lens {
@@ -257,7 +257,11 @@ fn to_rows(flat: &Tensor, lens: &[usize], width: usize) -> candle_core::Result<T
 }
 
 /// (B, Tc) tensor of per-row values padded with zeros.
-fn rows_tensor(rows: &[Vec<f32>], width: usize, device: &Device) -> candle_core::Result<Tensor> {
+pub(crate) fn rows_tensor(
+    rows: &[Vec<f32>],
+    width: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let mut flat = Vec::with_capacity(rows.len() * width);
     for r in rows {
         flat.extend_from_slice(r);
@@ -267,7 +271,7 @@ fn rows_tensor(rows: &[Vec<f32>], width: usize, device: &Device) -> candle_core:
 }
 
 /// Mean and (population) std of the finite values.
-fn mean_std(xs: &[f64]) -> (f64, f64) {
+pub(crate) fn mean_std(xs: &[f64]) -> (f64, f64) {
     let xs: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
     if xs.is_empty() {
         return (f64::NAN, f64::NAN);

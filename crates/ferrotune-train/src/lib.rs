@@ -4,15 +4,19 @@
 //! Owns: training math and the order of a step. Does not own: file parsing, progress bars,
 //! checkpoint formats (it calls `ferrotune-ckpt`), or when to print.
 
+pub mod distill;
 pub mod distill_loss;
+pub mod distill_teacher;
 pub mod dpo;
 pub mod grpo;
 pub mod grpo_loss;
 pub mod health;
 pub mod loss;
 pub mod optim;
+pub mod ppo;
 pub mod ppo_loss;
 pub mod pref_loss;
+pub mod reward_train;
 pub mod schedule;
 pub mod sft;
 pub mod step;

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
 use ferrotune_ckpt::{
-    prune, save_checkpoint, Checkpoint, CheckpointParts, CkptError, RunDir, Weights,
+    prune, save_checkpoint_with, Checkpoint, CheckpointParts, CkptError, RunDir, Weights,
 };
 use ferrotune_data::{collate_right, Collated, Cursor, Loader, Sequence, Shuffler};
 use ferrotune_models::{Batch, CausalLm};
@@ -366,6 +366,20 @@ pub(crate) fn save(
     trainer_state: &serde_json::Value,
     run: &RunDir,
 ) -> Result<std::path::PathBuf> {
+    save_with(trainable, model, opt, step, trainer_state, run, &[])
+}
+
+/// [`save`] plus trainer-specific safetensors files in the same atomic checkpoint (PPO's value
+/// head).
+pub(crate) fn save_with(
+    trainable: &Trainable,
+    model: &dyn CausalLm,
+    opt: &AdamW,
+    step: usize,
+    trainer_state: &serde_json::Value,
+    run: &RunDir,
+    extra: &[(&str, &[(String, Tensor)])],
+) -> Result<std::path::PathBuf> {
     let optimizer = opt.state_tensors()?;
     let full: Vec<(String, Tensor)>;
     let weights = match trainable {
@@ -389,7 +403,7 @@ pub(crate) fn save(
         optimizer: &optimizer,
         trainer_state,
     };
-    Ok(save_checkpoint(run, step as u64, &parts)?)
+    Ok(save_checkpoint_with(run, step as u64, &parts, extra)?)
 }
 
 /// Resumes a trainer from `ck`: its state (`S`, whose step `step_of` reads), the trainable

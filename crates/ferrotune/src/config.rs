@@ -218,6 +218,159 @@ pub struct DpoSection {
     pub precompute_ref_log_probs: bool,
 }
 
+/// `[reward_model]`: a Bradley–Terry reward model (a scalar head on the last real token, HF's
+/// `…ForSequenceClassification` layout) trained on `prompt` + `chosen` + `rejected` rows, with an
+/// optional per-pair `margin` column. Names and defaults follow TRL 1.16's `RewardConfig`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RewardModelSection {
+    /// Pairs with a side longer than this (prompt + completion tokens) are dropped, as TRL
+    /// filters them.
+    #[serde(default = "d_max_seq_len")]
+    pub max_length: usize,
+    /// Adds c·mean((r_chosen + r_rejected)²) to keep rewards centred (2312.09244); None = off.
+    #[serde(default)]
+    pub center_rewards_coefficient: Option<f64>,
+}
+
+/// `[distill]`: knowledge distillation (GKD, 2306.13649) of the model (the student, full or
+/// LoRA) from a frozen teacher that shares its tokenizer. Names and defaults follow TRL 1.16's
+/// `GKDConfig` (`lmbda`, `beta`, `temperature`, `max_new_tokens`, `seq_kd`); `temperature` is
+/// the sampling temperature, as in TRL, whose loss runs at τ = 1 (`loss_temperature` here).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DistillSection {
+    /// Teacher model: Hugging Face folder or .gguf file.
+    pub teacher: PathBuf,
+    #[serde(default = "d_half")]
+    pub lmbda: f64,
+    #[serde(default = "d_half")]
+    pub beta: f64,
+    #[serde(default = "d_distill_temperature")]
+    pub temperature: f64,
+    #[serde(default = "d_one_f64")]
+    pub loss_temperature: f64,
+    #[serde(default = "d_max_new_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default)]
+    pub seq_kd: bool,
+    /// 0 = the whole vocabulary; else the teacher's top-k log-probs.
+    #[serde(default)]
+    pub top_k: usize,
+    #[serde(default = "d_true")]
+    pub loss_add_tail: bool,
+    #[serde(default)]
+    pub sft_weight: f64,
+    /// Teacher top-k log-probs written by `ferrotune distill cache-teacher`.
+    #[serde(default)]
+    pub teacher_cache: Option<PathBuf>,
+}
+
+fn d_half() -> f64 {
+    0.5
+}
+fn d_distill_temperature() -> f64 {
+    0.9
+}
+fn d_one_f64() -> f64 {
+    1.0
+}
+fn d_max_new_tokens() -> usize {
+    128
+}
+
+/// `[ppo]`: PPO for RLHF (TRL 1.12's `PPOTrainer`, the last TRL with PPO): one completion per
+/// prompt scored by a reward model at the last token and/or reward functions, a per-token KL
+/// penalty to the reference (the base with adapters off) folded into the reward, GAE, clipped
+/// policy and value losses. The value head sits on the policy's body (see `ferrotune_train::ppo`).
+/// Names and defaults follow TRL's `PPOConfig` (`max_completion_len` = its `response_length`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PpoSection {
+    /// A reward model folder (`…ForSequenceClassification`, one label) that shares the
+    /// policy's tokenizer; its score at the last token is the reward (weight 1).
+    #[serde(default)]
+    pub reward_model_path: Option<PathBuf>,
+    /// Reward functions, as `grpo.rewards`; added to the reward model's score.
+    #[serde(default)]
+    pub rewards: Vec<toml::Table>,
+    #[serde(default = "d_ppo_epochs")]
+    pub num_ppo_epochs: usize,
+    #[serde(default = "d_one")]
+    pub num_mini_batches: usize,
+    #[serde(default = "d_max_prompt_len")]
+    pub max_prompt_len: usize,
+    #[serde(default = "d_ppo_response_length")]
+    pub max_completion_len: usize,
+    #[serde(default = "d_ppo_temperature")]
+    pub temperature: f64,
+    /// Generation stops after any of these strings (kept in the completion).
+    #[serde(default)]
+    pub stop: Vec<String>,
+    /// Subtracted from the score of a completion that hit max_completion_len.
+    #[serde(default)]
+    pub missing_eos_penalty: Option<f64>,
+    #[serde(default = "d_ppo_kl_coef")]
+    pub kl_coef: f64,
+    #[serde(default = "d_ppo_kl_estimator")]
+    pub kl_estimator: String,
+    #[serde(default)]
+    pub whiten_rewards: bool,
+    #[serde(default = "d_ppo_gamma")]
+    pub gamma: f64,
+    #[serde(default = "d_ppo_lam")]
+    pub lam: f64,
+    #[serde(default = "d_epsilon")]
+    pub cliprange: f64,
+    #[serde(default = "d_epsilon")]
+    pub cliprange_value: f64,
+    #[serde(default = "d_ppo_vf_coef")]
+    pub vf_coef: f64,
+    #[serde(default = "d_true")]
+    pub log_completions: bool,
+}
+
+fn d_ppo_epochs() -> usize {
+    4
+}
+fn d_ppo_response_length() -> usize {
+    53
+}
+fn d_ppo_temperature() -> f64 {
+    0.7
+}
+fn d_ppo_kl_coef() -> f64 {
+    0.05
+}
+fn d_ppo_kl_estimator() -> String {
+    "k1".into()
+}
+fn d_ppo_gamma() -> f64 {
+    1.0
+}
+fn d_ppo_lam() -> f64 {
+    0.95
+}
+fn d_ppo_vf_coef() -> f64 {
+    0.1
+}
+
+impl PpoSection {
+    /// The loss settings as `ferrotune_train`'s config (errors name the key).
+    pub fn loss_config(&self) -> Result<ferrotune_train::ppo_loss::PpoConfig, String> {
+        Ok(ferrotune_train::ppo_loss::PpoConfig {
+            kl_coef: self.kl_coef,
+            kl_estimator: self.kl_estimator.parse().map_err(|e| format!("{e}"))?,
+            whiten_rewards: self.whiten_rewards,
+            gamma: self.gamma,
+            lam: self.lam,
+            cliprange: self.cliprange,
+            cliprange_value: self.cliprange_value,
+            vf_coef: self.vf_coef,
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
@@ -235,6 +388,12 @@ pub struct RunConfig {
     pub grpo: Option<GrpoSection>,
     #[serde(default)]
     pub dpo: Option<DpoSection>,
+    #[serde(default)]
+    pub distill: Option<DistillSection>,
+    #[serde(default)]
+    pub reward_model: Option<RewardModelSection>,
+    #[serde(default)]
+    pub ppo: Option<PpoSection>,
     #[serde(default)]
     pub eval: Option<EvalSection>,
 }
@@ -404,6 +563,40 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("dpo.max_length", "1024", "prompt + completion tokens per sequence; longer ones lose their end (data.max_seq_len is not used)"),
     ("dpo.truncation_mode", "\"keep_start\"", "keep_start (the only mode TRL 1.16 supports)"),
     ("dpo.precompute_ref_log_probs", "false", "compute the reference log-probs of every train pair once at the start, kept in memory"),
+    ("distill", "(section)", "marks the run as distillation (GKD): model = the student (full, or LoRA with [lora]); data.train holds SFT rows (prompt + completion or messages) whose completion tokens are scored; the merged student is written to <output_dir>/model"),
+    ("distill.teacher", "(required)", "teacher: Hugging Face folder or .gguf file, frozen; must share the student's tokenizer (same vocabulary and ids)"),
+    ("distill.lmbda", "0.5", "probability that a micro-batch's completions are sampled from the student and scored by the teacher (on-policy, GKD's lambda); 0 = the data's completions only"),
+    ("distill.beta", "0.5", "0 = forward KL(teacher||student), 1 = reverse KL(student||teacher), in between the generalized JSD(beta)"),
+    ("distill.temperature", "0.9", "sampling temperature of on-policy and seq_kd completions (TRL's temperature)"),
+    ("distill.loss_temperature", "1.0", "both distributions are softmax(logits / loss_temperature) in the loss (TRL's loss uses 1)"),
+    ("distill.max_new_tokens", "128", "new tokens per sampled completion"),
+    ("distill.seq_kd", "false", "sample each micro-batch's completions from the teacher first (sequence-level KD on the fly; see also `ferrotune data gen from-model`)"),
+    ("distill.top_k", "0", "0 = compare over the whole vocabulary; k = over the teacher's top-k log-probs (required by teacher_cache)"),
+    ("distill.loss_add_tail", "true", "top-k only: keep the teacher's mass outside its top-k as one extra bucket (else renormalise over the k)"),
+    ("distill.sft_weight", "0.0", "adds sft_weight x the student's cross-entropy on the completion tokens"),
+    ("distill.teacher_cache", "none", "read the teacher's top-k log-probs from this file (written by `ferrotune distill cache-teacher --config ...`) instead of loading the teacher; needs lmbda = 0 and seq_kd = false"),
+    ("reward_model", "(section)", "marks the run as reward-model training (a scalar head on the last token, LoRA on the body); data.train holds preference pairs (+ optional `margin` column); needs [lora]; the merged model is written to <output_dir>/reward_model"),
+    ("reward_model.max_length", "1024", "pairs with a side longer than this many tokens are dropped (TRL filters them)"),
+    ("reward_model.center_rewards_coefficient", "none", "adds c x mean((r_chosen + r_rejected)^2) to the loss to keep rewards near 0"),
+    ("ppo", "(section)", "marks the run as PPO (RLHF); data.train holds prompts; needs [lora] (the reference is the base with adapters off; a value head on the policy's body is trained with the adapters)"),
+    ("ppo.reward_model_path", "none", "reward model folder (...ForSequenceClassification, one label, e.g. from a [reward_model] run) sharing the policy's tokenizer; scored at the last token of prompt + completion"),
+    ("ppo.rewards", "[]", "reward functions as in grpo.rewards, added to the reward model's score; at least one of the two is needed"),
+    ("ppo.num_ppo_epochs", "4", "passes over each rollout batch"),
+    ("ppo.num_mini_batches", "1", "optimizer steps per pass; a rollout batch is run.batch_size x gradient_accumulation_steps x num_mini_batches prompts"),
+    ("ppo.max_prompt_len", "512", "prompts longer than this keep their last tokens (counted and reported)"),
+    ("ppo.max_completion_len", "53", "new tokens per completion (TRL's response_length)"),
+    ("ppo.temperature", "0.7", "sampling temperature; log-probs are of logits / temperature, as TRL"),
+    ("ppo.stop", "[]", "stop strings: generation ends after any of them"),
+    ("ppo.missing_eos_penalty", "none", "subtracted from the score of a completion that hit max_completion_len without ending"),
+    ("ppo.kl_coef", "0.05", "weight of the per-token KL penalty to the reference folded into the reward"),
+    ("ppo.kl_estimator", "\"k1\"", "k1 (log-ratio, TRL's default) | k3 (non-negative, lower variance)"),
+    ("ppo.whiten_rewards", "false", "whiten the per-token rewards before GAE"),
+    ("ppo.gamma", "1.0", "discount of GAE"),
+    ("ppo.lam", "0.95", "lambda of GAE"),
+    ("ppo.cliprange", "0.2", "policy ratio clip: ratio in [1 - cliprange, 1 + cliprange]"),
+    ("ppo.cliprange_value", "0.2", "value clip around the rollout's values"),
+    ("ppo.vf_coef", "0.1", "weight of the value loss: loss = policy loss + vf_coef x value loss"),
+    ("ppo.log_completions", "true", "write completions.jsonl (prompt, completion, rewards, score, mean advantage) every run.log_every steps"),
 ];
 
 /// Apply `key=value` overrides to a parsed TOML table. The value is parsed as a TOML value,
@@ -471,6 +664,21 @@ impl RunConfig {
         }
         if let Some(f) = cfg.eval.as_mut().and_then(|e| e.forget_set.as_mut()) {
             *f = normalize(&base.join(&*f));
+        }
+        if let Some(d) = cfg.distill.as_mut() {
+            d.teacher = normalize(&base.join(&d.teacher));
+            if let Some(c) = d.teacher_cache.as_mut() {
+                *c = normalize(&base.join(&*c));
+            }
+        }
+        if let Some(g) = cfg.grpo.as_mut() {
+            resolve_reward_paths(&mut g.rewards, &base);
+        }
+        if let Some(p) = cfg.ppo.as_mut() {
+            if let Some(r) = p.reward_model_path.as_mut() {
+                *r = normalize(&base.join(&*r));
+            }
+            resolve_reward_paths(&mut p.rewards, &base);
         }
         cfg.validate(path)?;
         Ok(cfg)
@@ -593,6 +801,9 @@ impl RunConfig {
             ("sft", self.sft.is_some()),
             ("grpo", self.grpo.is_some()),
             ("dpo", self.dpo.is_some()),
+            ("ppo", self.ppo.is_some()),
+            ("distill", self.distill.is_some()),
+            ("reward_model", self.reward_model.is_some()),
         ]
         .into_iter()
         .filter_map(|(name, on)| on.then_some(name))
@@ -601,7 +812,7 @@ impl RunConfig {
             [] => {
                 return bad(
                     "sft",
-                    "the config needs a method section: [sft], [grpo] or [dpo]".into(),
+                    "the config needs a method section: [sft], [grpo], [dpo], [distill], [ppo] or [reward_model]".into(),
                 )
             }
             [_] => {}
@@ -674,6 +885,55 @@ impl RunConfig {
                     "does not apply to DPO (chosen and rejected are scored as whole sequences)"
                         .into(),
                 );
+            }
+        }
+        if let Some(r) = &self.reward_model {
+            if self.lora.is_none() {
+                return bad(
+                    "reward_model",
+                    "the body is trained through LoRA adapters (the head is always trainable), so [reward_model] needs a [lora] section".into(),
+                );
+            }
+            if r.max_length < 2 {
+                return bad("reward_model.max_length", "must be at least 2".into());
+            }
+            if let Some(c) = r.center_rewards_coefficient {
+                if !(c.is_finite() && c >= 0.0) {
+                    return bad(
+                        "reward_model.center_rewards_coefficient",
+                        format!("must be a finite number >= 0, got {c}"),
+                    );
+                }
+            }
+            if self.data.packing {
+                return bad(
+                    "data.packing",
+                    "does not apply to a reward model (each side is scored as a whole sequence)"
+                        .into(),
+                );
+            }
+            if self.eval.is_some() {
+                return bad(
+                    "eval",
+                    "the perplexity gate measures a language model; a reward model's score head has no perplexity (use data.eval for its pairwise accuracy)".into(),
+                );
+            }
+        }
+        if let Some(d) = &self.distill {
+            if let Some(msg) = distill_problem(d) {
+                return bad(msg.0, msg.1);
+            }
+            if self.data.packing {
+                return bad(
+                    "data.packing",
+                    "does not apply to distillation (completions are sampled and scored per example)"
+                        .into(),
+                );
+            }
+        }
+        if let Some(p) = &self.ppo {
+            if let Some(msg) = ppo_problem(p, self) {
+                return bad(msg.0, msg.1);
             }
         }
         if let Some(g) = &self.grpo {
@@ -769,6 +1029,125 @@ impl RunConfig {
     }
 }
 
+/// The `path` of each `name = "model"` reward entry, made absolute against `base` (the config
+/// file's folder) like every other path of the config.
+pub fn resolve_reward_paths(rewards: &mut [toml::Table], base: &Path) {
+    for r in rewards {
+        if r.get("name").and_then(|v| v.as_str()) != Some("model") {
+            continue;
+        }
+        if let Some(toml::Value::String(p)) = r.get_mut("path") {
+            *p = normalize(&base.join(&*p)).display().to_string();
+        }
+    }
+}
+
+/// The first `[distill]` setting that cannot work, with why.
+fn distill_problem(d: &DistillSection) -> Option<(&'static str, String)> {
+    let unit = |x: f64| (0.0..=1.0).contains(&x);
+    if !unit(d.lmbda) {
+        return Some((
+            "distill.lmbda",
+            format!("must be in [0, 1] (a probability), got {}", d.lmbda),
+        ));
+    }
+    if !unit(d.beta) {
+        return Some(("distill.beta", format!("must be in [0, 1], got {}", d.beta)));
+    }
+    if !(d.temperature > 0.0 && d.temperature.is_finite()) {
+        return Some((
+            "distill.temperature",
+            "must be positive (completions are sampled)".into(),
+        ));
+    }
+    if !(d.loss_temperature > 0.0 && d.loss_temperature.is_finite()) {
+        return Some(("distill.loss_temperature", "must be positive".into()));
+    }
+    if !(d.sft_weight >= 0.0 && d.sft_weight.is_finite()) {
+        return Some(("distill.sft_weight", "must be a finite number >= 0".into()));
+    }
+    if (d.lmbda > 0.0 || d.seq_kd) && d.max_new_tokens == 0 {
+        return Some((
+            "distill.max_new_tokens",
+            "must be at least 1 when completions are sampled (lmbda > 0 or seq_kd)".into(),
+        ));
+    }
+    if d.teacher_cache.is_some() {
+        if d.top_k == 0 {
+            return Some((
+                "distill.top_k",
+                "a teacher cache holds the teacher's top-k log-probs: set top_k (e.g. 20)".into(),
+            ));
+        }
+        if d.lmbda > 0.0 || d.seq_kd {
+            return Some(("distill.teacher_cache", "on-policy (lmbda > 0) and seq_kd completions are sampled during training, so only the live teacher can score them: set lmbda = 0 and seq_kd = false, or remove teacher_cache".into()));
+        }
+    }
+    None
+}
+
+/// The first `[ppo]` setting that cannot work, with why.
+fn ppo_problem(p: &PpoSection, cfg: &RunConfig) -> Option<(&'static str, String)> {
+    if cfg.lora.is_none() {
+        return Some(("ppo", "the KL reference is the base with adapters switched off, so [ppo] needs a [lora] section".into()));
+    }
+    if p.reward_model_path.is_none() && p.rewards.is_empty() {
+        return Some(("ppo.rewards", "PPO needs a reward: set ppo.reward_model_path, or reward functions, e.g. rewards = [{ name = \"answer_match\" }]".into()));
+    }
+    if p.num_ppo_epochs == 0 || p.num_mini_batches == 0 {
+        return Some((
+            "ppo.num_ppo_epochs",
+            "num_ppo_epochs and num_mini_batches must be at least 1".into(),
+        ));
+    }
+    if p.max_prompt_len == 0 || p.max_completion_len == 0 {
+        return Some((
+            "ppo.max_completion_len",
+            "max_prompt_len and max_completion_len must be at least 1".into(),
+        ));
+    }
+    if cfg.run.batch_size * cfg.run.gradient_accumulation_steps * p.num_mini_batches < 2 {
+        return Some((
+            "run.batch_size",
+            "a rollout batch needs at least 2 completions (advantages are whitened over it)".into(),
+        ));
+    }
+    if !(p.temperature > 0.0 && p.temperature.is_finite()) {
+        return Some((
+            "ppo.temperature",
+            "must be positive (PPO needs sampled completions)".into(),
+        ));
+    }
+    if p.missing_eos_penalty.is_some_and(|x| !x.is_finite()) {
+        return Some(("ppo.missing_eos_penalty", "must be a finite number".into()));
+    }
+    if p.kl_estimator
+        .parse::<ferrotune_train::ppo_loss::KlEstimator>()
+        .is_err()
+    {
+        return Some((
+            "ppo.kl_estimator",
+            format!("`{}` is not one of k1, k3", p.kl_estimator),
+        ));
+    }
+    let loss = match p.loss_config() {
+        Ok(l) => l,
+        Err(e) => return Some(("ppo", e)),
+    };
+    if let Err(e) = loss.validate() {
+        let msg = e.to_string();
+        let msg = msg.strip_prefix("PPO config: ").unwrap_or(&msg).to_string();
+        return Some(("ppo", msg));
+    }
+    if cfg.data.packing {
+        return Some((
+            "data.packing",
+            "does not apply to PPO (prompts are generated from, not packed)".into(),
+        ));
+    }
+    None
+}
+
 /// Lexically remove `.` and `..` components (no file system access).
 fn normalize(p: &Path) -> PathBuf {
     let mut out = PathBuf::new();
@@ -849,6 +1228,12 @@ mod tests {
                 || k == "data.eval"
                 || k.starts_with("grpo.")
                 || k.starts_with("dpo.")
+                || k == "ppo"
+                || k.starts_with("ppo.")
+                || k == "distill"
+                || k.starts_with("distill.")
+                || k == "reward_model"
+                || k.starts_with("reward_model.")
                 || k.starts_with("eval.")
             {
                 continue;
@@ -858,6 +1243,79 @@ mod tests {
                 "KEYS lists {k}, which the structs do not have"
             );
         }
+    }
+
+    /// The `[ppo]` keys and `KEYS` agree both ways; a PPO config validates with TRL's
+    /// defaults; the cross-field rules name their key.
+    #[test]
+    fn ppo_keys_are_explained_and_checked() {
+        let t: toml::Table = toml::from_str(
+            "[model]\npath = \"m\"\n[lora]\n[data]\ntrain = \"t.jsonl\"\n[run]\noutput_dir = \"o\"\n[ppo]\nreward_model_path = \"rm\"\nmissing_eos_penalty = 1.0\n",
+        )
+        .unwrap();
+        let cfg = RunConfig::deserialize(t).unwrap();
+        cfg.validate(Path::new("c.toml")).unwrap();
+        let p = cfg.ppo.as_ref().unwrap();
+        let loss = p.loss_config().unwrap();
+        assert_eq!(loss, ferrotune_train::ppo_loss::PpoConfig::default());
+        assert_eq!(
+            (
+                p.num_ppo_epochs,
+                p.num_mini_batches,
+                p.max_completion_len,
+                p.temperature
+            ),
+            (4, 1, 53, 0.7)
+        );
+        let full: toml::Table = toml::from_str(&cfg.to_toml()).unwrap();
+        let mut keys = Vec::new();
+        leaf_keys("", &full, &mut keys);
+        let ppo_keys: Vec<&String> = keys.iter().filter(|k| k.starts_with("ppo.")).collect();
+        let explained: Vec<&str> = KEYS
+            .iter()
+            .map(|(k, _, _)| *k)
+            .filter(|k| k.starts_with("ppo."))
+            .collect();
+        for k in &ppo_keys {
+            assert!(explained.contains(&k.as_str()), "key {k} is not in KEYS");
+        }
+        for k in explained {
+            assert!(
+                ppo_keys.iter().any(|x| *x == k),
+                "KEYS lists {k}, which [ppo] does not have"
+            );
+        }
+        let check = |f: &dyn Fn(&mut RunConfig), field: &str, words: &str| {
+            let mut c = cfg.clone();
+            f(&mut c);
+            let e = c.validate(Path::new("c.toml")).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(words), "{e}");
+        };
+        check(&|c| c.lora = None, "ppo", "[lora]");
+        check(
+            &|c| c.ppo.as_mut().unwrap().reward_model_path = None,
+            "ppo.rewards",
+            "needs a reward",
+        );
+        check(
+            &|c| c.ppo.as_mut().unwrap().kl_estimator = "k2".into(),
+            "ppo.kl_estimator",
+            "k2",
+        );
+        check(&|c| c.ppo.as_mut().unwrap().lam = 1.5, "ppo", "lam");
+        check(
+            &|c| c.ppo.as_mut().unwrap().temperature = 0.0,
+            "ppo.temperature",
+            "positive",
+        );
+        check(
+            &|c| {
+                c.run.batch_size = 1;
+            },
+            "run.batch_size",
+            "whitened",
+        );
+        check(&|c| c.sft = Some(SftSection {}), "ppo", "[sft] and [ppo]");
     }
 
     /// The `[grpo]` keys and `KEYS` agree both ways, and a GRPO config validates.
@@ -962,6 +1420,157 @@ mod tests {
             "dpo.truncation_mode",
             "keep_start",
         );
+    }
+
+    /// The `[reward_model]` keys and `KEYS` agree both ways; a reward-model config validates
+    /// with TRL's defaults; the cross-field rules name their key.
+    #[test]
+    fn reward_model_keys_are_explained_and_checked() {
+        let t: toml::Table = toml::from_str(
+            "[model]\npath = \"m\"\n[lora]\n[data]\ntrain = \"t.jsonl\"\n[run]\noutput_dir = \"o\"\n[reward_model]\ncenter_rewards_coefficient = 0.01\n",
+        )
+        .unwrap();
+        let cfg = RunConfig::deserialize(t).unwrap();
+        cfg.validate(Path::new("c.toml")).unwrap();
+        let r = cfg.reward_model.as_ref().unwrap();
+        assert_eq!(
+            (r.max_length, r.center_rewards_coefficient),
+            (1024, Some(0.01))
+        );
+        let full: toml::Table = toml::from_str(&cfg.to_toml()).unwrap();
+        let mut keys = Vec::new();
+        leaf_keys("", &full, &mut keys);
+        let rm_keys: Vec<&String> = keys
+            .iter()
+            .filter(|k| k.starts_with("reward_model."))
+            .collect();
+        let explained: Vec<&str> = KEYS
+            .iter()
+            .map(|(k, _, _)| *k)
+            .filter(|k| k.starts_with("reward_model."))
+            .collect();
+        for k in &rm_keys {
+            assert!(explained.contains(&k.as_str()), "key {k} is not in KEYS");
+        }
+        for k in explained {
+            assert!(
+                rm_keys.iter().any(|x| *x == k),
+                "KEYS lists {k}, which [reward_model] does not have"
+            );
+        }
+        assert!(KEYS.iter().any(|(k, _, _)| *k == "reward_model"));
+        let check = |f: &dyn Fn(&mut RunConfig), field: &str, words: &str| {
+            let mut c = cfg.clone();
+            f(&mut c);
+            let e = c.validate(Path::new("c.toml")).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(words), "{e}");
+        };
+        check(&|c| c.lora = None, "reward_model", "[lora]");
+        check(
+            &|c| c.reward_model.as_mut().unwrap().center_rewards_coefficient = Some(-1.0),
+            "reward_model.center_rewards_coefficient",
+            ">= 0",
+        );
+        check(
+            &|c| c.reward_model.as_mut().unwrap().max_length = 1,
+            "reward_model.max_length",
+            "at least 2",
+        );
+        check(
+            &|c| c.dpo = Some(toml::from_str("").unwrap()),
+            "reward_model",
+            "[dpo] and [reward_model]",
+        );
+    }
+
+    /// A `model` reward's path is relative to the config file, like every other path.
+    #[test]
+    fn model_reward_paths_resolve_against_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("sub/c.toml");
+        std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
+        std::fs::write(
+            &cfg,
+            "[model]\npath = \"m\"\n[lora]\n[data]\ntrain = \"t.jsonl\"\n[run]\noutput_dir = \"o\"\nbatch_size = 8\n[grpo]\nrewards = [{ name = \"model\", path = \"../runs/rm\" }, { name = \"format_tags\" }]\n",
+        )
+        .unwrap();
+        let c = RunConfig::load(&cfg, &[]).unwrap();
+        let g = c.grpo.unwrap();
+        let want = std::path::absolute(dir.path().join("runs/rm")).unwrap();
+        assert_eq!(
+            g.rewards[0].get("path").and_then(|v| v.as_str()),
+            Some(want.to_str().unwrap())
+        );
+        assert!(g.rewards[1].get("path").is_none());
+    }
+
+    /// The `[distill]` keys and `KEYS` agree both ways; TRL's GKD defaults; the cross-field
+    /// rules name their key; the teacher paths resolve against the config file.
+    #[test]
+    fn distill_keys_are_explained_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sub/c.toml");
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(
+            &file,
+            "[model]\npath = \"m\"\n[data]\ntrain = \"t.jsonl\"\n[run]\noutput_dir = \"o\"\n[distill]\nteacher = \"../teacher\"\n",
+        )
+        .unwrap();
+        let cfg = RunConfig::load(&file, &[]).unwrap();
+        let d = cfg.distill.as_ref().unwrap();
+        assert_eq!(
+            (d.lmbda, d.beta, d.temperature, d.max_new_tokens, d.seq_kd),
+            (0.5, 0.5, 0.9, 128, false)
+        );
+        assert_eq!(
+            d.teacher,
+            std::path::absolute(dir.path().join("teacher")).unwrap()
+        );
+        let full: toml::Table = toml::from_str(&cfg.to_toml()).unwrap();
+        let mut keys = Vec::new();
+        leaf_keys("", &full, &mut keys);
+        let ours: Vec<&String> = keys.iter().filter(|k| k.starts_with("distill.")).collect();
+        let explained: Vec<&str> = KEYS
+            .iter()
+            .map(|(k, _, _)| *k)
+            .filter(|k| k.starts_with("distill."))
+            .collect();
+        for k in &ours {
+            assert!(explained.contains(&k.as_str()), "key {k} is not in KEYS");
+        }
+        for k in explained {
+            let optional_leaf = k == "distill.teacher_cache"; // None is not serialised
+            assert!(
+                optional_leaf || ours.iter().any(|x| *x == k),
+                "KEYS lists {k}, which [distill] does not have"
+            );
+        }
+        let check = |f: &dyn Fn(&mut DistillSection), field: &str, words: &str| {
+            let mut c = cfg.clone();
+            f(c.distill.as_mut().unwrap());
+            let e = c.validate(Path::new("c.toml")).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(words), "{e}");
+        };
+        check(&|d| d.lmbda = 1.5, "distill.lmbda", "[0, 1]");
+        check(&|d| d.beta = -0.1, "distill.beta", "[0, 1]");
+        check(&|d| d.temperature = 0.0, "distill.temperature", "positive");
+        check(
+            &|d| d.teacher_cache = Some("c.safetensors".into()),
+            "distill.top_k",
+            "top-k",
+        );
+        check(
+            &|d| {
+                d.teacher_cache = Some("c.safetensors".into());
+                d.top_k = 8;
+            },
+            "distill.teacher_cache",
+            "lmbda = 0",
+        );
+        let mut c = cfg.clone();
+        c.sft = Some(SftSection {});
+        let e = c.validate(Path::new("c.toml")).unwrap_err().to_string();
+        assert!(e.contains("[sft] and [distill]"), "{e}");
     }
 
     #[test]

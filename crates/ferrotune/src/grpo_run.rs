@@ -379,7 +379,9 @@ pub fn run_grpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<GrpoSu
         .as_ref()
         .context("the config has no [grpo] section")?;
     let specs = reward_specs(g)?;
-    let rewards = RewardSet::from_specs(&specs).context("grpo.rewards")?;
+    // `model` entries load a reward model (onto the run's device); the rest are the registry's.
+    let device = crate::lm::parse_device(&cfg.model.device)?;
+    let rewards = crate::model_reward::reward_set(&specs, &device, "grpo.rewards")?;
     let roles: Vec<RewardRole> = specs.iter().map(|s| role_of(&s.name)).collect();
     let (run, checkpoint) = open_run(cfg, resume, overwrite)?;
     let (lm, lora) = load_model(cfg)?;

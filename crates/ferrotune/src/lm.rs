@@ -57,6 +57,21 @@ pub struct Lm {
     pub base_params: Vec<(String, candle_core::Var)>,
 }
 
+/// The tokenizer of a model path (HF folder or GGUF metadata) without loading its weights.
+pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, LmError> {
+    if !path.is_file() {
+        return Ok(Tokenizer::from_dir(path)?);
+    }
+    let gguf = |msg: String| LmError::Gguf {
+        path: path.display().to_string(),
+        msg,
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| gguf(e.to_string()))?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f)
+        .map_err(|e| gguf(e.to_string()))?;
+    Ok(Tokenizer::from_gguf(&content)?)
+}
+
 impl Lm {
     /// Load a model and its tokenizer; with `adapter`, also a PEFT adapter folder on top
     /// (its own LoRA config replaces `opts.lora`).
@@ -79,22 +94,7 @@ impl Lm {
 
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Lm, LmError> {
         let loaded = ferrotune_models::load(path, opts)?;
-        let tokenizer = if path.is_file() {
-            let mut f = std::fs::File::open(path).map_err(|e| LmError::Gguf {
-                path: path.display().to_string(),
-                msg: e.to_string(),
-            })?;
-            let content =
-                candle_core::quantized::gguf_file::Content::read(&mut f).map_err(|e| {
-                    LmError::Gguf {
-                        path: path.display().to_string(),
-                        msg: e.to_string(),
-                    }
-                })?;
-            Tokenizer::from_gguf(&content)?
-        } else {
-            Tokenizer::from_dir(path)?
-        };
+        let tokenizer = load_tokenizer(path)?;
         Ok(Lm {
             model: loaded.model,
             tokenizer,

@@ -13,7 +13,10 @@ use ferrotune::dpo_run::run_dpo;
 use ferrotune::eval::perplexity;
 use ferrotune::grpo_run::run_grpo;
 use ferrotune::lm::{parse_device, parse_dtype, Lm};
+use ferrotune::rm_run::run_reward_model;
 use ferrotune::sft_run::run_sft;
+use ferrotune::speculative_run;
+use ferrotune_generate::speculative::{speculative_generate, SpeculativeOptions};
 use ferrotune_generate::{generate, GenerateOptions, SamplingParams};
 use ferrotune_models::LoadOptions;
 use ferrotune_nn::Mode;
@@ -111,6 +114,9 @@ enum GenKind {
         #[arg(long, default_value = "wrong")]
         rejected: String,
     },
+    /// A model's completion of every prompt (`prompt` + `completion` rows, TRL's
+    /// prompt-completion format): sequence-level distillation data for ordinary SFT.
+    FromModel(ferrotune::distill_run::GenFromModelArgs),
 }
 
 #[derive(Subcommand)]
@@ -142,6 +148,13 @@ enum Cmd {
         /// Stop when the completion contains this text (repeatable).
         #[arg(long)]
         stop: Vec<String>,
+        /// A smaller model with the same tokenizer that drafts tokens for the model to verify
+        /// (speculative decoding: the output follows the model's own distribution).
+        #[arg(long)]
+        draft_model: Option<PathBuf>,
+        /// Tokens the draft proposes per verification pass.
+        #[arg(long, default_value_t = 5, requires = "draft_model")]
+        draft_tokens: usize,
     },
     /// Perplexity of a text file: exp(mean NLL over scored tokens).
     Perplexity {
@@ -157,7 +170,7 @@ enum Cmd {
         #[arg(long)]
         stride: Option<usize>,
     },
-    /// Train from a TOML config (`[sft]`, `[grpo]` or `[dpo]`); see `ferrotune config --explain`.
+    /// Train from a TOML config (`[sft]`, `[grpo]`, `[dpo]`, `[distill]` or `[reward_model]`); see `ferrotune config --explain`.
     Train {
         /// The run config (TOML).
         #[arg(long, required_unless_present = "resume")]
@@ -194,6 +207,11 @@ enum Cmd {
         /// f32, bf16 or f16.
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// Keep only these decoder layers, renumbered in this order (e.g. `0,10,20,29`): a
+        /// smaller student or draft model that starts from this model's weights and shares its
+        /// tokenizer.
+        #[arg(long, value_delimiter = ',', conflicts_with = "adapter")]
+        layers: Option<Vec<usize>>,
     },
     /// Pretrain a small Llama from scratch (tokenizer, init, next-token training) from a TOML
     /// config; writes a Hugging Face folder. Example: configs/pretrain-demo.toml.
@@ -209,6 +227,12 @@ enum Cmd {
     Data {
         #[command(subcommand)]
         cmd: DataCmd,
+    },
+    /// Distillation helpers: `cache-teacher` writes a teacher's top-k log-probs for a
+    /// `[distill]` config (train with `distill.teacher_cache`).
+    Distill {
+        #[command(subcommand)]
+        cmd: ferrotune::distill_run::DistillCmd,
     },
     /// List the reward functions usable in `grpo.rewards`, with their parameters.
     Rewards,
@@ -317,16 +341,50 @@ enum BenchCmd {
         #[arg(long, default_value_t = 256)]
         new_tokens: usize,
     },
+    /// Tokens/s of the model alone and with a draft model (speculative decoding), and the
+    /// draft's acceptance rate, on a prompt set; one JSON object on stdout (and in --out).
+    Speculative {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The draft model (same tokenizer).
+        #[arg(long)]
+        draft: PathBuf,
+        /// JSONL prompts (TRL's `prompt` column, text or chat); default: built-in questions.
+        #[arg(long)]
+        prompts: Option<PathBuf>,
+        /// How many prompts to decode.
+        #[arg(long, default_value_t = 8)]
+        n: usize,
+        #[arg(long, default_value_t = 64)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 5)]
+        draft_tokens: usize,
+        /// 0 = greedy (then the outputs must equal the model's own; mismatches are counted).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Also write the JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
-fn load(m: &ModelArgs) -> Result<Lm> {
-    let opts = LoadOptions {
+fn load_options(m: &ModelArgs) -> Result<LoadOptions> {
+    Ok(LoadOptions {
         dtype: parse_dtype(&m.dtype)?,
         device: parse_device(&m.device)?,
         lora: None,
         trainable_base: false,
-    };
-    Ok(Lm::load_with(&m.model, m.adapter.as_deref(), &opts)?)
+    })
+}
+
+fn load(m: &ModelArgs) -> Result<Lm> {
+    Ok(Lm::load_with(
+        &m.model,
+        m.adapter.as_deref(),
+        &load_options(m)?,
+    )?)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -342,6 +400,8 @@ fn run(cli: Cli) -> Result<()> {
             top_p,
             seed,
             stop,
+            draft_model,
+            draft_tokens,
         } => {
             let lm = load(&model)?;
             let ids = if chat {
@@ -374,6 +434,29 @@ fn run(cli: Cli) -> Result<()> {
                         .map(|t| stop.iter().any(|s| t.contains(s.as_str())))
                         .unwrap_or(false)
             };
+            if let Some(draft) = draft_model {
+                let d =
+                    speculative_run::load_draft(&lm, &model.model, &draft, &load_options(&model)?)?;
+                let spec = SpeculativeOptions {
+                    sampling: opts.sampling.clone(),
+                    max_new_tokens,
+                    eos_ids: opts.eos_ids.clone(),
+                    num_draft_tokens: draft_tokens,
+                    mode: Mode::EVAL,
+                };
+                let out = speculative_generate(
+                    lm.model.as_ref(),
+                    d.model.as_ref(),
+                    &ids,
+                    &spec,
+                    &|ids: &[u32]| stop_rule(0, ids),
+                    &lm.device,
+                )?;
+                println!("{}", lm.tokenizer.decode(&out.generation.ids, true)?);
+                std::io::stdout().flush().ok();
+                eprintln!("{}", speculative_run::stats_line(&out.stats));
+                return Ok(());
+            }
             let t = Instant::now();
             let gens = generate(lm.model.as_ref(), &[ids], &opts, &stop_rule, &lm.device)?;
             let secs = t.elapsed().as_secs_f64();
@@ -444,6 +527,58 @@ fn run(cli: Cli) -> Result<()> {
                     );
                 }
             }
+            if cfg.reward_model.is_some() {
+                let s = run_reward_model(&cfg, resume.is_some(), overwrite)?;
+                let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or("-".into());
+                println!(
+                    "done: {} steps, loss {} -> {}{}{}{}",
+                    s.steps,
+                    f(s.first_loss),
+                    f(s.last_loss),
+                    s.last_eval
+                        .as_ref()
+                        .map(|e| format!(
+                            ", eval accuracy {} -> {:.3}, eval margin {:.4}",
+                            s.first_eval
+                                .as_ref()
+                                .map_or("-".into(), |f| format!("{:.3}", f.accuracy)),
+                            e.accuracy,
+                            e.margin
+                        ))
+                        .unwrap_or_default(),
+                    s.last_checkpoint
+                        .map(|p| format!(", checkpoint {}", p.display()))
+                        .unwrap_or_default(),
+                    s.export
+                        .map(|p| format!(", reward model {}", p.display()))
+                        .unwrap_or_default()
+                );
+                return Ok(());
+            }
+            if cfg.distill.is_some() {
+                let s = ferrotune::distill_run::run_distill(&cfg, resume.is_some(), overwrite)?;
+                let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or("-".into());
+                println!(
+                    "done: {} steps, loss {} -> {}, distill loss {} -> {}{}, {} on-policy micro-batches{}",
+                    s.steps,
+                    f(s.first_loss),
+                    f(s.last_loss),
+                    f(s.first_distill_loss),
+                    f(s.last_distill_loss),
+                    s.last_eval
+                        .map(|e| format!(
+                            ", eval forward KL {} -> {:.4}",
+                            f(s.first_eval.map(|x| x.forward_kl)),
+                            e.forward_kl
+                        ))
+                        .unwrap_or_default(),
+                    s.on_policy_batches,
+                    s.last_checkpoint
+                        .map(|p| format!(", checkpoint {}", p.display()))
+                        .unwrap_or_default()
+                );
+                return Ok(());
+            }
             if cfg.dpo.is_some() {
                 let s = run_dpo(&cfg, resume.is_some(), overwrite)?;
                 let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or("-".into());
@@ -463,6 +598,22 @@ fn run(cli: Cli) -> Result<()> {
                             e.rewards_margins
                         ))
                         .unwrap_or_default(),
+                    s.last_checkpoint
+                        .map(|p| format!(", checkpoint {}", p.display()))
+                        .unwrap_or_default()
+                );
+                return Ok(());
+            }
+            if cfg.ppo.is_some() {
+                let s = ferrotune::ppo_run::run_ppo(&cfg, resume.is_some(), overwrite)?;
+                let f = |x: Option<f64>| x.map(|v| format!("{v:.3}")).unwrap_or("-".into());
+                println!(
+                    "done: {} steps, mean score {} -> {}, KL {} (max {:.3}){}",
+                    s.steps,
+                    f(s.first_score),
+                    f(s.last_score),
+                    f(s.last_kl),
+                    s.max_kl,
                     s.last_checkpoint
                         .map(|p| format!(", checkpoint {}", p.display()))
                         .unwrap_or_default()
@@ -526,13 +677,13 @@ fn run(cli: Cli) -> Result<()> {
             adapter,
             out,
             dtype,
+            layers,
         } => {
-            let report = ferrotune_ckpt::export_merged(
-                &model,
-                adapter.as_deref(),
-                &out,
-                parse_dtype(&dtype)?,
-            )?;
+            let dtype = parse_dtype(&dtype)?;
+            let report = match layers {
+                Some(l) => ferrotune_ckpt::export_layer_subset(&model, &l, &out, dtype)?,
+                None => ferrotune_ckpt::export_merged(&model, adapter.as_deref(), &out, dtype)?,
+            };
             for w in &report.warnings {
                 eprintln!("warning: {w}");
             }
@@ -568,6 +719,19 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Data {
             cmd: DataCmd::Gen { kind },
         } => gen_data(kind)?,
+        Cmd::Distill {
+            cmd:
+                ferrotune::distill_run::DistillCmd::CacheTeacher {
+                    config,
+                    sets,
+                    out,
+                    batch_size,
+                },
+        } => {
+            let cfg = RunConfig::load(&config, &sets)?;
+            let path = ferrotune::distill_run::cache_teacher(&cfg, out.as_deref(), batch_size)?;
+            println!("wrote {}", path.display());
+        }
         Cmd::Eval {
             model,
             task,
@@ -607,7 +771,7 @@ fn run(cli: Cli) -> Result<()> {
                         "--task needs --rewards '[{{name=\"answer_match\"}}]' or --config RUN.toml"
                     ),
                 };
-                let set = ferrotune_rewards::RewardSet::from_specs(&specs).context("rewards")?;
+                let set = ferrotune::model_reward::reward_set(&specs, &lm.device, "rewards")?;
                 let roles: Vec<_> = specs.iter().map(|s| role_of(&s.name)).collect();
                 let prompt_len = grpo.as_ref().map_or(max_prompt_len, |g| g.max_prompt_len);
                 let items = load_prompts(&lm.tokenizer, task, prompt_len)?;
@@ -723,6 +887,7 @@ fn run(cli: Cli) -> Result<()> {
             for (name, help) in ferrotune_rewards::available() {
                 println!("{name:<18} {help}");
             }
+            println!("{:<18} {}", "model", ferrotune::model_reward::HELP);
         }
         Cmd::Demo { out, quick, seed } => {
             ferrotune::demo::run_demo(&ferrotune::demo::DemoOptions { out, quick, seed })?;
@@ -742,6 +907,39 @@ fn run(cli: Cli) -> Result<()> {
                     prompt_len,
                     new_tokens,
                 } => ferrotune::bench::rollout(&shape, batch, prompt_len, new_tokens)?,
+                BenchCmd::Speculative {
+                    model,
+                    draft,
+                    prompts,
+                    n,
+                    max_new_tokens,
+                    draft_tokens,
+                    temperature,
+                    seed,
+                    out,
+                } => {
+                    let lm = load(&model)?;
+                    let d = speculative_run::load_draft(
+                        &lm,
+                        &model.model,
+                        &draft,
+                        &load_options(&model)?,
+                    )?;
+                    let args = speculative_run::BenchArgs {
+                        prompts,
+                        n,
+                        max_new_tokens,
+                        draft_tokens,
+                        sampling: SamplingParams {
+                            temperature,
+                            top_k: None,
+                            top_p: None,
+                            seed,
+                        },
+                        out,
+                    };
+                    serde_json::to_value(speculative_run::bench(&lm, &d, &args)?)?
+                }
             };
             println!("{line}");
         }
@@ -799,6 +997,11 @@ fn gen_data(kind: GenKind) -> Result<()> {
         GenKind::Arithmetic { common, .. }
         | GenKind::WordProblems { common }
         | GenKind::Preferences { common, .. } => common.clone(),
+        GenKind::FromModel(a) => {
+            let n = ferrotune::distill_run::gen_from_model(a)?;
+            println!("wrote {n} completions to {}", a.out.display());
+            return Ok(());
+        }
     };
     // Prompts to leave out, as the generator writes them (the user turn for chat files).
     let mut exclude = std::collections::HashSet::new();
@@ -844,6 +1047,7 @@ fn gen_data(kind: GenKind) -> Result<()> {
             };
             arithmetic_excluding(&spec, &exclude)?
         }
+        GenKind::FromModel(_) => unreachable!("returned above"),
     };
     let format = if common.chat {
         PromptFormat::Chat {

@@ -1,0 +1,813 @@
+//! PPO for RLHF, one loop you can read top to bottom: prompts → one sampled completion each (our
+//! own engine, behaviour log-probs recorded at sampling time) → scores (the caller's
+//! [`GrpoEnv`]: a reward model at the last token and/or reward functions) with TRL's
+//! `missing_eos_penalty` → reference log-probs (adapters off) and values (no graph) →
+//! KL-penalised per-token rewards, GAE advantages and returns ([`crate::ppo_loss::rollout`]) →
+//! `num_ppo_epochs` passes over the rollout batch, reshuffled each time and cut into
+//! `num_mini_batches` mini-batches, each one optimizer step over `grad_accum` micro-batches:
+//! log-probs and values from one forward → clipped policy + value loss → backward → clip →
+//! AdamW on the adapters and the value head → metrics under TRL 1.12's names → checkpoint.
+//! The numbers follow TRL 1.12's `PPOTrainer` (the last TRL with PPO); the math is
+//! [`crate::ppo_loss`], tested against it.
+//!
+//! # The value head
+//!
+//! A scalar linear head (H → 1 with bias, f32, zero-init) on the *policy's* last hidden
+//! states, sharing the LoRA body: TRL's classic `AutoModelForCausalLMWithValueHead` + PEFT
+//! recipe. One forward gives both the log-probs and the values and no second model is held in
+//! memory; the value loss (× `vf_coef`) also trains the shared adapters. TRL 1.x's
+//! `PPOTrainer` instead trains a separate value model (a whole `…ForSequenceClassification`
+//! copy, usually started from the reward model) beside the policy: twice the trainable body
+//! and two forwards per micro-batch, but no interference between the two losses. Zero init
+//! makes V = 0 at the start, so nothing depends on a random draw. The head is saved in every
+//! checkpoint as [`VALUE_HEAD_FILE`] under TRL's `ValueHead` names and restored on resume.
+//!
+//! # Batch shape (TRL)
+//!
+//! One step = one rollout batch of `batch_size × grad_accum × num_mini_batches` prompts with
+//! one completion each, trained for `num_ppo_epochs` epochs of `num_mini_batches` optimizer
+//! steps. Logged steps count rollout batches (TRL's `global_step`); the learning rate is
+//! stepped once per rollout batch, as TRL's scheduler is.
+//!
+//! # Exact resume
+//!
+//! Checkpoints are written between rollout batches; sampling seeds, mini-batch orders and
+//! dropout masks are pure functions of (seed, step, epoch, mini-batch), so a resumed run
+//! samples and trains what the uninterrupted one did.
+//!
+//! Owns: the order of a PPO step and the value head. Does not own: text, reward functions or
+//! the reward model (the env), the PPO formulas (`ppo_loss`), checkpoint files
+//! (`ferrotune-ckpt`).
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use ferrotune_ckpt::{prune, Checkpoint, RunDir};
+use ferrotune_data::{Collated, Cursor, Loader, Shuffler};
+use ferrotune_generate::{generate, Finish, GenerateOptions, Generation, SamplingParams};
+use ferrotune_models::CausalLm;
+use ferrotune_nn::{ops, splitmix64, Mode};
+use serde::{Deserialize, Serialize};
+
+use crate::grpo::{
+    mean_std, micro_batch, rows_tensor, to_rows, weighted_totals, CompletionRecord, GrpoEnv, Split,
+};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::ppo_loss::{
+    explained_variance, ppo_loss, rollout, PpoConfig, PpoLossInputs, PpoLossStats, RolloutInputs,
+};
+use crate::schedule::Schedule;
+use crate::sft::{
+    apply_update, batch_tensors, eval_hook, resume_from, save_with, Observer, Result, TrainError,
+    Trainable,
+};
+use crate::step::{GradAccumulator, NonFiniteGuard};
+
+/// The value head's file in a checkpoint folder.
+pub const VALUE_HEAD_FILE: &str = "value_head.safetensors";
+/// TRL `ValueHead.summary` (`nn.Linear(H, 1)`) weight, (1, H).
+pub const V_HEAD_WEIGHT: &str = "v_head.summary.weight";
+/// TRL `ValueHead.summary` bias, (1,).
+pub const V_HEAD_BIAS: &str = "v_head.summary.bias";
+
+/// The scalar value head (module docs).
+pub struct ValueHead {
+    /// (1, H) f32.
+    pub weight: Var,
+    /// (1,) f32.
+    pub bias: Var,
+}
+
+impl ValueHead {
+    /// A zero head for hidden size `hidden`.
+    pub fn zeros(hidden: usize, device: &Device) -> candle_core::Result<Self> {
+        Ok(ValueHead {
+            weight: Var::zeros((1, hidden), DType::F32, device)?,
+            bias: Var::zeros(1, DType::F32, device)?,
+        })
+    }
+
+    /// Values (N,) f32 of hidden states (N, H) in any float dtype.
+    pub fn forward(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+        let v = h
+            .to_dtype(DType::F32)?
+            .matmul(&self.weight.as_tensor().t()?)?; // (N, 1)
+        v.broadcast_add(self.bias.as_tensor())?.squeeze(1) // (N,)
+    }
+
+    /// The trainable parameters under TRL's names.
+    pub fn params(&self) -> Vec<(String, Var)> {
+        vec![
+            (V_HEAD_WEIGHT.into(), self.weight.clone()),
+            (V_HEAD_BIAS.into(), self.bias.clone()),
+        ]
+    }
+
+    /// The head as named CPU tensors, for a checkpoint.
+    pub fn tensors(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
+        self.params()
+            .into_iter()
+            .map(|(n, v)| Ok((n, v.as_tensor().to_device(&Device::Cpu)?)))
+            .collect()
+    }
+
+    /// Set the head from saved tensors (`origin` names the file in errors).
+    pub fn restore(&self, saved: &[(String, Tensor)], origin: &Path) -> Result<()> {
+        for (name, var) in self.params() {
+            let state = |msg: String| TrainError::State {
+                path: origin.display().to_string(),
+                msg,
+            };
+            let t = saved
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, t)| t)
+                .ok_or_else(|| state(format!("no {name} in the value head file")))?;
+            if t.dims() != var.dims() {
+                return Err(state(format!(
+                    "{name} has shape {:?}, the value head {:?}",
+                    t.dims(),
+                    var.dims()
+                )));
+            }
+            var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The resolved PPO schedule.
+#[derive(Debug, Clone)]
+pub struct PpoPlan {
+    pub seed: u64,
+    /// Rollout batches to train on.
+    pub total_steps: usize,
+    /// Completions per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per mini-batch (= per optimizer step).
+    pub grad_accum: usize,
+    pub num_mini_batches: usize,
+    pub num_ppo_epochs: usize,
+    pub max_completion_len: usize,
+    /// Sampling for rollouts (its seed is replaced per step).
+    pub sampling: SamplingParams,
+    pub loss: PpoConfig,
+    /// Subtracted from the score of a completion that hit `max_completion_len` (TRL).
+    pub missing_eos_penalty: Option<f64>,
+    pub learning_rate: f64,
+    pub schedule: Schedule,
+    pub adamw: AdamWConfig,
+    pub max_grad_norm: f64,
+    pub log_every: usize,
+    pub save_every: usize,
+    pub eval_every: usize,
+    pub keep_last: usize,
+    pub max_nonfinite_steps: usize,
+    pub shuffle: bool,
+    /// Write this step's completions every `log_every` steps.
+    pub log_completions: bool,
+    pub eos_ids: Vec<u32>,
+    pub pad_id: u32,
+}
+
+impl PpoPlan {
+    /// Completions per optimizer step.
+    pub fn mini_batch_size(&self) -> usize {
+        self.batch_size * self.grad_accum
+    }
+    /// Prompts (= completions) per rollout batch.
+    pub fn rollouts_per_step(&self) -> usize {
+        self.mini_batch_size() * self.num_mini_batches
+    }
+    /// Checks that say why a plan cannot run.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        for (name, v) in [
+            ("run.batch_size", self.batch_size),
+            ("run.gradient_accumulation_steps", self.grad_accum),
+            ("ppo.num_mini_batches", self.num_mini_batches),
+            ("ppo.num_ppo_epochs", self.num_ppo_epochs),
+            ("ppo.max_completion_len", self.max_completion_len),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        if self.rollouts_per_step() < 2 {
+            return Err(
+                "a rollout batch needs at least 2 completions: advantages are whitened \
+                 over the batch (raise run.batch_size)"
+                    .into(),
+            );
+        }
+        if !(self.sampling.temperature > 0.0 && self.sampling.temperature.is_finite()) {
+            return Err("ppo.temperature must be positive (PPO needs sampled completions)".into());
+        }
+        if self.missing_eos_penalty.is_some_and(|p| !p.is_finite()) {
+            return Err("ppo.missing_eos_penalty must be a finite number".into());
+        }
+        self.loss.validate().map_err(|e| e.to_string())
+    }
+}
+
+/// What the loop saves besides weights, value head and optimizer moments.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PpoState {
+    pub step: usize,
+    pub cursor: Cursor,
+    pub guard: NonFiniteGuard,
+    pub seed: u64,
+    /// Completions sampled so far (TRL's `episode`).
+    pub episodes: u64,
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, Default)]
+pub struct PpoSummary {
+    pub steps: usize,
+    /// Mean score (`objective/scores`) of the first and last rollout batches of this run.
+    pub first_score: Option<f64>,
+    pub last_score: Option<f64>,
+    /// `objective/kl` of the last rollout batch, and the largest seen.
+    pub last_kl: Option<f64>,
+    pub max_kl: f64,
+    pub skipped_steps: usize,
+    pub last_checkpoint: Option<std::path::PathBuf>,
+    /// The eval hook stopped the run (regression gate).
+    pub stopped_early: bool,
+}
+
+/// Completions of the rollout as one right-padded prompt + completion batch.
+struct MicroBatch {
+    c: Collated,
+    /// Prompt and completion tokens per row.
+    prompt_lens: Vec<usize>,
+    lens: Vec<usize>,
+    /// Response slots T of the whole rollout batch (its longest completion).
+    width: usize,
+}
+
+impl MicroBatch {
+    /// Completions `idx` of the rollout.
+    fn new(
+        env: &dyn GrpoEnv,
+        items: &[usize],
+        gens: &[Generation],
+        idx: &[usize],
+        width: usize,
+        pad_id: u32,
+    ) -> Self {
+        let its: Vec<usize> = idx.iter().map(|&j| items[j]).collect();
+        let gs: Vec<Generation> = idx.iter().map(|&j| gens[j].clone()).collect();
+        let (c, lens) = micro_batch(env, Split::Train, &its, &gs, pad_id);
+        let prompt_lens = its
+            .iter()
+            .map(|&i| env.prompt_ids(Split::Train, i).len())
+            .collect();
+        MicroBatch {
+            c,
+            prompt_lens,
+            lens,
+            width,
+        }
+    }
+}
+
+/// Log-probs of the response tokens under softmax(logits / temperature) (when `want_lp`) and
+/// values (when `head` is given) of a micro-batch, from one forward; both (B, T), zero outside
+/// each row's slots. Slot t of row i is read at hidden position `p_i − 1 + t`: the state before
+/// response token t, so slot `len_i` (the value mask's extra slot) is the state after the last
+/// token.
+fn policy_forward(
+    model: &dyn CausalLm,
+    head: Option<&ValueHead>,
+    mb: &MicroBatch,
+    temperature: f64,
+    want_lp: bool,
+    mode: Mode,
+    device: &Device,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    if want_lp && model.lm_head().lora.is_some() && mode.adapters {
+        return Err(TrainError::Plan(
+            "LoRA on lm_head is not supported: remove lm_head from lora.target_modules".into(),
+        ));
+    }
+    let (c, width) = (&mb.c, mb.width);
+    let batch = batch_tensors(c, device)?;
+    let h = model.hidden(&batch, None, mode)?; // (B, S, H)
+    let (b, s, hd) = h.dims3()?;
+    let flat = h.reshape((b * s, hd))?; // (B·S, H)
+    let flat = if mode.train { flat } else { flat.detach() };
+    let (mut lp_pos, mut targets, mut v_pos, mut v_lens) = (vec![], vec![], vec![], vec![]);
+    for i in 0..b {
+        let (p, l) = (mb.prompt_lens[i], mb.lens[i]);
+        for t in 0..l {
+            lp_pos.push((i * s + p - 1 + t) as u32);
+            targets.push(c.ids[i][p + t]);
+        }
+        let vl = (l + 1).min(width);
+        v_lens.push(vl);
+        v_pos.extend((0..vl).map(|t| (i * s + p - 1 + t) as u32));
+    }
+    let lp = if want_lp {
+        let sel = flat.index_select(&Tensor::new(lp_pos, device)?, 0)?; // (N, H)
+        let targets = Tensor::new(targets, device)?;
+        let lp = ops::token_logprobs(&sel, &model.lm_head().weight, &targets, temperature)?;
+        Some(to_rows(&lp.to_dtype(DType::F32)?, &mb.lens, width)?) // (B, T)
+    } else {
+        None
+    };
+    let values = match head {
+        Some(head) => {
+            let sel = flat.index_select(&Tensor::new(v_pos, device)?, 0)?; // (M, H)
+            Some(to_rows(&head.forward(&sel)?, &v_lens, width)?) // (B, T)
+        }
+        None => None,
+    };
+    Ok((lp, values))
+}
+
+/// Means of the micro-batch loss stats, and the unbiased variance of their ratio means (TRL's
+/// `val/ratio_var`).
+fn mean_stats(stats: &[PpoLossStats]) -> Vec<(&'static str, f64)> {
+    let n = stats.len().max(1) as f64;
+    let avg = |f: fn(&PpoLossStats) -> f64| stats.iter().map(f).sum::<f64>() / n;
+    let ratio = avg(|s| s.ratio_mean);
+    let ratio_var = if stats.len() > 1 {
+        stats
+            .iter()
+            .map(|s| (s.ratio_mean - ratio).powi(2))
+            .sum::<f64>()
+            / (n - 1.0)
+    } else {
+        0.0
+    };
+    vec![
+        ("policy/approxkl_avg", avg(|s| s.approxkl)),
+        ("policy/clipfrac_avg", avg(|s| s.pg_clipfrac)),
+        ("loss/policy_avg", avg(|s| s.pg_loss)),
+        ("loss/value_avg", avg(|s| s.vf_loss)),
+        ("val/clipfrac_avg", avg(|s| s.vf_clipfrac)),
+        ("val/ratio", ratio),
+        ("val/ratio_var", ratio_var),
+    ]
+}
+
+/// Run PPO from step 0, or from `resume`, up to `plan.total_steps` rollout batches. `head` is
+/// trained with the adapters of `trainable`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_ppo(
+    model: &dyn CausalLm,
+    trainable: &Trainable,
+    head: &ValueHead,
+    env: &mut dyn GrpoEnv,
+    plan: &PpoPlan,
+    run: &RunDir,
+    resume: Option<&Checkpoint>,
+    obs: &mut dyn Observer,
+    device: &Device,
+) -> Result<PpoSummary> {
+    plan.validate().map_err(TrainError::Plan)?;
+    let n_train = env.len(Split::Train);
+    if n_train == 0 {
+        return Err(TrainError::Plan("no training prompts".into()));
+    }
+    let mut params = trainable.params().to_vec();
+    params.extend(head.params());
+    let mut opt = AdamW::new(params.clone(), plan.adamw)?;
+    let mut state = PpoState {
+        step: 0,
+        cursor: Cursor::default(),
+        guard: NonFiniteGuard::new(plan.max_nonfinite_steps),
+        seed: plan.seed,
+        episodes: 0,
+    };
+    if let Some(ck) = resume {
+        state = resume_from(ck, trainable, model, &mut opt, obs, |s: &PpoState| s.step)?;
+        let file = ck.dir.join(VALUE_HEAD_FILE);
+        let saved = ck
+            .extra_tensors(VALUE_HEAD_FILE)?
+            .ok_or_else(|| TrainError::State {
+                path: ck.dir.display().to_string(),
+                msg: format!("no {VALUE_HEAD_FILE}: not a PPO checkpoint"),
+            })?;
+        head.restore(&saved, &file)?;
+    }
+    let mut loader = Loader::resume(
+        n_train,
+        Shuffler::new(plan.seed, plan.shuffle),
+        state.cursor,
+    )?;
+    let labels = env.reward_labels();
+    let weights = env.reward_weights();
+    let temp = plan.sampling.temperature;
+    let mut summary = PpoSummary {
+        steps: state.step,
+        ..Default::default()
+    };
+    let mut acc = GradAccumulator::new(&params);
+    let t_run = Instant::now();
+    let episodes_at_start = state.episodes;
+    while state.step < plan.total_steps {
+        let t_step = Instant::now();
+        let step = state.step as u64;
+        // 1. Rollouts: one completion per prompt, sampled by our engine.
+        let n = plan.rollouts_per_step();
+        let items = loader.next_batch(n)?;
+        let prompts: Vec<Vec<u32>> = items
+            .iter()
+            .map(|&i| env.prompt_ids(Split::Train, i).to_vec())
+            .collect();
+        let opts = GenerateOptions {
+            sampling: SamplingParams {
+                seed: splitmix64(plan.seed ^ splitmix64(step.wrapping_add(0x5eed))),
+                ..plan.sampling.clone()
+            },
+            max_new_tokens: plan.max_completion_len,
+            eos_ids: plan.eos_ids.clone(),
+            pad_id: plan.pad_id,
+            mode: Mode::EVAL,
+        };
+        let t_gen = Instant::now();
+        let gens = {
+            let envr: &dyn GrpoEnv = env;
+            generate(model, &prompts, &opts, &|_, ids| envr.stop(ids), device)?
+        };
+        let gen_secs = t_gen.elapsed().as_secs_f64();
+        let new_tokens: usize = gens.iter().map(|g| g.ids.len()).sum();
+        state.episodes += n as u64;
+
+        // 2. Scores: Σ weight · score per completion; TRL's missing-EOS penalty.
+        let per_reward = env
+            .score(Split::Train, &items, &gens)
+            .map_err(TrainError::Plan)?;
+        let (notes, failed) = env.drain_failures();
+        for note in notes {
+            obs.message(&format!("step {}: {note}", state.step + 1));
+        }
+        let totals = weighted_totals(&per_reward, &weights, n);
+        let unscorable = totals.iter().filter(|t| !t.is_finite()).count();
+        let mut scores: Vec<f64> = totals
+            .iter()
+            .map(|&t| if t.is_finite() { t } else { 0.0 })
+            .collect();
+        let truncated: Vec<bool> = gens.iter().map(|g| g.finish == Finish::Length).collect();
+        if let Some(p) = plan.missing_eos_penalty {
+            for (s, &cut) in scores.iter_mut().zip(&truncated) {
+                if cut {
+                    *s -= p;
+                }
+            }
+        }
+
+        // 3. Old log-probs (the sampler's), reference log-probs and old values, per micro-batch.
+        let lens: Vec<usize> = gens.iter().map(|g| g.ids.len()).collect();
+        let width = lens.iter().copied().max().unwrap_or(0);
+        let old_lp: Vec<Vec<f32>> = gens.iter().map(|g| g.logprobs.clone()).collect();
+        let old_lp = rows_tensor(&old_lp, width, device)?; // (B, T)
+        let (mut ref_rows, mut value_rows) = (Vec::new(), Vec::new());
+        let all: Vec<usize> = (0..n).collect();
+        for chunk in all.chunks(plan.batch_size) {
+            let mb = MicroBatch::new(env, &items, &gens, chunk, width, plan.pad_id);
+            let (_, v) = policy_forward(model, Some(head), &mb, temp, false, Mode::EVAL, device)?;
+            let (r, _) = policy_forward(model, None, &mb, temp, true, Mode::REFERENCE, device)?;
+            ref_rows.extend(r);
+            value_rows.extend(v);
+        }
+        let ref_lp = Tensor::cat(&ref_rows, 0)?; // (B, T)
+        let values = Tensor::cat(&value_rows, 0)?; // (B, T)
+        let score_t = Tensor::from_vec(
+            scores.iter().map(|&s| s as f32).collect::<Vec<f32>>(),
+            n,
+            device,
+        )?; // (B,)
+
+        // 4. KL-penalised rewards, GAE advantages (whitened) and returns.
+        let ro = rollout(
+            &RolloutInputs {
+                logprobs: &old_lp,
+                ref_logprobs: &ref_lp,
+                values: &values,
+                scores: &score_t,
+                lengths: &lens,
+            },
+            &plan.loss,
+        )?;
+        let ev = explained_variance(&ro.returns, &ro.values, &ro.masks.value).ok();
+
+        // 5. PPO epochs over shuffled mini-batches; one optimizer step per mini-batch.
+        let t_train = Instant::now();
+        let lr = plan.schedule.lr_at(state.step, plan.learning_rate);
+        let mut stats: Vec<PpoLossStats> = Vec::new();
+        let mut norms: Vec<f64> = Vec::new();
+        let shuffler = Shuffler::new(splitmix64(plan.seed ^ splitmix64(step ^ 0x99)), true);
+        for epoch in 0..plan.num_ppo_epochs {
+            let order = shuffler.epoch_order(n, epoch as u64);
+            for (m, mini) in order.chunks(plan.mini_batch_size()).enumerate() {
+                let n_micro = mini.len().div_ceil(plan.batch_size);
+                for (k, micro) in mini.chunks(plan.batch_size).enumerate() {
+                    let mb = MicroBatch::new(env, &items, &gens, micro, width, plan.pad_id);
+                    let mode = Mode::train_with_seed(splitmix64(
+                        plan.seed
+                            ^ splitmix64(
+                                (step << 32)
+                                    | ((epoch as u64) << 20)
+                                    | ((m as u64) << 10)
+                                    | k as u64,
+                            ),
+                    ));
+                    let (lp, v) = policy_forward(model, Some(head), &mb, temp, true, mode, device)?;
+                    let (Some(lp), Some(v)) = (lp, v) else {
+                        return Err(TrainError::Plan("policy forward lost its outputs".into()));
+                    };
+                    let idx: Vec<u32> = micro.iter().map(|&j| j as u32).collect();
+                    let idx = Tensor::new(idx, device)?;
+                    let pick = |t: &Tensor| t.index_select(&idx, 0); // (b, T)
+                    let out = ppo_loss(
+                        &PpoLossInputs {
+                            logprobs: &lp,
+                            old_logprobs: &pick(&old_lp)?,
+                            advantages: &pick(&ro.advantages)?,
+                            values: &v,
+                            old_values: &pick(&ro.values)?,
+                            returns: &pick(&ro.returns)?,
+                            response_mask: &pick(&ro.masks.response)?,
+                            value_mask: &pick(&ro.masks.value)?,
+                        },
+                        &plan.loss,
+                    )?;
+                    // Each micro-batch loss is its own masked mean; dividing by the number of
+                    // micro-batches makes the summed gradient the mini-batch's (TRL through
+                    // accelerate).
+                    let loss = (out.loss / n_micro as f64)?;
+                    acc.add(&loss.backward()?)?;
+                    stats.push(out.stats);
+                }
+                let (gnorm, applied) = apply_update(
+                    &mut acc,
+                    &params,
+                    &mut opt,
+                    &mut state.guard,
+                    state.step,
+                    plan.max_grad_norm,
+                    lr,
+                    obs,
+                )?;
+                norms.push(gnorm);
+                if !applied {
+                    summary.skipped_steps += 1;
+                }
+            }
+        }
+        let train_secs = t_train.elapsed().as_secs_f64();
+        state.step += 1;
+        state.cursor = loader.cursor();
+        summary.steps = state.step;
+        let rs = &ro.stats;
+        summary.first_score.get_or_insert(rs.scores);
+        summary.last_score = Some(rs.scores);
+        summary.last_kl = Some(rs.kl);
+        summary.max_kl = summary.max_kl.max(rs.kl);
+
+        // 6. Completions, metrics, eval hook, checkpoint.
+        if plan.log_completions && (state.step.is_multiple_of(plan.log_every) || state.step == 1) {
+            let adv = ro.advantages.to_vec2::<f32>()?;
+            let recs: Vec<CompletionRecord> = (0..n)
+                .map(|i| CompletionRecord {
+                    item: items[i],
+                    ids: gens[i].ids.clone(),
+                    rewards: per_reward.iter().map(|s| s[i]).collect(),
+                    total: scores[i],
+                    // Mean advantage over the row's response tokens.
+                    advantage: adv[i][..lens[i]].iter().map(|&a| a as f64).sum::<f64>()
+                        / lens[i].max(1) as f64,
+                    finish: gens[i].finish,
+                })
+                .collect();
+            env.record(state.step, &recs);
+        }
+        if state.step.is_multiple_of(plan.log_every)
+            || state.step == plan.total_steps
+            || state.step == 1
+        {
+            let mut values: Vec<(String, f64)> = vec![
+                ("objective/scores".into(), rs.scores),
+                ("objective/kl".into(), rs.kl),
+                ("objective/entropy".into(), rs.entropy),
+                ("objective/non_score_reward".into(), rs.non_score_reward),
+                ("objective/rlhf_reward".into(), rs.rlhf_reward),
+            ];
+            values.extend(mean_stats(&stats).into_iter().map(|(k, v)| (k.into(), v)));
+            if let Some(ev) = ev.filter(|e| e.is_finite()) {
+                values.push(("val/explained_variance".into(), ev));
+            }
+            let eos = gens
+                .iter()
+                .flat_map(|g| &g.ids)
+                .filter(|t| plan.eos_ids.contains(t))
+                .count();
+            values.push(("val/num_eos_tokens".into(), eos as f64));
+            for (k, label) in labels.iter().enumerate() {
+                let vals: Vec<f64> = per_reward[k].iter().flatten().copied().collect();
+                if !vals.is_empty() {
+                    let (m, s) = mean_std(&vals);
+                    values.push((format!("rewards/{label}/mean"), m));
+                    values.push((format!("rewards/{label}/std"), s));
+                }
+            }
+            if failed > 0 {
+                values.push(("rewards/failures".into(), failed as f64));
+            }
+            if unscorable > 0 {
+                values.push(("rewards/unscorable".into(), unscorable as f64));
+            }
+            let lens_f: Vec<f64> = lens.iter().map(|&l| l as f64).collect();
+            values.push(("completions/mean_length".into(), mean_std(&lens_f).0));
+            values.push((
+                "completions/clipped_ratio".into(),
+                truncated.iter().filter(|&&c| c).count() as f64 / n as f64,
+            ));
+            values.push(("grad_norm".into(), mean_std(&norms).0));
+            values.push(("lr".into(), lr));
+            values.push(("episode".into(), state.episodes as f64));
+            values.push((
+                "eps".into(),
+                (state.episodes - episodes_at_start) as f64 / t_run.elapsed().as_secs_f64(),
+            ));
+            values.push(("tokens_per_s/rollout".into(), new_tokens as f64 / gen_secs));
+            values.push(("train_seconds".into(), train_secs));
+            values.push(("step_seconds".into(), t_step.elapsed().as_secs_f64()));
+            let refs: Vec<(&str, f64)> = values.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            obs.metrics(state.step, &refs);
+        }
+        if plan.eval_every > 0
+            && (state.step.is_multiple_of(plan.eval_every) || state.step == plan.total_steps)
+            && eval_hook(obs, state.step, model)?
+        {
+            summary.stopped_early = true;
+            break;
+        }
+        let save_now = (plan.save_every > 0 && state.step.is_multiple_of(plan.save_every))
+            || state.step == plan.total_steps;
+        if save_now {
+            let trainer_state =
+                serde_json::to_value(&state).map_err(|e| TrainError::Plan(e.to_string()))?;
+            let head_tensors = head.tensors()?;
+            let path = save_with(
+                trainable,
+                model,
+                &opt,
+                state.step,
+                &trainer_state,
+                run,
+                &[(VALUE_HEAD_FILE, &head_tensors)],
+            )?;
+            obs.message(&format!("saved {}", path.display()));
+            summary.last_checkpoint = Some(path);
+            if plan.keep_last > 0 {
+                prune(run, plan.keep_last)?;
+            }
+        }
+    }
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn value_head_is_a_linear_map_and_round_trips() {
+        let dev = Device::Cpu;
+        let head = ValueHead::zeros(3, &dev).unwrap();
+        head.weight
+            .set(&Tensor::new(&[[1f32, -2., 0.5]], &dev).unwrap())
+            .unwrap();
+        head.bias
+            .set(&Tensor::new(&[0.25f32], &dev).unwrap())
+            .unwrap();
+        let h = Tensor::new(&[[1f32, 1., 2.], [0., 0.5, -2.]], &dev).unwrap(); // (2, 3)
+        let v = head.forward(&h).unwrap().to_vec1::<f32>().unwrap();
+        // 1 - 2 + 1 + 0.25 = 0.25; 0 - 1 - 1 + 0.25 = -1.75
+        assert_eq!(v, vec![0.25, -1.75]);
+        let saved = head.tensors().unwrap();
+        assert_eq!(
+            saved.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+            vec![V_HEAD_WEIGHT, V_HEAD_BIAS]
+        );
+        let other = ValueHead::zeros(3, &dev).unwrap();
+        other.restore(&saved, Path::new("v.safetensors")).unwrap();
+        assert_eq!(other.forward(&h).unwrap().to_vec1::<f32>().unwrap(), v);
+        let wrong = ValueHead::zeros(4, &dev).unwrap();
+        let e = wrong
+            .restore(&saved, Path::new("v.safetensors"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(V_HEAD_WEIGHT) && e.contains("shape"), "{e}");
+    }
+
+    /// The response slots are where the loss expects them: log-probs equal the ones the shared
+    /// scorer (`loss::scored_logprobs`, by loss mask) gives for the completion tokens, and the
+    /// value at slot t is the head applied to the hidden state at position p − 1 + t, for
+    /// t ≤ len (the value mask), with zeros beyond.
+    #[test]
+    fn slots_line_up_with_the_tokens_and_states_they_score() {
+        let dev = Device::Cpu;
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/tiny-chat/model");
+        let model = ferrotune_models::load(&dir, &Default::default())
+            .unwrap()
+            .model;
+        let rows = [
+            (vec![5u32, 9, 13], vec![20u32, 21, 2]),
+            (vec![7, 8], vec![30]),
+        ];
+        let seqs: Vec<ferrotune_data::Tokenized> = rows
+            .iter()
+            .map(|(p, c)| ferrotune_data::Tokenized {
+                ids: [p.clone(), c.clone()].concat(),
+                loss_mask: [vec![0u8; p.len()], vec![1u8; c.len()]].concat(),
+                truncated: false,
+                tokens_dropped: 0,
+            })
+            .collect();
+        let refs: Vec<&ferrotune_data::Tokenized> = seqs.iter().collect();
+        let c = ferrotune_data::collate_right(&refs, 0);
+        let mb = MicroBatch {
+            c: c.clone(),
+            prompt_lens: vec![3, 2],
+            lens: vec![3, 1],
+            width: 4,
+        };
+        let head = ValueHead::zeros(64, &dev).unwrap();
+        let w: Vec<f32> = (0..64)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 10.0)
+            .collect();
+        head.weight
+            .set(&Tensor::from_vec(w.clone(), (1, 64), &dev).unwrap())
+            .unwrap();
+        head.bias
+            .set(&Tensor::new(&[0.5f32], &dev).unwrap())
+            .unwrap();
+        let (lp, v) = policy_forward(
+            model.as_ref(),
+            Some(&head),
+            &mb,
+            0.7,
+            true,
+            Mode::EVAL,
+            &dev,
+        )
+        .unwrap();
+        let (lp, v) = (lp.unwrap().to_vec2::<f32>().unwrap(), v.unwrap());
+        let v = v.to_vec2::<f32>().unwrap();
+        let batch = batch_tensors(&c, &dev).unwrap();
+        let (want, _) =
+            crate::loss::scored_logprobs(model.as_ref(), &batch, &c.loss_mask, 0.7, Mode::EVAL)
+                .unwrap();
+        let want = want.to_vec1::<f32>().unwrap();
+        assert_eq!(lp[0][..3], want[..3]);
+        assert_eq!(lp[1][..1], want[3..4]);
+        assert_eq!((lp[0][3], &lp[1][1..]), (0.0, &[0.0f32, 0.0, 0.0][..]));
+        let h = model
+            .hidden(&batch, None, Mode::EVAL)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap(); // (B, S, H)
+        let value_at =
+            |i: usize, pos: usize| h[i][pos].iter().zip(&w).map(|(a, b)| a * b).sum::<f32>() + 0.5;
+        // Row 0: prompt 3, len 3: slots 0..=3 read positions 2..=5 (width 4 holds all).
+        // Row 1: prompt 2, len 1: slots 0..=1 read positions 1..=2, then zeros.
+        let want_v = [
+            vec![
+                value_at(0, 2),
+                value_at(0, 3),
+                value_at(0, 4),
+                value_at(0, 5),
+            ],
+            vec![value_at(1, 1), value_at(1, 2), 0.0, 0.0],
+        ];
+        for (got, want) in v.iter().zip(&want_v) {
+            for (a, b) in got.iter().zip(want) {
+                assert!((a - b).abs() < 1e-5, "values {v:?} != {want_v:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn ratio_var_is_the_unbiased_variance_of_micro_batch_ratios() {
+        let s = |r: f64| PpoLossStats {
+            pg_loss: 0.0,
+            vf_loss: 0.0,
+            pg_clipfrac: 0.0,
+            vf_clipfrac: 0.0,
+            approxkl: 0.0,
+            ratio_mean: r,
+        };
+        let m = mean_stats(&[s(1.0), s(1.2), s(0.8)]);
+        let get = |k: &str| m.iter().find(|(n, _)| *n == k).unwrap().1;
+        assert!((get("val/ratio") - 1.0).abs() < 1e-12);
+        // torch.tensor([1.0, 1.2, 0.8]).var() = 0.04
+        assert!((get("val/ratio_var") - 0.04).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,530 @@
+//! Reward-model training (Bradley–Terry, as TRL 1.16's `RewardTrainer`), one loop you can read
+//! top to bottom: batch of pairs → chosen and rejected right-padded into one forward of 2B rows
+//! → scalar scores at each row's last real token → [`reward_model_loss`] (optional per-pair
+//! margin, optional centering) → backward (accumulated) → the shared clip + AdamW step over the
+//! body's LoRA adapters *and* the score head → log → eval (held-out pairwise accuracy) → save;
+//! at the end the merged model is written as a `…ForSequenceClassification` folder.
+//!
+//! Logged with TRL's names: `loss`, `accuracy` (r_chosen > r_rejected), `margin` (mean
+//! r_chosen − r_rejected), `min_reward`, `mean_reward`, `max_reward`, plus `rewards/chosen`,
+//! `rewards/rejected` (the two sides' means), `grad_norm`, `learning_rate`, `num_tokens`; eval
+//! the same under `eval/`. Unlike TRL, which averages per-batch accuracies, every number here is
+//! a mean over pairs, so it does not depend on how the pairs were batched.
+//!
+//! Checkpoints are PEFT `SEQ_CLS` adapter folders (LoRA + the head) with the optimizer moments,
+//! data cursor, non-finite guard and step, so 2N steps = N + resume + N; dropout masks are a pure
+//! function of (seed, step, micro-batch).
+//!
+//! Owns: the order of a reward-model step. Does not own: the loss (`pref_loss`), the head and its
+//! pooling (`ferrotune_models::reward`), tokenizing pairs (`ferrotune-data`), the files
+//! (`ferrotune-ckpt`).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use ferrotune_ckpt::{
+    export_reward_model, prune, restore_reward_adapter, save_checkpoint, Checkpoint,
+    CheckpointParts, RunDir, Weights,
+};
+use ferrotune_data::{Cursor, Loader, Shuffler};
+use ferrotune_models::{Batch, RewardModel};
+use ferrotune_nn::{splitmix64, LoraConfig, Mode};
+use serde::{Deserialize, Serialize};
+
+use crate::optim::{AdamW, AdamWConfig};
+use crate::pref_loss::reward_model_loss;
+use crate::schedule::Schedule;
+use crate::sft::{apply_update, Observer, Result, TrainError};
+use crate::step::{GradAccumulator, NonFiniteGuard};
+
+/// The optimizer's name for the head (the LoRA parameters go by their PEFT keys).
+pub const SCORE_PARAM: &str = "score.weight";
+
+/// Folder of the run where the merged reward model is written at the end.
+pub const EXPORT_DIR: &str = "reward_model";
+
+/// One tokenized preference pair for the reward model: whole sequences (prompt + completion),
+/// no loss mask — the score is read at the last token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RmPair {
+    pub chosen: Vec<u32>,
+    pub rejected: Vec<u32>,
+    /// TRL's optional `margin` column: the loss is −logσ(r_c − r_r − margin).
+    pub margin: Option<f64>,
+}
+
+/// What is trained: the reward model's adapters and head, and how checkpoints name the base.
+pub struct RmTrainable<'a> {
+    pub rm: &'a RewardModel,
+    pub lora: &'a LoraConfig,
+    /// `base_model_name_or_path` in the checkpoints' `adapter_config.json`.
+    pub base_name: String,
+}
+
+impl RmTrainable<'_> {
+    /// The LoRA A/B matrices under their PEFT keys, then the head.
+    pub fn params(&self) -> Vec<(String, Var)> {
+        let mut params: Vec<(String, Var)> = self
+            .rm
+            .body
+            .linear_slots()
+            .iter()
+            .filter_map(|s| s.lora.as_ref().map(|a| (s.path.clone(), a)))
+            .flat_map(|(p, a)| {
+                [
+                    (
+                        ferrotune_models::adapter::peft_key(&p, "lora_A"),
+                        a.a.clone(),
+                    ),
+                    (
+                        ferrotune_models::adapter::peft_key(&p, "lora_B"),
+                        a.b.clone(),
+                    ),
+                ]
+            })
+            .collect();
+        params.push((SCORE_PARAM.into(), self.rm.score.clone()));
+        params
+    }
+}
+
+/// The resolved schedule (from the config, with totals computed).
+#[derive(Debug, Clone)]
+pub struct RmPlan {
+    pub seed: u64,
+    pub total_steps: usize,
+    /// Pairs per micro-batch (each pair is two rows of the forward).
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    /// TRL's `center_rewards_coefficient` (None = off).
+    pub center_rewards_coefficient: Option<f64>,
+    pub learning_rate: f64,
+    pub schedule: Schedule,
+    pub adamw: AdamWConfig,
+    pub max_grad_norm: f64,
+    pub log_every: usize,
+    pub save_every: usize,
+    pub eval_every: usize,
+    pub keep_last: usize,
+    pub max_nonfinite_steps: usize,
+    pub shuffle: bool,
+    /// Pad id of the batches (the model's `pad_token_id`, which the export records).
+    pub pad_id: u32,
+    /// Dtype of the merged export at the end; None = no export.
+    pub export_dtype: Option<DType>,
+}
+
+/// What the loop saves besides weights and optimizer moments.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RmState {
+    pub step: usize,
+    pub cursor: Cursor,
+    pub guard: NonFiniteGuard,
+    pub seed: u64,
+    pub pairs_seen: u64,
+    /// Real (non-pad) tokens scored so far (TRL's `num_tokens`).
+    pub num_tokens: u64,
+}
+
+/// Means over a set of pairs (TRL's logged quantities).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RmStats {
+    pub loss: f64,
+    pub accuracy: f64,
+    pub margin: f64,
+    pub rewards_chosen: f64,
+    pub rewards_rejected: f64,
+    pub min_reward: f64,
+    pub mean_reward: f64,
+    pub max_reward: f64,
+    pub pairs: usize,
+}
+
+impl RmStats {
+    fn metrics(&self, prefix: &str) -> Vec<(String, f64)> {
+        [
+            ("loss", self.loss),
+            ("accuracy", self.accuracy),
+            ("margin", self.margin),
+            ("rewards/chosen", self.rewards_chosen),
+            ("rewards/rejected", self.rewards_rejected),
+            ("min_reward", self.min_reward),
+            ("mean_reward", self.mean_reward),
+            ("max_reward", self.max_reward),
+        ]
+        .into_iter()
+        .map(|(k, v)| (format!("{prefix}{k}"), v))
+        .collect()
+    }
+}
+
+/// Per-pair scores and pair-weighted losses gathered over micro-batches.
+#[derive(Default)]
+struct PairAcc {
+    chosen: Vec<f64>,
+    rejected: Vec<f64>,
+    /// Σ (micro-batch mean loss × its pairs), so the mean is over pairs.
+    loss_sum: f64,
+}
+
+impl PairAcc {
+    fn stats(&self) -> RmStats {
+        let n = self.chosen.len();
+        if n == 0 {
+            return RmStats {
+                loss: f64::NAN,
+                ..Default::default()
+            };
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let all: Vec<f64> = self.chosen.iter().chain(&self.rejected).copied().collect();
+        let diffs: Vec<f64> = self
+            .chosen
+            .iter()
+            .zip(&self.rejected)
+            .map(|(c, r)| c - r)
+            .collect();
+        RmStats {
+            loss: self.loss_sum / n as f64,
+            accuracy: diffs.iter().filter(|&&d| d > 0.0).count() as f64 / n as f64,
+            margin: mean(&diffs),
+            rewards_chosen: mean(&self.chosen),
+            rewards_rejected: mean(&self.rejected),
+            min_reward: all.iter().copied().fold(f64::INFINITY, f64::min),
+            mean_reward: mean(&all),
+            max_reward: all.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            pairs: n,
+        }
+    }
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RmSummary {
+    pub steps: usize,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    /// Eval before the first step (fresh runs with an eval set) and at the last eval point.
+    pub first_eval: Option<RmStats>,
+    pub last_eval: Option<RmStats>,
+    pub skipped_steps: usize,
+    pub last_checkpoint: Option<PathBuf>,
+    /// The merged `…ForSequenceClassification` folder written at the end.
+    pub export: Option<PathBuf>,
+}
+
+/// Scores (B,) ×2 of a slice of pairs, chosen rows first, in one right-padded forward of 2B rows;
+/// also the number of real tokens in the batch.
+pub fn pair_scores(
+    rm: &RewardModel,
+    pairs: &[&RmPair],
+    pad_id: u32,
+    mode: Mode,
+    device: &Device,
+) -> Result<(Tensor, Tensor, usize)> {
+    let b = pairs.len();
+    let seqs: Vec<Vec<u32>> = pairs
+        .iter()
+        .map(|p| p.chosen.clone())
+        .chain(pairs.iter().map(|p| p.rejected.clone()))
+        .collect();
+    if seqs.iter().any(Vec::is_empty) {
+        return Err(TrainError::Plan(
+            "a preference pair has an empty side; the reward model scores at least one token"
+                .into(),
+        ));
+    }
+    let tokens = seqs.iter().map(Vec::len).sum();
+    let batch = Batch::right_padded(&seqs, pad_id, device)?; // (2B, T)
+    let scores = rm.scores(&batch, mode)?; // (2B,)
+    Ok((scores.narrow(0, 0, b)?, scores.narrow(0, b, b)?, tokens))
+}
+
+/// The loss of one micro-batch (mean over its pairs; differentiable in train mode); the scores
+/// go into `acc`. Returns (loss, real tokens).
+fn micro_loss(
+    rm: &RewardModel,
+    pairs: &[&RmPair],
+    center: Option<f64>,
+    pad_id: u32,
+    mode: Mode,
+    device: &Device,
+    acc: &mut PairAcc,
+) -> Result<(Tensor, usize)> {
+    let (rc, rr, tokens) = pair_scores(rm, pairs, pad_id, mode, device)?;
+    let margin = match pairs.iter().map(|p| p.margin).collect::<Option<Vec<f64>>>() {
+        Some(m) => Some(Tensor::from_vec(m, pairs.len(), device)?),
+        None if pairs.iter().any(|p| p.margin.is_some()) => {
+            return Err(TrainError::Plan(
+                "some pairs have a margin and some do not; give every pair one or none".into(),
+            ))
+        }
+        None => None,
+    };
+    let out = reward_model_loss(&rc, &rr, margin.as_ref(), center)?;
+    let n = pairs.len() as f64;
+    acc.loss_sum += out.loss.detach().to_dtype(DType::F64)?.to_scalar::<f64>()? * n;
+    let host =
+        |t: &Tensor| -> Result<Vec<f64>> { Ok(t.detach().to_dtype(DType::F64)?.to_vec1::<f64>()?) };
+    acc.chosen.extend(host(&rc)?);
+    acc.rejected.extend(host(&rr)?);
+    Ok((out.loss, tokens))
+}
+
+/// Loss, pairwise accuracy and reward statistics of `pairs` without an update, in batches.
+pub fn eval_pairs(
+    rm: &RewardModel,
+    pairs: &[RmPair],
+    center: Option<f64>,
+    batch_size: usize,
+    pad_id: u32,
+    device: &Device,
+) -> Result<Option<RmStats>> {
+    if pairs.is_empty() {
+        return Ok(None);
+    }
+    let mut acc = PairAcc::default();
+    for chunk in pairs.chunks(batch_size.max(1)) {
+        let refs: Vec<&RmPair> = chunk.iter().collect();
+        micro_loss(rm, &refs, center, pad_id, Mode::EVAL, device, &mut acc)?;
+    }
+    Ok(Some(acc.stats()))
+}
+
+/// Train the reward model from step 0, or from `resume`, up to `plan.total_steps`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_reward_model(
+    trainable: &RmTrainable,
+    train: &[RmPair],
+    eval: &[RmPair],
+    plan: &RmPlan,
+    run: &RunDir,
+    resume: Option<&Checkpoint>,
+    obs: &mut dyn Observer,
+    device: &Device,
+) -> Result<RmSummary> {
+    let rm = trainable.rm;
+    let params = trainable.params();
+    if params.len() < 2 {
+        return Err(TrainError::Plan(
+            "the reward model has no LoRA adapters; LoRA on the body is required (the head \
+             alone cannot learn which tokens matter)"
+                .into(),
+        ));
+    }
+    let mut opt = AdamW::new(params.clone(), plan.adamw)?;
+    let mut state = RmState {
+        step: 0,
+        cursor: Cursor::default(),
+        guard: NonFiniteGuard::new(plan.max_nonfinite_steps),
+        seed: plan.seed,
+        pairs_seen: 0,
+        num_tokens: 0,
+    };
+    if let Some(ck) = resume {
+        state = resume_rm(ck, rm, &mut opt, obs)?;
+    }
+    let mut summary = RmSummary {
+        steps: state.step,
+        ..Default::default()
+    };
+    // Eval before training, so the run shows where the fresh head started (fresh runs only: a
+    // resumed run's log already has it).
+    if resume.is_none() && plan.eval_every > 0 {
+        let center = plan.center_rewards_coefficient;
+        if let Some(s) = eval_pairs(rm, eval, center, plan.batch_size, plan.pad_id, device)? {
+            log_eval(obs, 0, &s);
+            summary.first_eval = Some(s);
+        }
+    }
+    let shuffler = Shuffler::new(plan.seed, plan.shuffle);
+    let mut loader = Loader::resume(train.len(), shuffler, state.cursor)?;
+    let mut acc = GradAccumulator::new(&params);
+    let start_step = state.step;
+    while state.step < plan.total_steps {
+        let t0 = Instant::now();
+        // 1. The pairs of this optimizer step, by micro-batch.
+        let micro: Vec<Vec<usize>> = (0..plan.grad_accum)
+            .map(|_| Ok(loader.next_batch(plan.batch_size)?))
+            .collect::<Result<_>>()?;
+        let total_pairs: usize = micro.iter().map(Vec::len).sum();
+        // 2. Scores, loss, backward per micro-batch; each micro-batch's mean loss is weighted by
+        //    its share of the step's pairs, so the step's loss is the mean over all its pairs
+        //    (batch 1 × accum 8 = batch 8 × accum 1).
+        let mut pairs_acc = PairAcc::default();
+        let mut step_tokens = 0usize;
+        for (k, idx) in micro.iter().enumerate() {
+            let pairs: Vec<&RmPair> = idx.iter().map(|&i| &train[i]).collect();
+            let mode = Mode::train_with_seed(splitmix64(
+                plan.seed ^ splitmix64(((state.step as u64) << 16) | k as u64),
+            ));
+            let (loss, tokens) = micro_loss(
+                rm,
+                &pairs,
+                plan.center_rewards_coefficient,
+                plan.pad_id,
+                mode,
+                device,
+                &mut pairs_acc,
+            )?;
+            step_tokens += tokens;
+            let loss = (loss * (pairs.len() as f64 / total_pairs.max(1) as f64))?;
+            acc.add(&loss.backward()?)?;
+        }
+        // 3. Clip (or just measure), skip non-finite steps, update adapters and head.
+        let lr = plan.schedule.lr_at(state.step, plan.learning_rate);
+        let (grad_norm, applied) = apply_update(
+            &mut acc,
+            &params,
+            &mut opt,
+            &mut state.guard,
+            state.step,
+            plan.max_grad_norm,
+            lr,
+            obs,
+        )?;
+        if !applied {
+            summary.skipped_steps += 1;
+        }
+        state.step += 1;
+        state.cursor = loader.cursor();
+        state.pairs_seen += total_pairs as u64;
+        state.num_tokens += step_tokens as u64;
+        let s = pairs_acc.stats();
+        summary.first_loss.get_or_insert(s.loss);
+        summary.last_loss = Some(s.loss);
+        summary.steps = state.step;
+        // 4. Log, eval, save.
+        if state.step.is_multiple_of(plan.log_every) || state.step == plan.total_steps {
+            let secs = t0.elapsed().as_secs_f64();
+            let mut m = s.metrics("");
+            m.push(("grad_norm".into(), grad_norm));
+            m.push(("learning_rate".into(), lr));
+            m.push(("num_tokens".into(), state.num_tokens as f64));
+            m.push(("pairs_per_s".into(), total_pairs as f64 / secs));
+            m.push((
+                "epoch".into(),
+                loader.cursor().epoch as f64
+                    + loader.cursor().index as f64 / train.len().max(1) as f64,
+            ));
+            let refs: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            obs.metrics(state.step, &refs);
+        }
+        if plan.eval_every > 0
+            && (state.step.is_multiple_of(plan.eval_every) || state.step == plan.total_steps)
+        {
+            let center = plan.center_rewards_coefficient;
+            if let Some(e) = eval_pairs(rm, eval, center, plan.batch_size, plan.pad_id, device)? {
+                log_eval(obs, state.step, &e);
+                summary.last_eval = Some(e);
+            }
+        }
+        let save_now = (plan.save_every > 0 && state.step.is_multiple_of(plan.save_every))
+            || state.step == plan.total_steps;
+        if save_now {
+            let path = save_rm(trainable, &opt, &state, run)?;
+            obs.message(&format!("saved {}", path.display()));
+            summary.last_checkpoint = Some(path);
+            if plan.keep_last > 0 {
+                prune(run, plan.keep_last)?;
+            }
+        }
+    }
+    // 5. The merged model, loadable by transformers' AutoModelForSequenceClassification.
+    if let Some(dtype) = plan.export_dtype {
+        let out = run.root().join(EXPORT_DIR);
+        // A resumed run that had already finished keeps its export; any other one is stale.
+        if state.step > start_step || !out.exists() {
+            remove_stale(&out)?;
+            export_reward_model(rm, &out, dtype)?;
+            obs.message(&format!("exported the reward model to {}", out.display()));
+        }
+        summary.export = Some(out);
+    }
+    Ok(summary)
+}
+
+fn remove_stale(out: &Path) -> Result<()> {
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(|e| TrainError::State {
+            path: out.display().to_string(),
+            msg: format!("cannot remove the previous export: {e}"),
+        })?;
+    }
+    Ok(())
+}
+
+/// Save a checkpoint: a PEFT `SEQ_CLS` adapter folder (LoRA + head), optimizer, state.
+fn save_rm(trainable: &RmTrainable, opt: &AdamW, state: &RmState, run: &RunDir) -> Result<PathBuf> {
+    let optimizer = opt.state_tensors()?;
+    let trainer_state = serde_json::to_value(state).map_err(|e| TrainError::Plan(e.to_string()))?;
+    let parts = CheckpointParts {
+        weights: Weights::RewardAdapter {
+            rm: trainable.rm,
+            lora: trainable.lora,
+            base_name: &trainable.base_name,
+        },
+        optimizer: &optimizer,
+        trainer_state: &trainer_state,
+    };
+    Ok(save_checkpoint(run, state.step as u64, &parts)?)
+}
+
+/// Restore state, adapters + head and optimizer moments from a checkpoint.
+fn resume_rm(
+    ck: &Checkpoint,
+    rm: &RewardModel,
+    opt: &mut AdamW,
+    obs: &mut dyn Observer,
+) -> Result<RmState> {
+    let state: RmState =
+        serde_json::from_value(ck.trainer_state.clone()).map_err(|e| TrainError::State {
+            path: ck.dir.display().to_string(),
+            msg: e.to_string(),
+        })?;
+    let dir = ck.adapter_dir().ok_or_else(|| TrainError::State {
+        path: ck.dir.display().to_string(),
+        msg: "not a LoRA checkpoint: a reward-model run saves its adapters and head".into(),
+    })?;
+    restore_reward_adapter(rm, dir)?;
+    let moments = ck.optimizer.iter().cloned().collect();
+    opt.load_state(&moments)?;
+    obs.message(&format!(
+        "resumed from {} (step {})",
+        ck.dir.display(),
+        state.step
+    ));
+    Ok(state)
+}
+
+fn log_eval(obs: &mut dyn Observer, step: usize, s: &RmStats) {
+    let m = s.metrics("eval/");
+    let refs: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    obs.metrics(step, &refs);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stats are means over pairs whatever the micro-batching; accuracy is strict.
+    #[test]
+    fn stats_are_means_over_pairs() {
+        let acc = PairAcc {
+            chosen: vec![1.0, 0.0, -1.0],
+            rejected: vec![0.5, 0.0, -2.0],
+            // micro-batch of 2 pairs with mean loss 0.3, then 1 pair with loss 0.6
+            loss_sum: 0.3 * 2.0 + 0.6,
+        };
+        let s = acc.stats();
+        assert_eq!(s.pairs, 3);
+        assert!((s.loss - 0.4).abs() < 1e-12);
+        // Pair 1 ties: not counted as correct.
+        assert!((s.accuracy - 2.0 / 3.0).abs() < 1e-12);
+        assert!((s.margin - (0.5 + 0.0 + 1.0) / 3.0).abs() < 1e-12);
+        assert_eq!((s.min_reward, s.max_reward), (-2.0, 1.0));
+        assert!((s.mean_reward - (-1.5 / 6.0)).abs() < 1e-12);
+        assert!(PairAcc::default().stats().loss.is_nan());
+    }
+}

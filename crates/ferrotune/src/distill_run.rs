@@ -1,0 +1,486 @@
+//! `ferrotune train` for a `[distill]` config, `ferrotune distill cache-teacher`, and
+//! `ferrotune data gen from-model`: resolve the config into a plan (student + adapters,
+//! tokenized SFT rows with their cache keys, the teacher or its cache, step totals), check that
+//! teacher and student share a tokenizer, run the loop of `ferrotune-train`, and write the
+//! distilled student as a plain Hugging Face folder (`<output_dir>/model`, adapters merged) that
+//! `generate --draft-model` can load. The math lives in `ferrotune-train`; this file only
+//! connects rooms.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use ferrotune_data::{
+    read_rows, sft_examples, split_items, tokenize_sft_all, EvalSize, SftOptions, Tokenized,
+};
+use ferrotune_generate::{generate, GenerateOptions, SamplingParams};
+use ferrotune_models::LoadOptions;
+use ferrotune_nn::Mode;
+use ferrotune_report::{plot_metrics, Progress};
+use ferrotune_tokenize::Tokenizer;
+use ferrotune_train::distill::{
+    teacher_topk_rows, train_distill, CachedTeacher, DistillItem, DistillPlan, DistillSummary,
+    TeacherSource,
+};
+use ferrotune_train::distill_loss::JsdConfig;
+use ferrotune_train::sft::Trainable;
+
+use crate::config::{DistillSection, RunConfig};
+use crate::lm::{load_tokenizer, parse_device, parse_dtype, Lm};
+use crate::sft_run::{
+    adamw, load_model, open_run, regression_gate, schedule, start_log, trainable, CliObserver,
+};
+use crate::teacher_cache::{self, CacheHeader};
+
+/// `ferrotune distill ...`
+#[derive(clap::Subcommand)]
+pub enum DistillCmd {
+    /// Write the teacher's top-k log-probs at every completion token of a `[distill]` config's
+    /// data to `distill.teacher_cache` (or --out), so training never loads the teacher.
+    CacheTeacher {
+        /// The `[distill]` run config (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// Override a config key: --set distill.top_k=32 (repeatable).
+        #[arg(long = "set")]
+        sets: Vec<String>,
+        /// Output file (default: distill.teacher_cache).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Examples per teacher forward.
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+    },
+}
+
+/// `ferrotune data gen from-model`: sequence-level distillation data.
+#[derive(clap::Args, Clone)]
+pub struct GenFromModelArgs {
+    /// The teacher: Hugging Face folder or .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A PEFT adapter folder on top of the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Prompts: JSONL/Parquet/CSV with `prompt` (text or chat messages); other columns are kept.
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Output JSONL: each row + `completion` (text, or `[{role: assistant, content}]` for chat
+    /// prompts: TRL's prompt-completion format).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.9)]
+    pub temperature: f64,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop a completion after this text (repeatable; kept in the completion).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Longer prompts keep their last tokens.
+    #[arg(long, default_value_t = 512)]
+    pub max_prompt_len: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+/// Refuse a teacher whose tokenizer maps text to other ids than the student's.
+fn check_tokenizers(student: &Path, s: &Tokenizer, teacher: &Path, t: &Tokenizer) -> Result<()> {
+    if let Some(why) = s.vocab_mismatch(t) {
+        bail!(
+            "teacher {} and student {} do not share a tokenizer ({why}): distillation compares their next-token distributions id by id",
+            teacher.display(),
+            student.display()
+        );
+    }
+    Ok(())
+}
+
+/// Tokenize one SFT file (errors name the file).
+fn tokenize_file(tok: &Tokenizer, path: &Path, cfg: &RunConfig) -> Result<Vec<Tokenized>> {
+    let rows = read_rows(path)?;
+    if rows.is_empty() {
+        bail!("{}: no rows", path.display());
+    }
+    let examples = sft_examples(&rows, path)?;
+    let opts = SftOptions {
+        completion_only_loss: cfg.data.completion_only_loss,
+        assistant_only_loss: cfg.data.completion_only_loss,
+    };
+    let set = tokenize_sft_all(tok, &examples, cfg.data.max_seq_len, &opts, true)?;
+    let s = set.stats;
+    eprintln!(
+        "{}: {} examples, {} truncated to {} tokens, {} skipped with no trained token",
+        path.display(),
+        s.examples,
+        s.truncated,
+        cfg.data.max_seq_len,
+        s.no_loss
+    );
+    if set.items.is_empty() {
+        bail!(
+            "{}: no example has a trained token left (check max_seq_len and the columns)",
+            path.display()
+        );
+    }
+    Ok(set.items)
+}
+
+/// Every tokenized example of `data.train` then `data.eval`, keyed in that order (the cache's
+/// keys), and how many come from `data.train`.
+fn all_items(tok: &Tokenizer, cfg: &RunConfig) -> Result<(Vec<DistillItem>, usize)> {
+    let mut seqs = tokenize_file(tok, &cfg.data.train, cfg)?;
+    let n_train = seqs.len();
+    if let Some(e) = &cfg.data.eval {
+        seqs.extend(tokenize_file(tok, e, cfg)?);
+    }
+    let items = seqs
+        .into_iter()
+        .enumerate()
+        .map(|(key, seq)| DistillItem { seq, key })
+        .collect();
+    Ok((items, n_train))
+}
+
+/// What a cache for `cfg` must have been computed from.
+fn expected_header(
+    cfg: &RunConfig,
+    d: &DistillSection,
+    tok: &Tokenizer,
+    items: &[DistillItem],
+    rows: usize,
+) -> CacheHeader {
+    CacheHeader {
+        format: teacher_cache::FORMAT.into(),
+        version: teacher_cache::VERSION,
+        teacher: d.teacher.clone(),
+        tokenizer: teacher_cache::tokenizer_fingerprint(tok),
+        data: teacher_cache::data_fingerprint(items.iter().map(|x| &x.seq)),
+        k: d.top_k,
+        temperature: d.loss_temperature,
+        examples: items.len(),
+        rows,
+        train_file: cfg.data.train.clone(),
+        eval_file: cfg.data.eval.clone(),
+        max_seq_len: cfg.data.max_seq_len,
+    }
+}
+
+fn load_teacher(cfg: &RunConfig, d: &DistillSection, student_tok: &Tokenizer) -> Result<Lm> {
+    let opts = LoadOptions {
+        dtype: parse_dtype(&cfg.model.dtype)?,
+        device: parse_device(&cfg.model.device)?,
+        lora: None,
+        trainable_base: false,
+    };
+    // The tokenizer first: a mismatch is reported before any weight is read.
+    let t = load_tokenizer(&d.teacher)
+        .with_context(|| format!("distill.teacher {}", d.teacher.display()))?;
+    check_tokenizers(&cfg.model.path, student_tok, &d.teacher, &t)?;
+    Lm::load(&d.teacher, &opts).with_context(|| format!("distill.teacher {}", d.teacher.display()))
+}
+
+/// `ferrotune distill cache-teacher`: returns the file written.
+pub fn cache_teacher(cfg: &RunConfig, out: Option<&Path>, batch_size: usize) -> Result<PathBuf> {
+    let Some(d) = &cfg.distill else {
+        bail!("not a distillation config (no [distill] section)");
+    };
+    if d.top_k == 0 {
+        bail!("distill.top_k: a teacher cache holds the teacher's top-k log-probs; set top_k (e.g. --set distill.top_k=20)");
+    }
+    let out = out
+        .map(Path::to_path_buf)
+        .or_else(|| d.teacher_cache.clone())
+        .context("give --out FILE or set distill.teacher_cache")?;
+    let tok = load_tokenizer(&cfg.model.path)
+        .with_context(|| format!("model.path {}", cfg.model.path.display()))?;
+    let teacher = load_teacher(cfg, d, &tok)?;
+    let (items, _) = all_items(&tok, cfg)?;
+    let t0 = std::time::Instant::now();
+    let mut rows = CachedTeacher {
+        k: d.top_k,
+        offsets: vec![0],
+        ..Default::default()
+    };
+    for chunk in items.chunks(batch_size.max(1)) {
+        let seqs: Vec<&Tokenized> = chunk.iter().map(|x| &x.seq).collect();
+        let (ids, lps, counts) = teacher_topk_rows(
+            teacher.model.as_ref(),
+            &seqs,
+            tok.pad_id().unwrap_or(0),
+            d.top_k,
+            d.loss_temperature,
+            &teacher.device,
+        )?;
+        rows.ids.extend(ids);
+        rows.logprobs.extend(lps);
+        for c in counts {
+            let last = rows.offsets.last().copied().unwrap_or(0);
+            rows.offsets.push(last + c);
+        }
+    }
+    let n_rows = rows.offsets.last().copied().unwrap_or(0);
+    let header = expected_header(cfg, d, &tok, &items, n_rows);
+    teacher_cache::write(&out, &header, &rows)?;
+    eprintln!(
+        "cache-teacher: {} examples, {} rows of top-{} log-probs in {:.1}s",
+        items.len(),
+        n_rows,
+        d.top_k,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(out)
+}
+
+/// Run (or resume) a `[distill]` config. `resume` = continue the newest checkpoint.
+pub fn run_distill(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<DistillSummary> {
+    let Some(d) = &cfg.distill else {
+        bail!("not a distillation config (no [distill] section)");
+    };
+    let (run, checkpoint) = open_run(cfg, resume, overwrite)?;
+    let (lm, lora) = load_model(cfg)?;
+    let trainable = trainable(cfg, &lm, &lora)?;
+    // The teacher: its cached rows (checked against this run), or the model itself, loaded
+    // (and its tokenizer checked) before the data is read, so a mismatch fails fast.
+    let live: Option<Lm> = match &d.teacher_cache {
+        Some(_) => None,
+        None => Some(load_teacher(cfg, d, &lm.tokenizer)?),
+    };
+    let (items, n_train) = all_items(&lm.tokenizer, cfg)?;
+    let cached: Option<CachedTeacher>;
+    let teacher = match &d.teacher_cache {
+        Some(path) => {
+            let (h, rows) = teacher_cache::read(path)?;
+            let now = expected_header(cfg, d, &lm.tokenizer, &items, h.rows);
+            teacher_cache::check(path, &h, &now)?;
+            eprintln!(
+                "teacher: {} rows of top-{} log-probs from {} (teacher {} not loaded)",
+                h.rows,
+                h.k,
+                path.display(),
+                d.teacher.display()
+            );
+            cached = Some(rows);
+            TeacherSource::Cache(cached.as_ref().context("teacher cache")?)
+        }
+        None => {
+            let t = live.as_ref().context("teacher")?;
+            TeacherSource::Live {
+                model: t.model.as_ref(),
+                top_k: d.top_k,
+            }
+        }
+    };
+    let mut train = items;
+    let mut eval = train.split_off(n_train);
+    if cfg.data.eval.is_none() && cfg.data.eval_fraction > 0.0 {
+        let (t, e) = split_items(
+            train,
+            EvalSize::Fraction(cfg.data.eval_fraction),
+            cfg.run.seed,
+        )?;
+        train = t;
+        eval = e;
+    }
+    let per_step = cfg.run.batch_size * cfg.run.gradient_accumulation_steps;
+    let total_steps = if cfg.run.max_steps > 0 {
+        cfg.run.max_steps
+    } else {
+        ((cfg.run.num_train_epochs * train.len() as f64) / per_step as f64)
+            .ceil()
+            .max(1.0) as usize
+    };
+    let plan = DistillPlan {
+        seed: cfg.run.seed,
+        total_steps,
+        batch_size: cfg.run.batch_size,
+        grad_accum: cfg.run.gradient_accumulation_steps,
+        loss: JsdConfig {
+            beta: d.beta,
+            temperature: d.loss_temperature,
+        },
+        add_tail: d.loss_add_tail,
+        sft_weight: d.sft_weight,
+        lmbda: d.lmbda,
+        seq_kd: d.seq_kd,
+        temperature: d.temperature,
+        max_new_tokens: d.max_new_tokens,
+        max_seq_len: cfg.data.max_seq_len,
+        eos_ids: lm.eos_ids(),
+        learning_rate: cfg.optim.learning_rate,
+        schedule: schedule(cfg, total_steps)?,
+        adamw: adamw(cfg),
+        max_grad_norm: cfg.optim.max_grad_norm,
+        log_every: cfg.run.log_every,
+        save_every: cfg.run.save_every,
+        eval_every: cfg.run.eval_every,
+        keep_last: cfg.run.keep_last,
+        max_nonfinite_steps: cfg.run.max_nonfinite_steps,
+        shuffle: cfg.data.shuffle,
+        pad_id: lm.pad_id(),
+    };
+    let (log, resumed_step) = start_log(cfg, &run, checkpoint.as_ref())?;
+    let mut obs = CliObserver {
+        log,
+        gate: regression_gate(cfg, &lm)?,
+        progress: Progress::auto(total_steps as u64)
+            .with_log_every(cfg.run.log_every as u64)
+            .resumed_from(resumed_step),
+    };
+    eprintln!(
+        "distill (beta {}, lmbda {}, {}): {} train / {} eval examples, {} steps of {} examples, {} trainable parameters",
+        d.beta,
+        d.lmbda,
+        if d.top_k == 0 {
+            "full vocabulary".to_string()
+        } else {
+            format!("teacher top-{}", d.top_k)
+        },
+        train.len(),
+        eval.len(),
+        total_steps,
+        per_step,
+        trainable
+            .params()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum::<usize>()
+    );
+    let summary = train_distill(
+        lm.model.as_ref(),
+        &trainable,
+        teacher,
+        &train,
+        &eval,
+        &plan,
+        &run,
+        checkpoint.as_ref(),
+        &mut obs,
+        &lm.device,
+    )?;
+    obs.progress.finish();
+    if let Err(e) = plot_metrics(
+        run.root(),
+        &[
+            "loss",
+            "distill_loss",
+            "eval/distill_loss",
+            "eval/forward_kl",
+            "grad_norm",
+        ],
+    ) {
+        eprintln!("warning: plots not written: {e}");
+    }
+    if !summary.stopped_early && summary.steps == total_steps {
+        let out = export_student(cfg, &lm, &trainable, run.root())?;
+        eprintln!("wrote the distilled student to {}", out.display());
+    }
+    Ok(summary)
+}
+
+/// The student as a plain Hugging Face folder `<run>/model`: adapters merged, or every trained
+/// weight in place of the base's.
+fn export_student(cfg: &RunConfig, lm: &Lm, trainable: &Trainable, run: &Path) -> Result<PathBuf> {
+    let out = run.join("model");
+    if out.exists() {
+        if !out.join("config.json").is_file() {
+            bail!(
+                "{}: exists and is not a model folder; move it away",
+                out.display()
+            );
+        }
+        std::fs::remove_dir_all(&out)
+            .with_context(|| format!("{}: cannot replace", out.display()))?;
+    }
+    let mut extras = ferrotune_ckpt::ExportExtras::default();
+    if let Trainable::Full { params } = trainable {
+        for (name, var) in params {
+            extras.drop.push(name.clone());
+            extras.tensors.push((name.clone(), var.as_tensor().clone()));
+        }
+    }
+    let dtype = parse_dtype(&cfg.model.dtype)?;
+    ferrotune_ckpt::export_model(&cfg.model.path, lm.model.as_ref(), &out, dtype, &extras)?;
+    Ok(out)
+}
+
+/// `ferrotune data gen from-model`: the teacher's completion of every prompt, as TRL
+/// prompt-completion rows (sequence-level distillation: SFT the student on them).
+pub fn gen_from_model(a: &GenFromModelArgs) -> Result<usize> {
+    let opts = LoadOptions {
+        dtype: parse_dtype(&a.dtype)?,
+        device: parse_device(&a.device)?,
+        lora: None,
+        trainable_base: false,
+    };
+    let lm = Lm::load_with(&a.model, a.adapter.as_deref(), &opts)?;
+    let items = crate::grpo_run::load_prompts(&lm.tokenizer, &a.prompts, a.max_prompt_len)?;
+    // The rows as written (one per prompt item, in order): every column is kept.
+    let rows = read_rows(&a.prompts)?;
+    if items.is_empty() || rows.len() != items.len() {
+        bail!(
+            "{}: {} rows, {} prompts",
+            a.prompts.display(),
+            rows.len(),
+            items.len()
+        );
+    }
+    let tok = &lm.tokenizer;
+    let stop_rule = |_: usize, ids: &[u32]| {
+        !a.stop.is_empty()
+            && tok
+                .decode(ids, true)
+                .map(|t| a.stop.iter().any(|s| t.contains(s.as_str())))
+                .unwrap_or(false)
+    };
+    let mut out = String::new();
+    let bs = a.batch_size.max(1);
+    let mut progress = Progress::auto(items.len().div_ceil(bs) as u64);
+    let (t0, mut new_tokens) = (std::time::Instant::now(), 0usize);
+    for (b, chunk) in items.chunks(bs).enumerate() {
+        let prompts: Vec<Vec<u32>> = chunk.iter().map(|p| p.ids.clone()).collect();
+        let g = GenerateOptions {
+            sampling: SamplingParams {
+                temperature: a.temperature,
+                top_k: None,
+                top_p: a.top_p,
+                seed: ferrotune_nn::splitmix64(a.seed ^ b as u64),
+            },
+            max_new_tokens: a.max_new_tokens,
+            eos_ids: lm.eos_ids(),
+            pad_id: lm.pad_id(),
+            mode: Mode::EVAL,
+        };
+        let gens = generate(lm.model.as_ref(), &prompts, &g, &stop_rule, &lm.device)?;
+        new_tokens += gens.iter().map(|g| g.ids.len()).sum::<usize>();
+        let secs = t0.elapsed().as_secs_f64().max(1e-9);
+        progress.update(b as u64 + 1, &[("tokens_per_s", new_tokens as f64 / secs)]);
+        for (i, gen) in gens.into_iter().enumerate() {
+            let text = tok.decode(&gen.ids, true)?;
+            let mut row = rows[b * bs + i].fields.clone();
+            let chat = row.get("prompt").is_some_and(|p| p.is_array());
+            let completion = if chat {
+                serde_json::json!([{"role": "assistant", "content": text}])
+            } else {
+                serde_json::Value::String(text)
+            };
+            row.insert("completion".into(), completion);
+            out.push_str(&serde_json::Value::Object(row).to_string());
+            out.push('\n');
+        }
+    }
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
+    }
+    std::fs::write(&a.out, out).with_context(|| format!("{}: cannot write", a.out.display()))?;
+    progress.finish();
+    Ok(items.len())
+}
