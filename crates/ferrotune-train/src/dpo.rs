@@ -1,8 +1,10 @@
 //! DPO (direct preference optimisation, 2305.18290) on tokenized preference pairs, one loop you
 //! can read top to bottom: batch of pairs → policy log-probs of chosen and rejected in one
-//! padded forward → reference log-probs (the same model with adapters off, no graph; cached
-//! once at the start with `precompute_ref_log_probs`) → [`dpo_loss`] → backward (accumulated)
-//! → the shared clip + AdamW step → log → eval → save.
+//! padded forward → reference log-probs (no graph; the same model with adapters off, or a
+//! separate frozen model — TRL's `ref_model` — which full fine-tuning needs; with
+//! `precompute_ref_log_probs` computed once and kept in the run folder as `ref_logps.json`,
+//! which a resumed run reads back while the pairs and the reference are unchanged) →
+//! [`dpo_loss`] → backward (accumulated) → the shared clip + AdamW step → log → eval → save.
 //!
 //! Sequence log-prob = the sum of log p(token) over the completion tokens (TRL:
 //! `per_token_logps.sum(1)` with prompt and padding masked out); the completion token counts go
@@ -230,18 +232,117 @@ fn pair_logps(
     ))
 }
 
-/// Reference log-probs (chosen, rejected) of `pairs`: adapters off, no graph.
+/// The DPO reference: the policy with its adapters switched off, or a separate frozen model.
+#[derive(Clone, Copy)]
+pub enum Reference<'a> {
+    AdaptersOff,
+    Model(&'a dyn CausalLm),
+}
+
+/// Reference log-probs (chosen, rejected) of `pairs`: no graph.
 fn ref_logps(
-    model: &dyn CausalLm,
+    policy: &dyn CausalLm,
+    reference: Reference,
     pairs: &[&PrefPair],
     pad_id: u32,
     device: &Device,
 ) -> Result<Vec<(f32, f32)>> {
-    let (c, r, _, _) = pair_logps(model, pairs, pad_id, Mode::REFERENCE, device)?;
+    let (model, mode) = match reference {
+        Reference::AdaptersOff => (policy, Mode::REFERENCE),
+        Reference::Model(m) => (m, Mode::EVAL),
+    };
+    let (c, r, _, _) = pair_logps(model, pairs, pad_id, mode, device)?;
     Ok(c.to_vec1::<f32>()?
         .into_iter()
         .zip(r.to_vec1::<f32>()?)
         .collect())
+}
+
+/// Where precomputed reference log-probs are kept in the run folder.
+pub const REF_LOGPS_FILE: &str = "ref_logps.json";
+
+/// A fingerprint of the train pairs' token ids and masks (splitmix64 chained: stable across
+/// builds and machines), so a cache written for other data is never read.
+fn pairs_fingerprint(pairs: &[PrefPair]) -> String {
+    let mut h = 0x6a09_e667_f3bc_c908u64;
+    let mut eat = |x: u64| h = splitmix64(h ^ x);
+    for p in pairs {
+        for t in [&p.chosen, &p.rejected] {
+            eat(t.ids.len() as u64);
+            t.ids.iter().for_each(|&id| eat(id as u64));
+            t.loss_mask.iter().for_each(|&m| eat(m as u64));
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// The reference log-probs of every train pair: read from the run folder when a cache for the
+/// same pairs and reference is there (a resumed run), else computed once and written there.
+fn precomputed_refs(
+    policy: &dyn CausalLm,
+    reference: Reference,
+    reference_name: &str,
+    train: &[PrefPair],
+    plan: &DpoPlan,
+    run: &RunDir,
+    obs: &mut dyn Observer,
+    device: &Device,
+) -> Result<Vec<(f32, f32)>> {
+    let path = run.root().join(REF_LOGPS_FILE);
+    let fingerprint = pairs_fingerprint(train);
+    let stored = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<RefCache>(&t).ok());
+    if let Some(c) = stored {
+        if c.pairs_fingerprint == fingerprint
+            && c.reference == reference_name
+            && c.logps.len() == train.len()
+        {
+            obs.message(&format!(
+                "read reference log-probs of {} pairs from {}",
+                c.logps.len(),
+                path.display()
+            ));
+            return Ok(c.logps);
+        }
+        obs.message(&format!(
+            "{} was written for other pairs or another reference; computing it again",
+            path.display()
+        ));
+    }
+    let mut all = Vec::with_capacity(train.len());
+    for chunk in train.chunks(plan.batch_size.max(1)) {
+        let refs: Vec<&PrefPair> = chunk.iter().collect();
+        all.extend(ref_logps(policy, reference, &refs, plan.pad_id, device)?);
+    }
+    let cache = RefCache {
+        reference: reference_name.to_string(),
+        pairs_fingerprint: fingerprint,
+        logps: all,
+    };
+    let text = serde_json::to_string(&cache)
+        .map_err(|e| TrainError::Plan(format!("{}: {e}", path.display())))?;
+    // Written beside and renamed, so a crash never leaves half a cache to be read.
+    let tmp = run.root().join(format!(".{REF_LOGPS_FILE}.partial"));
+    std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .map_err(|e| TrainError::Plan(format!("{}: cannot write: {e}", path.display())))?;
+    obs.message(&format!(
+        "precomputed reference log-probs of {} pairs into {}",
+        cache.logps.len(),
+        path.display()
+    ));
+    Ok(cache.logps)
+}
+
+/// The on-disk form of the precomputed reference log-probs.
+#[derive(Serialize, Deserialize)]
+struct RefCache {
+    /// `adapters-off` or the reference model's path.
+    reference: String,
+    pairs_fingerprint: String,
+    /// (chosen, rejected) summed log-probs, in train-pair order.
+    logps: Vec<(f32, f32)>,
 }
 
 fn counts_tensor(counts: &[usize], device: &Device) -> candle_core::Result<Tensor> {
@@ -296,6 +397,7 @@ fn micro_loss(
 /// DPO loss and stats of `pairs` without an update (policy in eval mode), in batches.
 pub fn eval_pairs(
     model: &dyn CausalLm,
+    reference: Reference,
     pairs: &[PrefPair],
     cfg: &DpoConfig,
     batch_size: usize,
@@ -308,16 +410,19 @@ pub fn eval_pairs(
     let mut acc = PairAcc::default();
     for chunk in pairs.chunks(batch_size.max(1)) {
         let refs: Vec<&PrefPair> = chunk.iter().collect();
-        let r = ref_logps(model, &refs, pad_id, device)?;
+        let r = ref_logps(model, reference, &refs, pad_id, device)?;
         micro_loss(model, &refs, &r, cfg, pad_id, Mode::EVAL, device, &mut acc)?;
     }
     Ok(Some(acc.stats()))
 }
 
-/// Run DPO from step 0, or from `resume`, up to `plan.total_steps`.
+/// Run DPO from step 0, or from `resume`, up to `plan.total_steps`. `reference_name` names the
+/// reference in the log-prob cache (`adapters-off` or the reference model's path).
 #[allow(clippy::too_many_arguments)]
 pub fn train_dpo(
     model: &dyn CausalLm,
+    reference: Reference,
+    reference_name: &str,
     trainable: &Trainable,
     train: &[PrefPair],
     eval: &[PrefPair],
@@ -327,9 +432,10 @@ pub fn train_dpo(
     obs: &mut dyn Observer,
     device: &Device,
 ) -> Result<DpoSummary> {
-    if !matches!(trainable, Trainable::Lora { .. }) {
+    if matches!(reference, Reference::AdaptersOff) && !matches!(trainable, Trainable::Lora { .. }) {
         return Err(TrainError::Plan(
-            "DPO's reference is the base with adapters switched off, so it needs LoRA adapters"
+            "DPO's reference is the base with adapters switched off, so it needs LoRA adapters \
+             (or a separate reference model)"
                 .into(),
         ));
     }
@@ -353,18 +459,18 @@ pub fn train_dpo(
         steps: state.step,
         ..Default::default()
     };
-    // The reference never changes (adapters off), so its log-probs can be computed once.
+    // The reference never changes, so its log-probs can be computed once.
     let ref_cache: Option<Vec<(f32, f32)>> = if plan.precompute_ref_log_probs {
-        let mut all = Vec::with_capacity(train.len());
-        for chunk in train.chunks(plan.batch_size.max(1)) {
-            let refs: Vec<&PrefPair> = chunk.iter().collect();
-            all.extend(ref_logps(model, &refs, plan.pad_id, device)?);
-        }
-        obs.message(&format!(
-            "precomputed reference log-probs of {} pairs",
-            all.len()
-        ));
-        Some(all)
+        Some(precomputed_refs(
+            model,
+            reference,
+            reference_name,
+            train,
+            plan,
+            run,
+            obs,
+            device,
+        )?)
     } else {
         None
     };
@@ -373,6 +479,7 @@ pub fn train_dpo(
     if resume.is_none() && plan.eval_every > 0 {
         if let Some(s) = eval_pairs(
             model,
+            reference,
             eval,
             &plan.loss,
             plan.batch_size,
@@ -400,7 +507,7 @@ pub fn train_dpo(
             let pairs: Vec<&PrefPair> = idx.iter().map(|&i| &train[i]).collect();
             let refs = match &ref_cache {
                 Some(cache) => idx.iter().map(|&i| cache[i]).collect(),
-                None => ref_logps(model, &pairs, plan.pad_id, device)?,
+                None => ref_logps(model, reference, &pairs, plan.pad_id, device)?,
             };
             let mode = Mode::train_with_seed(splitmix64(
                 plan.seed ^ splitmix64(((state.step as u64) << 16) | k as u64),
@@ -460,6 +567,7 @@ pub fn train_dpo(
         {
             if let Some(e) = eval_pairs(
                 model,
+                reference,
                 eval,
                 &plan.loss,
                 plan.batch_size,

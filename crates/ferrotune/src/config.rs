@@ -198,7 +198,8 @@ pub struct GrpoSection {
 }
 
 /// `[dpo]`: direct preference optimisation on `prompt` + `chosen` + `rejected` rows. Names and
-/// defaults follow TRL 1.16's `DPOConfig`; the reference model is the base with adapters off.
+/// defaults follow TRL 1.16's `DPOConfig`; the reference model is the base with adapters off, or
+/// `ref_model` (TRL's `ref_model` argument) when given.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DpoSection {
@@ -216,6 +217,9 @@ pub struct DpoSection {
     pub truncation_mode: String,
     #[serde(default)]
     pub precompute_ref_log_probs: bool,
+    /// A separate frozen reference model (same tokenizer); needed for full fine-tuning.
+    #[serde(default)]
+    pub ref_model: Option<PathBuf>,
 }
 
 /// `[reward_model]`: a Bradley–Terry reward model (a scalar head on the last real token, HF's
@@ -562,7 +566,8 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("dpo.label_smoothing", "0.0", "sigmoid only: probability a preference label is flipped (conservative DPO), in [0, 0.5)"),
     ("dpo.max_length", "1024", "prompt + completion tokens per sequence; longer ones lose their end (data.max_seq_len is not used)"),
     ("dpo.truncation_mode", "\"keep_start\"", "keep_start (the only mode TRL 1.16 supports)"),
-    ("dpo.precompute_ref_log_probs", "false", "compute the reference log-probs of every train pair once at the start, kept in memory"),
+    ("dpo.precompute_ref_log_probs", "false", "compute the reference log-probs of every train pair once and keep them in <output_dir>/ref_logps.json (read back on resume while the data and reference are unchanged)"),
+    ("dpo.ref_model", "none", "a separate frozen reference model (HF folder or .gguf, same tokenizer); default: the base with adapters off. Needed for full fine-tuning (no [lora])"),
     ("distill", "(section)", "marks the run as distillation (GKD): model = the student (full, or LoRA with [lora]); data.train holds SFT rows (prompt + completion or messages) whose completion tokens are scored; the merged student is written to <output_dir>/model"),
     ("distill.teacher", "(required)", "teacher: Hugging Face folder or .gguf file, frozen; must share the student's tokenizer (same vocabulary and ids)"),
     ("distill.lmbda", "0.5", "probability that a micro-batch's completions are sampled from the student and scored by the teacher (on-policy, GKD's lambda); 0 = the data's completions only"),
@@ -670,6 +675,9 @@ impl RunConfig {
             if let Some(c) = d.teacher_cache.as_mut() {
                 *c = normalize(&base.join(&*c));
             }
+        }
+        if let Some(r) = cfg.dpo.as_mut().and_then(|d| d.ref_model.as_mut()) {
+            *r = normalize(&base.join(&*r));
         }
         if let Some(g) = cfg.grpo.as_mut() {
             resolve_reward_paths(&mut g.rewards, &base);
@@ -827,10 +835,10 @@ impl RunConfig {
             }
         }
         if let Some(d) = &self.dpo {
-            if self.lora.is_none() {
+            if self.lora.is_none() && d.ref_model.is_none() {
                 return bad(
                     "dpo",
-                    "the DPO reference is the base with adapters switched off, so [dpo] needs a [lora] section".into(),
+                    "the DPO reference is the base with adapters switched off, so [dpo] needs a [lora] section (or set dpo.ref_model for full fine-tuning)".into(),
                 );
             }
             let loss_type = match d
@@ -1374,17 +1382,21 @@ mod tests {
         let mut keys = Vec::new();
         leaf_keys("", &full, &mut keys);
         let dpo_keys: Vec<&String> = keys.iter().filter(|k| k.starts_with("dpo.")).collect();
-        let explained: Vec<&str> = KEYS
+        let explained: Vec<(&str, &str)> = KEYS
             .iter()
-            .map(|(k, _, _)| *k)
-            .filter(|k| k.starts_with("dpo."))
+            .map(|(k, d, _)| (*k, *d))
+            .filter(|(k, _)| k.starts_with("dpo."))
             .collect();
         for k in &dpo_keys {
-            assert!(explained.contains(&k.as_str()), "key {k} is not in KEYS");
-        }
-        for k in explained {
             assert!(
-                dpo_keys.iter().any(|x| *x == k),
+                explained.iter().any(|(e, _)| e == k),
+                "key {k} is not in KEYS"
+            );
+        }
+        // An unset optional key (default "none") is not written to TOML.
+        for (k, default) in explained {
+            assert!(
+                default == "none" || dpo_keys.iter().any(|x| *x == k),
                 "KEYS lists {k}, which [dpo] does not have"
             );
         }

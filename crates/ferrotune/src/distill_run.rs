@@ -27,7 +27,8 @@ use ferrotune_train::sft::Trainable;
 use crate::config::{DistillSection, RunConfig};
 use crate::lm::{load_tokenizer, parse_device, parse_dtype, Lm};
 use crate::sft_run::{
-    adamw, load_model, open_run, regression_gate, schedule, start_log, trainable, CliObserver,
+    adamw, load_frozen, load_model, open_run, regression_gate, schedule, start_log, trainable,
+    CliObserver,
 };
 use crate::teacher_cache::{self, CacheHeader};
 
@@ -89,18 +90,6 @@ pub struct GenFromModelArgs {
     pub device: String,
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-}
-
-/// Refuse a teacher whose tokenizer maps text to other ids than the student's.
-fn check_tokenizers(student: &Path, s: &Tokenizer, teacher: &Path, t: &Tokenizer) -> Result<()> {
-    if let Some(why) = s.vocab_mismatch(t) {
-        bail!(
-            "teacher {} and student {} do not share a tokenizer ({why}): distillation compares their next-token distributions id by id",
-            teacher.display(),
-            student.display()
-        );
-    }
-    Ok(())
 }
 
 /// Tokenize one SFT file (errors name the file).
@@ -174,17 +163,7 @@ fn expected_header(
 }
 
 fn load_teacher(cfg: &RunConfig, d: &DistillSection, student_tok: &Tokenizer) -> Result<Lm> {
-    let opts = LoadOptions {
-        dtype: parse_dtype(&cfg.model.dtype)?,
-        device: parse_device(&cfg.model.device)?,
-        lora: None,
-        trainable_base: false,
-    };
-    // The tokenizer first: a mismatch is reported before any weight is read.
-    let t = load_tokenizer(&d.teacher)
-        .with_context(|| format!("distill.teacher {}", d.teacher.display()))?;
-    check_tokenizers(&cfg.model.path, student_tok, &d.teacher, &t)?;
-    Lm::load(&d.teacher, &opts).with_context(|| format!("distill.teacher {}", d.teacher.display()))
+    load_frozen(cfg, "distill.teacher", &d.teacher, student_tok)
 }
 
 /// `ferrotune distill cache-teacher`: returns the file written.

@@ -12,13 +12,14 @@ use ferrotune_data::{
     PrefPair,
 };
 use ferrotune_report::{plot_metrics, Progress};
-use ferrotune_train::dpo::{train_dpo, DpoPlan, DpoSummary};
+use ferrotune_train::dpo::{train_dpo, DpoPlan, DpoSummary, Reference};
 use ferrotune_train::pref_loss::DpoConfig;
 
 use crate::config::{DpoSection, RunConfig};
 use crate::lm::Lm;
 use crate::sft_run::{
-    adamw, load_model, open_run, regression_gate, schedule, start_log, trainable, CliObserver,
+    adamw, load_frozen, load_model, open_run, regression_gate, schedule, start_log, trainable,
+    CliObserver,
 };
 
 /// Read and tokenize one preference file; errors name the file and the row.
@@ -76,6 +77,15 @@ pub fn run_dpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<DpoSumm
     let (run, checkpoint) = open_run(cfg, resume, overwrite)?;
     let (lm, lora) = load_model(cfg)?;
     let trainable = trainable(cfg, &lm, &lora)?;
+    // The reference next: a tokenizer mismatch fails before any data is read.
+    let ref_lm = match &d.ref_model {
+        Some(p) => Some(load_frozen(cfg, "dpo.ref_model", p, &lm.tokenizer)?),
+        None => None,
+    };
+    let (reference, reference_name) = match (&ref_lm, &d.ref_model) {
+        (Some(r), Some(p)) => (Reference::Model(r.model.as_ref()), p.display().to_string()),
+        _ => (Reference::AdaptersOff, "adapters-off".to_string()),
+    };
     let mut train = load_pairs(&lm, &cfg.data.train, d)?;
     let mut eval = Vec::new();
     if let Some(e) = &cfg.data.eval {
@@ -140,6 +150,8 @@ pub fn run_dpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<DpoSumm
     );
     let summary = train_dpo(
         lm.model.as_ref(),
+        reference,
+        &reference_name,
         &trainable,
         &train,
         &eval,

@@ -20,6 +20,7 @@ use ferrotune_train::sft::{train_sft, Observer, SftPlan, SftSummary, Trainable};
 
 use crate::config::{LoraSection, RunConfig};
 use crate::lm::{parse_device, parse_dtype, Lm};
+use ferrotune_tokenize::Tokenizer;
 
 /// LoRA config from the `[lora]` section.
 pub fn lora_config(l: &LoraSection) -> LoraConfig {
@@ -214,6 +215,29 @@ pub(crate) fn load_model(cfg: &RunConfig) -> Result<(Lm, Option<LoraConfig>)> {
     }
     let lm = Lm::load(&cfg.model.path, &opts)?;
     Ok((lm, lora))
+}
+
+/// Load a second, frozen model beside the trained one (a DPO reference, a distillation
+/// teacher) with the run's device and dtype. `key` is the config key that named it (errors
+/// start with it); its tokenizer must give the same ids as `tok`'s, checked before any weight is
+/// read.
+pub(crate) fn load_frozen(cfg: &RunConfig, key: &str, path: &Path, tok: &Tokenizer) -> Result<Lm> {
+    let other =
+        crate::lm::load_tokenizer(path).with_context(|| format!("{key} {}", path.display()))?;
+    if let Some(why) = tok.vocab_mismatch(&other) {
+        bail!(
+            "{key} {} and model.path {} do not share a tokenizer ({why}): the two models must score the same token ids",
+            path.display(),
+            cfg.model.path.display()
+        );
+    }
+    let opts = LoadOptions {
+        dtype: parse_dtype(&cfg.model.dtype)?,
+        device: parse_device(&cfg.model.device)?,
+        lora: None,
+        trainable_base: false,
+    };
+    Lm::load(path, &opts).with_context(|| format!("{key} {}", path.display()))
 }
 
 /// The trainable parameters: the adapters, or every weight.

@@ -5,28 +5,16 @@
 //! format reward, and only the damaged one is flagged for a perplexity regression on the
 //! held-out English text; the same damage stops a run that has `stop_on_regression`.
 
+mod common;
+
+use common::*;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn demo() -> PathBuf {
     root().join("models/demo")
-}
-
-fn ferrotune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferrotune"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(o: &Output) {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// Copy checkpoint `from` to `to`, replacing every lora_B with `f(B)`.

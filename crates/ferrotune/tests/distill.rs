@@ -9,31 +9,15 @@
 //! `data gen from-model` writes TRL prompt-completion rows. The loss formulas alone are checked
 //! against TRL in ferrotune-train's tests/distill_loss_parity.rs.
 
+mod common;
+
+use common::*;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 use candle_core::{Device, Tensor};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn ferrotune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferrotune"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn config() -> String {
     root()
@@ -60,15 +44,6 @@ fn train(run: &Path, sets: &[&str]) -> Output {
         .chain(sets.iter().copied())
         .collect();
     with_config(&["train"], &all)
-}
-
-fn metric(run: &Path, key: &str) -> Vec<f64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v.get(key).and_then(|x| x.as_f64()))
-        .collect()
 }
 
 fn tensors(p: &Path) -> HashMap<String, Tensor> {

@@ -7,27 +7,11 @@
 //! policy's own held-out preference (logπ(chosen) > logπ(rejected)) above where the base model
 //! had it; every adapter weight moves; resume is exact; bad configs fail with one line.
 
+mod common;
+
+use common::*;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn ferrotune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferrotune"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 const SYSTEM: &str = "Answer with the number inside <answer></answer> tags.";
 
@@ -106,41 +90,6 @@ max_length = 96
 
 const LORA: &str = "[lora]\nr = 8\nlora_alpha = 16\ntarget_modules = \"all-linear\"";
 
-/// (step, value) of every metrics.jsonl record that has `key`.
-fn metric(run: &Path, key: &str) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some((v.get("step")?.as_u64()?, v.get(key)?.as_f64()?)))
-        .collect()
-}
-
-fn load(p: PathBuf) -> std::collections::HashMap<String, candle_core::Tensor> {
-    candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap()
-}
-
-fn flat(t: &candle_core::Tensor) -> Vec<f64> {
-    t.to_dtype(candle_core::DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
 #[test]
 fn dpo_learns_the_held_out_preference_and_resumes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -151,21 +100,21 @@ fn dpo_learns_the_held_out_preference_and_resumes_exactly() {
     let run = tmp.path().join("a");
 
     // Held-out accuracy: 0 before training (every margin is exactly 0), > 0.9 after.
-    let acc = metric(&run, "eval/rewards/accuracies");
+    let acc = metric_at(&run, "eval/rewards/accuracies");
     assert_eq!(acc.iter().map(|a| a.0).collect::<Vec<_>>(), vec![0, 8, 16]);
     assert_eq!(acc[0].1, 0.0);
     assert!(acc[2].1 > 0.9, "held-out accuracy {acc:?}");
-    let margins = metric(&run, "eval/rewards/margins");
+    let margins = metric_at(&run, "eval/rewards/margins");
     assert_eq!(margins[0].1, 0.0);
     assert!(margins[2].1 > 0.0, "{margins:?}");
-    let loss = metric(&run, "eval/loss");
+    let loss = metric_at(&run, "eval/loss");
     assert!(
         (loss[0].1 - std::f64::consts::LN_2).abs() < 1e-6,
         "{loss:?}"
     );
     assert!(loss[2].1 < loss[0].1, "{loss:?}");
     // The policy's own preference on held-out pairs rose above the base model's.
-    let pol = metric(&run, "eval/policy_accuracy");
+    let pol = metric_at(&run, "eval/policy_accuracy");
     assert!(pol[0].1 < pol[2].1 && pol[2].1 > 0.9, "{pol:?}");
     // TRL's per-step names are all logged.
     for k in [
@@ -179,7 +128,7 @@ fn dpo_learns_the_held_out_preference_and_resumes_exactly() {
         "grad_norm",
         "learning_rate",
     ] {
-        assert_eq!(metric(&run, k).len(), 16, "{k}");
+        assert_eq!(metric_at(&run, k).len(), 16, "{k}");
     }
     // Every adapter matrix moved: B from its zero init, A between the two checkpoints.
     let mid = load(run.join("checkpoints/step-8/adapter_model.safetensors"));
@@ -217,7 +166,11 @@ fn dpo_learns_the_held_out_preference_and_resumes_exactly() {
         "eval/rewards/margins",
         "eval/loss",
     ] {
-        assert_eq!(metric(&run, k), metric(&b, k), "{k} differs after resume");
+        assert_eq!(
+            metric_at(&run, k),
+            metric_at(&b, k),
+            "{k} differs after resume"
+        );
     }
 }
 
@@ -334,8 +287,71 @@ fn accumulation_and_precomputed_reference_change_nothing() {
     );
     let d = max_abs_diff(&one, &pre);
     assert!(d < 1e-6, "precomputed reference: adapters differ by {d}");
+    // The cache is on disk, one (chosen, rejected) pair per train pair, and a resumed run
+    // reads it instead of computing it again.
+    let pre_dir = tmp.path().join("pre");
+    let cache: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(pre_dir.join("ref_logps.json")).unwrap())
+            .unwrap();
+    assert_eq!(cache["logps"].as_array().unwrap().len(), 160);
+    assert_eq!(cache["reference"], "adapters-off");
+    let out = ferrotune(&[
+        "train",
+        "--resume",
+        pre_dir.to_str().unwrap(),
+        "--set",
+        "run.max_steps=3",
+    ]);
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("read reference log-probs of 160 pairs"),
+        "{err}"
+    );
     // The step moved the adapters at all (so the comparisons above are not vacuous).
     assert!(one
         .iter()
         .any(|(k, v)| k.contains("lora_B") && flat(v).iter().any(|&x| x.abs() > 1e-4)));
+}
+
+/// Full fine-tuning against a separate reference model (`dpo.ref_model`, TRL's `ref_model`):
+/// at the start the policy is the reference, so every held-out margin is 0 and the loss is
+/// exactly ln 2 (−log σ(0)); training raises the held-out accuracy. A reference with another
+/// tokenizer is refused in one line.
+#[test]
+fn full_fine_tuning_against_a_separate_reference_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (train, eval) = data(tmp.path());
+    let model = root().join("fixtures/tiny-chat/model");
+    let dpo = format!("ref_model = \"{}\"", model.display());
+    let cfg = config(tmp.path(), "full", &train, &eval, "", &dpo);
+    ok(&ferrotune(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        "optim.learning_rate=1e-3",
+    ]));
+    let run = tmp.path().join("full");
+    let loss = metric_at(&run, "eval/loss");
+    assert!(
+        (loss[0].1 - std::f64::consts::LN_2).abs() < 1e-6,
+        "{loss:?}"
+    );
+    let acc = metric_at(&run, "eval/rewards/accuracies");
+    assert_eq!(acc[0].1, 0.0);
+    assert!(acc.last().unwrap().1 > 0.9, "held-out accuracy {acc:?}");
+    assert!(run.join("checkpoints/step-16/model.safetensors").is_file());
+
+    let other = root().join("models/demo");
+    let dpo = format!("ref_model = \"{}\"", other.display());
+    let cfg = config(tmp.path(), "mismatch", &train, &eval, "", &dpo);
+    let out = ferrotune(&["train", "--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("dpo.ref_model") && err.contains("tokenizer"),
+        "{err}"
+    );
 }

@@ -4,19 +4,11 @@
 //! health findings, plots and checkpoints; the sampler's log-probs equal the trainer's (ratio 1
 //! on the first iteration); resume is exact; bad reward configs fail with one line.
 
+mod common;
+
+use common::*;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn ferrotune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferrotune"))
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 /// The task (fixtures/tiny-chat/sevens.jsonl): sums whose answer is 7; the reward is 1 when the
 /// completion says a 7 anywhere. The random model does so now and then; GRPO must make it
@@ -63,15 +55,6 @@ rewards = [{{ name = "answer_match", extract = "regex", pattern = "(7)" }}]
     let p = dir.join(format!("{run}.toml"));
     std::fs::write(&p, text).unwrap();
     p
-}
-
-fn metric(run: &Path, key: &str) -> Vec<f64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v.get(key).and_then(|x| x.as_f64()))
-        .collect()
 }
 
 fn mean(xs: &[f64]) -> f64 {

@@ -5,19 +5,11 @@
 //! bounded; the run folder has TRL's metrics, completions, plots and checkpoints with the value
 //! head; the first PPO pass trains on the sampler's own log-probs (ratio 1); resume is exact.
 
+mod common;
+
+use common::*;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn ferrotune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferrotune"))
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 fn train(cfg: &Path) {
     let out = ferrotune(&["train", "--config", cfg.to_str().unwrap()]);
@@ -73,30 +65,12 @@ num_mini_batches = 2
 const SAYS_SEVEN: &str =
     r#"rewards = [{ name = "answer_match", extract = "regex", pattern = "(7)" }]"#;
 
-fn metric(run: &Path, key: &str) -> Vec<f64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v.get(key).and_then(|x| x.as_f64()))
-        .collect()
-}
-
 fn mean(xs: &[f64]) -> f64 {
     xs.iter().sum::<f64>() / xs.len() as f64
 }
 
 fn tensors(p: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
     candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap()
-}
-
-fn flat(t: &candle_core::Tensor) -> Vec<f64> {
-    t.to_dtype(candle_core::DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
 }
 
 #[test]

@@ -11,9 +11,12 @@
 //! by ferrotune-ckpt's reward export test (crates/ferrotune-ckpt/tests/reward_export.rs,
 //! fixtures/reward/make_reward_fixture.py).
 
+mod common;
+
+use common::*;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use candle_core::{Device, Tensor};
 use ferrotune::model_reward::ModelReward;
@@ -22,27 +25,8 @@ use ferrotune_models::{LoadOptions, RewardModel};
 use ferrotune_nn::Mode;
 use ferrotune_tokenize::{Message, Tokenizer};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn model_dir() -> PathBuf {
     root().join("fixtures/tiny-chat/model")
-}
-
-fn ferrotune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferrotune"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 const LORA: &str = "[lora]\nr = 8\nlora_alpha = 16\ntarget_modules = \"all-linear\"";
@@ -87,41 +71,6 @@ max_length = 96
     p
 }
 
-/// (step, value) of every metrics.jsonl record that has `key`.
-fn metric(run: &Path, key: &str) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| Some((v.get("step")?.as_u64()?, v.get(key)?.as_f64()?)))
-        .collect()
-}
-
-fn load(p: PathBuf) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(p, &Device::Cpu).unwrap()
-}
-
-fn flat(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(candle_core::DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
 /// The held-out pairs as the trainer tokenizes them: (chosen, rejected) sequences.
 fn eval_pairs() -> Vec<(Vec<u32>, Vec<u32>)> {
     let tok = Tokenizer::from_dir(&model_dir()).unwrap();
@@ -156,13 +105,13 @@ fn reward_model_learns_exports_resumes_and_serves_as_a_grpo_reward() {
 
     // Held-out pairwise accuracy beats 0.9 (from near chance with the fresh head), and the
     // held-out loss fell from about ln 2.
-    let acc = metric(&run, "eval/accuracy");
+    let acc = metric_at(&run, "eval/accuracy");
     assert_eq!(acc.iter().map(|a| a.0).collect::<Vec<_>>(), vec![0, 3, 6]);
     assert!(acc[2].1 > 0.9, "held-out accuracy {acc:?}");
-    let loss = metric(&run, "eval/loss");
+    let loss = metric_at(&run, "eval/loss");
     assert!((loss[0].1 - std::f64::consts::LN_2).abs() < 0.1, "{loss:?}");
     assert!(loss[2].1 < 0.5 * loss[0].1, "{loss:?}");
-    assert!(metric(&run, "eval/margin")[2].1 > 0.0);
+    assert!(metric_at(&run, "eval/margin")[2].1 > 0.0);
     // TRL's names are logged every step.
     for k in [
         "loss",
@@ -177,7 +126,7 @@ fn reward_model_learns_exports_resumes_and_serves_as_a_grpo_reward() {
         "grad_norm",
         "learning_rate",
     ] {
-        assert_eq!(metric(&run, k).len(), 6, "{k}");
+        assert_eq!(metric_at(&run, k).len(), 6, "{k}");
     }
 
     // The checkpoint is a PEFT SEQ_CLS adapter: LoRA + the head, every matrix moved.
@@ -228,7 +177,7 @@ fn reward_model_learns_exports_resumes_and_serves_as_a_grpo_reward() {
     let export_acc = wins as f64 / pairs.len() as f64;
     assert_eq!(export_acc, acc[2].1, "accuracy of the export vs the log");
     let mean = mc.iter().chain(&mr).map(|&x| x as f64).sum::<f64>() / (2 * pairs.len()) as f64;
-    let logged = metric(&run, "eval/mean_reward")[2].1;
+    let logged = metric_at(&run, "eval/mean_reward")[2].1;
     assert!((mean - logged).abs() < 1e-4, "{mean} vs {logged}");
 
     // The `model` reward, given the run folder, scores a rendered chat prompt + the bare reply
@@ -291,7 +240,11 @@ fn reward_model_learns_exports_resumes_and_serves_as_a_grpo_reward() {
         "eval/accuracy",
         "eval/loss",
     ] {
-        assert_eq!(metric(&run, k), metric(&b, k), "{k} differs after resume");
+        assert_eq!(
+            metric_at(&run, k),
+            metric_at(&b, k),
+            "{k} differs after resume"
+        );
     }
 
     // The trained model as a GRPO reward: two steps, its score logged under its label.
@@ -323,10 +276,10 @@ rewards = [{{ name = "model", path = "a" }}, {{ name = "format_tags", tags = ["a
     )
     .unwrap();
     ok(&ferrotune(&["train", "--config", g.to_str().unwrap()]));
-    let m = metric(&tmp.path().join("g"), "rewards/model/mean");
+    let m = metric_at(&tmp.path().join("g"), "rewards/model/mean");
     assert_eq!(m.len(), 2, "{m:?}");
     assert!(m.iter().all(|(_, v)| v.is_finite() && *v != 0.0), "{m:?}");
-    assert!(metric(&tmp.path().join("g"), "rewards/failures")
+    assert!(metric_at(&tmp.path().join("g"), "rewards/failures")
         .iter()
         .all(|(_, v)| *v == 0.0));
 
@@ -462,7 +415,7 @@ fn accumulation_changes_nothing_and_margins_enter_the_loss() {
     std::fs::write(&cfg2, text).unwrap();
     args[2] = cfg2.to_str().unwrap();
     ok(&ferrotune(&args));
-    let loss = metric(&out, "loss");
+    let loss = metric_at(&out, "loss");
     assert_eq!(loss.len(), 1);
     assert!((loss[0].1 - 5.0067).abs() < 0.1, "{loss:?}");
 }

@@ -3,22 +3,15 @@
 //! a checkpoint loads and generates, resume is exact, accumulation is equivalent to batching,
 //! and bad input fails cleanly without touching the last good checkpoint.
 
+mod common;
+
+use common::*;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use candle_core::{Device, Tensor};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn ferrotune(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferrotune"))
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 /// Write a config into `dir` for the tiny model, with extra TOML lines appended to sections.
 fn config(dir: &Path, run: &str, extra_run: &str) -> PathBuf {
@@ -75,15 +68,6 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar()
         .unwrap()
-}
-
-fn metric(run: &Path, key: &str) -> Vec<f64> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v.get(key).and_then(|x| x.as_f64()))
-        .collect()
 }
 
 #[test]
