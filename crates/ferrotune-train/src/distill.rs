@@ -37,8 +37,8 @@ use serde::{Deserialize, Serialize};
 use crate::distill_loss::{distill_loss, JsdConfig};
 use crate::distill_teacher::{logits_at, nll_rows, scored_positions, teacher_rows, TeacherRows};
 pub use crate::distill_teacher::{teacher_topk_rows, topk_logprobs, CachedTeacher, TeacherSource};
-use crate::optim::{AdamW, AdamWConfig};
-use crate::schedule::Schedule;
+use crate::optim::AdamW;
+use crate::plan::LoopPlan;
 use crate::sft::{
     apply_update, batch_tensors, eval_hook, resume_from, save, Observer, Result, TrainError,
     Trainable,
@@ -68,10 +68,8 @@ impl Sequence for DistillItem {
 /// The resolved distillation schedule (from the config, with totals computed).
 #[derive(Debug, Clone)]
 pub struct DistillPlan {
-    pub seed: u64,
-    pub total_steps: usize,
-    pub batch_size: usize,
-    pub grad_accum: usize,
+    /// Steps, batches, optimizer and cadence, as every trainer has them.
+    pub run: LoopPlan,
     /// β and the loss temperature τ.
     pub loss: JsdConfig,
     /// Top-k teachers: keep the mass outside the top-k as one bucket (TRL's `loss_add_tail`).
@@ -88,17 +86,6 @@ pub struct DistillPlan {
     /// Sampled sequences (prompt + completion) are cut to this many tokens.
     pub max_seq_len: usize,
     pub eos_ids: Vec<u32>,
-    pub learning_rate: f64,
-    pub schedule: Schedule,
-    pub adamw: AdamWConfig,
-    pub max_grad_norm: f64,
-    pub log_every: usize,
-    pub save_every: usize,
-    pub eval_every: usize,
-    pub keep_last: usize,
-    pub max_nonfinite_steps: usize,
-    pub shuffle: bool,
-    pub pad_id: u32,
 }
 
 /// What the loop saves besides weights and optimizer moments.
@@ -248,7 +235,7 @@ fn sample_completions(
         },
         max_new_tokens: plan.max_new_tokens,
         eos_ids: plan.eos_ids.clone(),
-        pad_id: plan.pad_id,
+        pad_id: plan.run.pad_id,
         mode: Mode::EVAL,
     };
     let gens = generate(model, &prompts, &opts, &|_, _| false, device)?;
@@ -297,10 +284,10 @@ pub fn eval_distill(
         return Ok(None);
     }
     let mut e = DistillEval::default();
-    for chunk in items.chunks(plan.batch_size.max(1)) {
+    for chunk in items.chunks(plan.run.batch_size.max(1)) {
         let refs: Vec<&DistillItem> = chunk.iter().collect();
         let keys: Vec<usize> = chunk.iter().map(|x| x.key).collect();
-        let c = collate_right(&refs, plan.pad_id);
+        let c = collate_right(&refs, plan.run.pad_id);
         let n = scored_positions(&c).len();
         if let Some(m) = micro_loss(
             student,
@@ -337,7 +324,7 @@ fn log_eval(obs: &mut dyn Observer, step: usize, e: &DistillEval) {
     );
 }
 
-/// Run distillation from step 0, or from `resume`, up to `plan.total_steps`.
+/// Run distillation from step 0, or from `resume`, up to `plan.run.total_steps`.
 #[allow(clippy::too_many_arguments)]
 pub fn train_distill(
     student: &dyn CausalLm,
@@ -366,14 +353,14 @@ pub fn train_distill(
         ));
     }
     let params = trainable.params().to_vec();
-    let mut opt = AdamW::new(params.clone(), plan.adamw)?;
-    let shuffler = Shuffler::new(plan.seed, plan.shuffle);
+    let mut opt = AdamW::new(params.clone(), plan.run.adamw)?;
+    let shuffler = Shuffler::new(plan.run.seed, plan.run.shuffle);
     let mut state = DistillState {
         step: 0,
         cursor: Cursor::default(),
-        guard: NonFiniteGuard::new(plan.max_nonfinite_steps),
+        guard: NonFiniteGuard::new(plan.run.max_nonfinite_steps),
         tokens_seen: 0,
-        seed: plan.seed,
+        seed: plan.run.seed,
     };
     if let Some(ck) = resume {
         state = resume_from(ck, trainable, student, &mut opt, obs, |s: &DistillState| {
@@ -384,7 +371,7 @@ pub fn train_distill(
         steps: state.step,
         ..Default::default()
     };
-    if resume.is_none() && plan.eval_every > 0 {
+    if resume.is_none() && plan.run.eval_every > 0 {
         if let Some(e) = eval_distill(student, teacher, eval, plan, device)? {
             log_eval(obs, 0, &e);
             summary.first_eval = Some(e);
@@ -392,38 +379,39 @@ pub fn train_distill(
     }
     let mut loader = Loader::resume(train.len(), shuffler, state.cursor)?;
     let mut acc = GradAccumulator::new(&params);
-    while state.step < plan.total_steps {
+    while state.step < plan.run.total_steps {
         let t0 = Instant::now();
         // 1. The micro-batches of this step; some get sampled completions (seq_kd: from the
         //    teacher; with probability lmbda: from the student, scored by the teacher).
-        let mut micro: Vec<(Collated, Option<Vec<usize>>)> = Vec::with_capacity(plan.grad_accum);
+        let mut micro: Vec<(Collated, Option<Vec<usize>>)> =
+            Vec::with_capacity(plan.run.grad_accum);
         let mut on_policy = 0usize;
-        for k in 0..plan.grad_accum {
-            let idx = loader.next_batch(plan.batch_size)?;
+        for k in 0..plan.run.grad_accum {
+            let idx = loader.next_batch(plan.run.batch_size)?;
             let items: Vec<&DistillItem> = idx.iter().map(|&i| &train[i]).collect();
             let counter = ((state.step as u64) << 16) | k as u64;
             let mut seqs: Option<Vec<Tokenized>> = None;
             if let (true, Some(t)) = (plan.seq_kd, live) {
                 let refs: Vec<&Tokenized> = items.iter().map(|x| &x.seq).collect();
-                let seed = splitmix64(plan.seed ^ splitmix64(counter ^ SEQ_KD_SALT));
+                let seed = splitmix64(plan.run.seed ^ splitmix64(counter ^ SEQ_KD_SALT));
                 seqs = Some(sample_completions(t, &refs, plan, seed, device)?);
             }
-            if unit(plan.seed ^ splitmix64(counter ^ LMBDA_SALT)) < plan.lmbda {
+            if unit(plan.run.seed ^ splitmix64(counter ^ LMBDA_SALT)) < plan.lmbda {
                 let refs: Vec<&Tokenized> = match &seqs {
                     Some(s) => s.iter().collect(),
                     None => items.iter().map(|x| &x.seq).collect(),
                 };
-                let seed = splitmix64(plan.seed ^ splitmix64(counter ^ POLICY_SALT));
+                let seed = splitmix64(plan.run.seed ^ splitmix64(counter ^ POLICY_SALT));
                 seqs = Some(sample_completions(student, &refs, plan, seed, device)?);
                 on_policy += 1;
             }
             micro.push(match seqs {
                 Some(s) => {
                     let refs: Vec<&Tokenized> = s.iter().collect();
-                    (collate_right(&refs, plan.pad_id), None)
+                    (collate_right(&refs, plan.run.pad_id), None)
                 }
                 None => (
-                    collate_right(&items, plan.pad_id),
+                    collate_right(&items, plan.run.pad_id),
                     Some(items.iter().map(|x| x.key).collect()),
                 ),
             });
@@ -434,7 +422,7 @@ pub fn train_distill(
         let (mut loss_sum, mut distill_sum, mut ce_sum) = (0.0f64, 0.0f64, 0.0f64);
         for (k, (c, keys)) in micro.iter().enumerate() {
             let mode = Mode::train_with_seed(splitmix64(
-                plan.seed ^ splitmix64(((state.step as u64) << 16) | k as u64),
+                plan.run.seed ^ splitmix64(((state.step as u64) << 16) | k as u64),
             ));
             let Some(m) = micro_loss(
                 student,
@@ -456,14 +444,14 @@ pub fn train_distill(
             acc.add(&m.loss.backward()?)?;
         }
         // 3. Clip (or just measure), skip non-finite steps, update.
-        let lr = plan.schedule.lr_at(state.step, plan.learning_rate);
+        let lr = plan.run.schedule.lr_at(state.step, plan.run.learning_rate);
         let (grad_norm, applied) = apply_update(
             &mut acc,
             &params,
             &mut opt,
             &mut state.guard,
             state.step,
-            plan.max_grad_norm,
+            plan.run.max_grad_norm,
             lr,
             obs,
         )?;
@@ -480,7 +468,7 @@ pub fn train_distill(
         summary.on_policy_batches += on_policy;
         summary.steps = state.step;
         // 4. Log, eval, save.
-        if state.step.is_multiple_of(plan.log_every) || state.step == plan.total_steps {
+        if state.step.is_multiple_of(plan.run.log_every) || state.step == plan.run.total_steps {
             let secs = t0.elapsed().as_secs_f64();
             obs.metrics(
                 state.step,
@@ -488,7 +476,7 @@ pub fn train_distill(
                     ("loss", loss_sum),
                     ("distill_loss", distill_sum),
                     ("sft_loss", ce_sum),
-                    ("on_policy", on_policy as f64 / plan.grad_accum as f64),
+                    ("on_policy", on_policy as f64 / plan.run.grad_accum as f64),
                     ("learning_rate", lr),
                     ("grad_norm", grad_norm),
                     ("loss_tokens", total_tokens as f64),
@@ -501,8 +489,9 @@ pub fn train_distill(
                 ],
             );
         }
-        if plan.eval_every > 0
-            && (state.step.is_multiple_of(plan.eval_every) || state.step == plan.total_steps)
+        if plan.run.eval_every > 0
+            && (state.step.is_multiple_of(plan.run.eval_every)
+                || state.step == plan.run.total_steps)
         {
             if let Some(e) = eval_distill(student, teacher, eval, plan, device)? {
                 log_eval(obs, state.step, &e);
@@ -513,16 +502,16 @@ pub fn train_distill(
                 break;
             }
         }
-        let save_now = (plan.save_every > 0 && state.step.is_multiple_of(plan.save_every))
-            || state.step == plan.total_steps;
+        let save_now = (plan.run.save_every > 0 && state.step.is_multiple_of(plan.run.save_every))
+            || state.step == plan.run.total_steps;
         if save_now {
             let trainer_state =
                 serde_json::to_value(&state).map_err(|e| TrainError::Plan(e.to_string()))?;
             let path = save(trainable, student, &opt, state.step, &trainer_state, run)?;
             obs.message(&format!("saved {}", path.display()));
             summary.last_checkpoint = Some(path);
-            if plan.keep_last > 0 {
-                prune(run, plan.keep_last)?;
+            if plan.run.keep_last > 0 {
+                prune(run, plan.run.keep_last)?;
             }
         }
     }

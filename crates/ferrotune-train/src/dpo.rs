@@ -32,9 +32,9 @@ use ferrotune_nn::{splitmix64, Mode};
 use serde::{Deserialize, Serialize};
 
 use crate::loss::scored_logprobs;
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::AdamW;
+use crate::plan::LoopPlan;
 use crate::pref_loss::{dpo_loss, DpoConfig, DpoInputs};
-use crate::schedule::Schedule;
 use crate::sft::{
     apply_update, batch_tensors, eval_hook, resume_from, save, Observer, Result, TrainError,
     Trainable,
@@ -44,25 +44,11 @@ use crate::step::{GradAccumulator, NonFiniteGuard};
 /// The resolved DPO schedule (from the config, with totals computed).
 #[derive(Debug, Clone)]
 pub struct DpoPlan {
-    pub seed: u64,
-    pub total_steps: usize,
-    /// Pairs per micro-batch (each pair is two sequences in the forward).
-    pub batch_size: usize,
-    pub grad_accum: usize,
+    /// Steps, batches, optimizer and cadence, as every trainer has them.
+    pub run: LoopPlan,
     pub loss: DpoConfig,
     /// Reference log-probs of every train pair computed once before the first step.
     pub precompute_ref_log_probs: bool,
-    pub learning_rate: f64,
-    pub schedule: Schedule,
-    pub adamw: AdamWConfig,
-    pub max_grad_norm: f64,
-    pub log_every: usize,
-    pub save_every: usize,
-    pub eval_every: usize,
-    pub keep_last: usize,
-    pub max_nonfinite_steps: usize,
-    pub shuffle: bool,
-    pub pad_id: u32,
 }
 
 /// What the loop saves besides weights and optimizer moments.
@@ -311,9 +297,15 @@ fn precomputed_refs(
         ));
     }
     let mut all = Vec::with_capacity(train.len());
-    for chunk in train.chunks(plan.batch_size.max(1)) {
+    for chunk in train.chunks(plan.run.batch_size.max(1)) {
         let refs: Vec<&PrefPair> = chunk.iter().collect();
-        all.extend(ref_logps(policy, reference, &refs, plan.pad_id, device)?);
+        all.extend(ref_logps(
+            policy,
+            reference,
+            &refs,
+            plan.run.pad_id,
+            device,
+        )?);
     }
     let cache = RefCache {
         reference: reference_name.to_string(),
@@ -416,7 +408,7 @@ pub fn eval_pairs(
     Ok(Some(acc.stats()))
 }
 
-/// Run DPO from step 0, or from `resume`, up to `plan.total_steps`. `reference_name` names the
+/// Run DPO from step 0, or from `resume`, up to `plan.run.total_steps`. `reference_name` names the
 /// reference in the log-prob cache (`adapters-off` or the reference model's path).
 #[allow(clippy::too_many_arguments)]
 pub fn train_dpo(
@@ -443,13 +435,13 @@ pub fn train_dpo(
         .validate()
         .map_err(|e| TrainError::Plan(e.to_string()))?;
     let params = trainable.params().to_vec();
-    let mut opt = AdamW::new(params.clone(), plan.adamw)?;
-    let shuffler = Shuffler::new(plan.seed, plan.shuffle);
+    let mut opt = AdamW::new(params.clone(), plan.run.adamw)?;
+    let shuffler = Shuffler::new(plan.run.seed, plan.run.shuffle);
     let mut state = DpoState {
         step: 0,
         cursor: Cursor::default(),
-        guard: NonFiniteGuard::new(plan.max_nonfinite_steps),
-        seed: plan.seed,
+        guard: NonFiniteGuard::new(plan.run.max_nonfinite_steps),
+        seed: plan.run.seed,
         pairs_seen: 0,
     };
     if let Some(ck) = resume {
@@ -476,14 +468,14 @@ pub fn train_dpo(
     };
     // Eval before training, so the run shows where it started (fresh runs only: a resumed
     // run's log already has it).
-    if resume.is_none() && plan.eval_every > 0 {
+    if resume.is_none() && plan.run.eval_every > 0 {
         if let Some(s) = eval_pairs(
             model,
             reference,
             eval,
             &plan.loss,
-            plan.batch_size,
-            plan.pad_id,
+            plan.run.batch_size,
+            plan.run.pad_id,
             device,
         )? {
             log_eval(obs, 0, &s);
@@ -492,11 +484,11 @@ pub fn train_dpo(
     }
     let mut loader = Loader::resume(train.len(), shuffler, state.cursor)?;
     let mut acc = GradAccumulator::new(&params);
-    while state.step < plan.total_steps {
+    while state.step < plan.run.total_steps {
         let t0 = Instant::now();
         // 1. The pairs of this optimizer step, by micro-batch.
-        let micro: Vec<Vec<usize>> = (0..plan.grad_accum)
-            .map(|_| Ok(loader.next_batch(plan.batch_size)?))
+        let micro: Vec<Vec<usize>> = (0..plan.run.grad_accum)
+            .map(|_| Ok(loader.next_batch(plan.run.batch_size)?))
             .collect::<Result<_>>()?;
         let total_pairs: usize = micro.iter().map(Vec::len).sum();
         // 2. Reference, policy, loss, backward per micro-batch; each micro-batch's mean loss
@@ -507,17 +499,17 @@ pub fn train_dpo(
             let pairs: Vec<&PrefPair> = idx.iter().map(|&i| &train[i]).collect();
             let refs = match &ref_cache {
                 Some(cache) => idx.iter().map(|&i| cache[i]).collect(),
-                None => ref_logps(model, reference, &pairs, plan.pad_id, device)?,
+                None => ref_logps(model, reference, &pairs, plan.run.pad_id, device)?,
             };
             let mode = Mode::train_with_seed(splitmix64(
-                plan.seed ^ splitmix64(((state.step as u64) << 16) | k as u64),
+                plan.run.seed ^ splitmix64(((state.step as u64) << 16) | k as u64),
             ));
             let loss = micro_loss(
                 model,
                 &pairs,
                 &refs,
                 &plan.loss,
-                plan.pad_id,
+                plan.run.pad_id,
                 mode,
                 device,
                 &mut pairs_acc,
@@ -526,14 +518,14 @@ pub fn train_dpo(
             acc.add(&loss.backward()?)?;
         }
         // 3. Clip (or just measure), skip non-finite steps, update.
-        let lr = plan.schedule.lr_at(state.step, plan.learning_rate);
+        let lr = plan.run.schedule.lr_at(state.step, plan.run.learning_rate);
         let (grad_norm, applied) = apply_update(
             &mut acc,
             &params,
             &mut opt,
             &mut state.guard,
             state.step,
-            plan.max_grad_norm,
+            plan.run.max_grad_norm,
             lr,
             obs,
         )?;
@@ -548,7 +540,7 @@ pub fn train_dpo(
         summary.last_loss = Some(s.loss);
         summary.steps = state.step;
         // 4. Log, eval, save.
-        if state.step.is_multiple_of(plan.log_every) || state.step == plan.total_steps {
+        if state.step.is_multiple_of(plan.run.log_every) || state.step == plan.run.total_steps {
             let secs = t0.elapsed().as_secs_f64();
             let mut m = s.metrics("");
             m.push(("grad_norm".into(), grad_norm));
@@ -562,16 +554,17 @@ pub fn train_dpo(
             let refs: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
             obs.metrics(state.step, &refs);
         }
-        if plan.eval_every > 0
-            && (state.step.is_multiple_of(plan.eval_every) || state.step == plan.total_steps)
+        if plan.run.eval_every > 0
+            && (state.step.is_multiple_of(plan.run.eval_every)
+                || state.step == plan.run.total_steps)
         {
             if let Some(e) = eval_pairs(
                 model,
                 reference,
                 eval,
                 &plan.loss,
-                plan.batch_size,
-                plan.pad_id,
+                plan.run.batch_size,
+                plan.run.pad_id,
                 device,
             )? {
                 log_eval(obs, state.step, &e);
@@ -582,16 +575,16 @@ pub fn train_dpo(
                 break;
             }
         }
-        let save_now = (plan.save_every > 0 && state.step.is_multiple_of(plan.save_every))
-            || state.step == plan.total_steps;
+        let save_now = (plan.run.save_every > 0 && state.step.is_multiple_of(plan.run.save_every))
+            || state.step == plan.run.total_steps;
         if save_now {
             let trainer_state =
                 serde_json::to_value(&state).map_err(|e| TrainError::Plan(e.to_string()))?;
             let path = save(trainable, model, &opt, state.step, &trainer_state, run)?;
             obs.message(&format!("saved {}", path.display()));
             summary.last_checkpoint = Some(path);
-            if plan.keep_last > 0 {
-                prune(run, plan.keep_last)?;
+            if plan.run.keep_last > 0 {
+                prune(run, plan.run.keep_last)?;
             }
         }
     }

@@ -27,8 +27,8 @@ use crate::grpo_loss::{
 };
 use crate::health::{HealthMonitor, HealthStats};
 use crate::loss::scored_logprobs;
-use crate::optim::{AdamW, AdamWConfig};
-use crate::schedule::Schedule;
+use crate::optim::AdamW;
+use crate::plan::LoopPlan;
 use crate::sft::{
     apply_update, batch_tensors, resume_from, save, Observer, Result, TrainError, Trainable,
 };
@@ -98,12 +98,8 @@ pub struct CompletionRecord {
 /// The resolved GRPO schedule.
 #[derive(Debug, Clone)]
 pub struct GrpoPlan {
-    pub seed: u64,
-    pub total_steps: usize,
-    /// Completions per micro-batch.
-    pub batch_size: usize,
-    /// Micro-batches per optimizer step.
-    pub grad_accum: usize,
+    /// Steps, batches, optimizer and cadence, as every trainer has them.
+    pub run: LoopPlan,
     /// G: completions per prompt.
     pub num_generations: usize,
     /// μ: optimizer steps per generation batch.
@@ -117,26 +113,15 @@ pub struct GrpoPlan {
     pub epsilon_high: f64,
     pub beta: f64,
     pub mask_truncated_completions: bool,
-    pub learning_rate: f64,
-    pub schedule: Schedule,
-    pub adamw: AdamWConfig,
-    pub max_grad_norm: f64,
-    pub log_every: usize,
-    pub save_every: usize,
-    pub eval_every: usize,
-    pub keep_last: usize,
-    pub max_nonfinite_steps: usize,
-    pub shuffle: bool,
     /// Write a sample of completions every `log_every` steps.
     pub log_completions: bool,
     pub eos_ids: Vec<u32>,
-    pub pad_id: u32,
 }
 
 impl GrpoPlan {
     /// Completions per generation batch (= per optimizer step).
     pub fn completions_per_step(&self) -> usize {
-        self.batch_size * self.grad_accum
+        self.run.batch_size * self.run.grad_accum
     }
     /// Prompts per generation batch.
     pub fn prompts_per_step(&self) -> usize {
@@ -332,7 +317,7 @@ pub fn eval_rewards(
             },
             max_new_tokens: plan.max_completion_len,
             eos_ids: plan.eos_ids.clone(),
-            pad_id: plan.pad_id,
+            pad_id: plan.run.pad_id,
             mode: Mode::EVAL,
         };
         let gens = {
@@ -378,7 +363,7 @@ fn log_eval(
     Ok(())
 }
 
-/// Run GRPO from step 0, or from `resume`, up to `plan.total_steps`.
+/// Run GRPO from step 0, or from `resume`, up to `plan.run.total_steps`.
 #[allow(clippy::too_many_arguments)]
 pub fn train_grpo(
     model: &dyn CausalLm,
@@ -396,12 +381,12 @@ pub fn train_grpo(
         return Err(TrainError::Plan("no training prompts".into()));
     }
     let params = trainable.params().to_vec();
-    let mut opt = AdamW::new(params.clone(), plan.adamw)?;
+    let mut opt = AdamW::new(params.clone(), plan.run.adamw)?;
     let mut state = GrpoState {
         step: 0,
         cursor: Cursor::default(),
-        guard: NonFiniteGuard::new(plan.max_nonfinite_steps),
-        seed: plan.seed,
+        guard: NonFiniteGuard::new(plan.run.max_nonfinite_steps),
+        seed: plan.run.seed,
         rollout_tokens: 0,
     };
     if let Some(ck) = resume {
@@ -409,7 +394,7 @@ pub fn train_grpo(
     }
     let mut loader = Loader::resume(
         n_train,
-        Shuffler::new(plan.seed, plan.shuffle),
+        Shuffler::new(plan.run.seed, plan.run.shuffle),
         state.cursor,
     )?;
     let labels = env.reward_labels();
@@ -424,10 +409,10 @@ pub fn train_grpo(
     let mut acc = GradAccumulator::new(&params);
     let mut rollout: Option<Rollout> = None;
     // A baseline eval before the first update, so every run reports before / after.
-    if plan.eval_every > 0 && state.step == 0 {
+    if plan.run.eval_every > 0 && state.step == 0 {
         log_eval(model, env, plan, 0, &labels, obs, &mut summary, device)?;
     }
-    while state.step < plan.total_steps {
+    while state.step < plan.run.total_steps {
         let t_step = Instant::now();
         let iteration = state.step % plan.num_iterations;
         let mut rollout_metrics: Vec<(String, f64)> = Vec::new();
@@ -445,12 +430,12 @@ pub fn train_grpo(
                 .collect();
             let opts = GenerateOptions {
                 sampling: SamplingParams {
-                    seed: splitmix64(plan.seed ^ splitmix64(round.wrapping_add(0x5eed))),
+                    seed: splitmix64(plan.run.seed ^ splitmix64(round.wrapping_add(0x5eed))),
                     ..plan.sampling.clone()
                 },
                 max_new_tokens: plan.max_completion_len,
                 eos_ids: plan.eos_ids.clone(),
-                pad_id: plan.pad_id,
+                pad_id: plan.run.pad_id,
                 mode: Mode::EVAL,
             };
             let t_gen = Instant::now();
@@ -477,8 +462,8 @@ pub fn train_grpo(
             let gstats = group_stats(&totals, g).map_err(|e| TrainError::Plan(e.to_string()))?;
             // Reference log-probs once per generation batch (adapters off, no graph).
             let mut ref_logps = Vec::new();
-            for start in (0..gens.len()).step_by(plan.batch_size) {
-                let end = (start + plan.batch_size).min(gens.len());
+            for start in (0..gens.len()).step_by(plan.run.batch_size) {
+                let end = (start + plan.run.batch_size).min(gens.len());
                 if plan.beta == 0.0 {
                     ref_logps.push(None);
                     continue;
@@ -488,7 +473,7 @@ pub fn train_grpo(
                     Split::Train,
                     &items[start..end],
                     &gens[start..end],
-                    plan.pad_id,
+                    plan.run.pad_id,
                 );
                 let batch = batch_tensors(&c, device)?;
                 let (lp, _) = scored_logprobs(
@@ -597,7 +582,7 @@ pub fn train_grpo(
             };
             health.push_rollout(hs);
             if plan.log_completions
-                && (state.step.is_multiple_of(plan.log_every) || state.step == 0)
+                && (state.step.is_multiple_of(plan.run.log_every) || state.step == 0)
             {
                 let recs: Vec<CompletionRecord> = (0..gens.len())
                     .map(|i| CompletionRecord {
@@ -634,18 +619,23 @@ pub fn train_grpo(
             beta: plan.beta,
             max_completion_len: plan.max_completion_len,
             num_items_in_batch: Some(total_tokens as f64),
-            accum_steps: ro.gens.len().div_ceil(plan.batch_size),
+            accum_steps: ro.gens.len().div_ceil(plan.run.batch_size),
         };
         let n_micro = loss_cfg.accum_steps;
         let (mut loss_sum, mut kl_sum, mut kl_n) = (0.0f64, 0.0f64, 0usize);
         let (mut clip_lo, mut clip_hi, mut clip_reg, mut ratio_mean) = (0.0, 0.0, 0.0, 0.0);
         let mut ratio_dev = 0.0f64;
         let mut seq_tokens = 0usize;
-        for (k, start) in (0..ro.gens.len()).step_by(plan.batch_size).enumerate() {
-            let end = (start + plan.batch_size).min(ro.gens.len());
+        for (k, start) in (0..ro.gens.len()).step_by(plan.run.batch_size).enumerate() {
+            let end = (start + plan.run.batch_size).min(ro.gens.len());
             let gens = &ro.gens[start..end];
-            let (c, lens) =
-                micro_batch(env, Split::Train, &ro.items[start..end], gens, plan.pad_id);
+            let (c, lens) = micro_batch(
+                env,
+                Split::Train,
+                &ro.items[start..end],
+                gens,
+                plan.run.pad_id,
+            );
             seq_tokens += c.shape().0 * c.shape().1;
             let width = lens.iter().copied().max().unwrap_or(0);
             if width == 0 {
@@ -653,7 +643,7 @@ pub fn train_grpo(
             }
             let batch = batch_tensors(&c, device)?;
             let mode = Mode::train_with_seed(splitmix64(
-                plan.seed ^ splitmix64(((state.step as u64) << 16) | k as u64),
+                plan.run.seed ^ splitmix64(((state.step as u64) << 16) | k as u64),
             ));
             let (lp, _) = scored_logprobs(
                 model,
@@ -705,14 +695,14 @@ pub fn train_grpo(
             ratio_mean += s.ratio_mean / n_micro as f64;
             ratio_dev = ratio_dev.max(s.ratio_max_abs_dev);
         }
-        let lr = plan.schedule.lr_at(state.step, plan.learning_rate);
+        let lr = plan.run.schedule.lr_at(state.step, plan.run.learning_rate);
         let (gnorm, applied) = apply_update(
             &mut acc,
             &params,
             &mut opt,
             &mut state.guard,
             state.step,
-            plan.max_grad_norm,
+            plan.run.max_grad_norm,
             lr,
             obs,
         )?;
@@ -738,8 +728,8 @@ pub fn train_grpo(
             ));
             summary.findings.push(f);
         }
-        if state.step.is_multiple_of(plan.log_every)
-            || state.step == plan.total_steps
+        if state.step.is_multiple_of(plan.run.log_every)
+            || state.step == plan.run.total_steps
             || state.step == 1
         {
             let mut values: Vec<(String, f64)> = rollout_metrics;
@@ -763,8 +753,9 @@ pub fn train_grpo(
             let refs: Vec<(&str, f64)> = values.iter().map(|(k, v)| (k.as_str(), *v)).collect();
             obs.metrics(state.step, &refs);
         }
-        if plan.eval_every > 0
-            && (state.step.is_multiple_of(plan.eval_every) || state.step == plan.total_steps)
+        if plan.run.eval_every > 0
+            && (state.step.is_multiple_of(plan.run.eval_every)
+                || state.step == plan.run.total_steps)
         {
             log_eval(
                 model,
@@ -780,16 +771,16 @@ pub fn train_grpo(
         // Checkpoints only at generation boundaries (see the module note on exact resume).
         let boundary = state.step.is_multiple_of(plan.num_iterations);
         let save_now = boundary
-            && ((plan.save_every > 0 && state.step.is_multiple_of(plan.save_every))
-                || state.step == plan.total_steps);
-        if save_now || state.step == plan.total_steps {
+            && ((plan.run.save_every > 0 && state.step.is_multiple_of(plan.run.save_every))
+                || state.step == plan.run.total_steps);
+        if save_now || state.step == plan.run.total_steps {
             let trainer_state =
                 serde_json::to_value(&state).map_err(|e| TrainError::Plan(e.to_string()))?;
             let path = save(trainable, model, &opt, state.step, &trainer_state, run)?;
             obs.message(&format!("saved {}", path.display()));
             summary.last_checkpoint = Some(path);
-            if plan.keep_last > 0 {
-                prune(run, plan.keep_last)?;
+            if plan.run.keep_last > 0 {
+                prune(run, plan.run.keep_last)?;
             }
         }
     }

@@ -13,6 +13,7 @@ pub mod grpo_loss;
 pub mod health;
 pub mod loss;
 pub mod optim;
+pub mod plan;
 pub mod ppo;
 pub mod ppo_loss;
 pub mod pref_loss;

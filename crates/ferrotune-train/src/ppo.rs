@@ -53,11 +53,11 @@ use serde::{Deserialize, Serialize};
 use crate::grpo::{
     mean_std, micro_batch, rows_tensor, to_rows, weighted_totals, CompletionRecord, GrpoEnv, Split,
 };
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::AdamW;
+use crate::plan::LoopPlan;
 use crate::ppo_loss::{
     explained_variance, ppo_loss, rollout, PpoConfig, PpoLossInputs, PpoLossStats, RolloutInputs,
 };
-use crate::schedule::Schedule;
 use crate::sft::{
     apply_update, batch_tensors, eval_hook, resume_from, save_with, Observer, Result, TrainError,
     Trainable,
@@ -140,13 +140,8 @@ impl ValueHead {
 /// The resolved PPO schedule.
 #[derive(Debug, Clone)]
 pub struct PpoPlan {
-    pub seed: u64,
-    /// Rollout batches to train on.
-    pub total_steps: usize,
-    /// Completions per micro-batch.
-    pub batch_size: usize,
-    /// Micro-batches per mini-batch (= per optimizer step).
-    pub grad_accum: usize,
+    /// Steps, batches, optimizer and cadence, as every trainer has them.
+    pub run: LoopPlan,
     pub num_mini_batches: usize,
     pub num_ppo_epochs: usize,
     pub max_completion_len: usize,
@@ -155,26 +150,15 @@ pub struct PpoPlan {
     pub loss: PpoConfig,
     /// Subtracted from the score of a completion that hit `max_completion_len` (TRL).
     pub missing_eos_penalty: Option<f64>,
-    pub learning_rate: f64,
-    pub schedule: Schedule,
-    pub adamw: AdamWConfig,
-    pub max_grad_norm: f64,
-    pub log_every: usize,
-    pub save_every: usize,
-    pub eval_every: usize,
-    pub keep_last: usize,
-    pub max_nonfinite_steps: usize,
-    pub shuffle: bool,
     /// Write this step's completions every `log_every` steps.
     pub log_completions: bool,
     pub eos_ids: Vec<u32>,
-    pub pad_id: u32,
 }
 
 impl PpoPlan {
     /// Completions per optimizer step.
     pub fn mini_batch_size(&self) -> usize {
-        self.batch_size * self.grad_accum
+        self.run.batch_size * self.run.grad_accum
     }
     /// Prompts (= completions) per rollout batch.
     pub fn rollouts_per_step(&self) -> usize {
@@ -183,8 +167,8 @@ impl PpoPlan {
     /// Checks that say why a plan cannot run.
     pub fn validate(&self) -> std::result::Result<(), String> {
         for (name, v) in [
-            ("run.batch_size", self.batch_size),
-            ("run.gradient_accumulation_steps", self.grad_accum),
+            ("run.batch_size", self.run.batch_size),
+            ("run.gradient_accumulation_steps", self.run.grad_accum),
             ("ppo.num_mini_batches", self.num_mini_batches),
             ("ppo.num_ppo_epochs", self.num_ppo_epochs),
             ("ppo.max_completion_len", self.max_completion_len),
@@ -353,7 +337,7 @@ fn mean_stats(stats: &[PpoLossStats]) -> Vec<(&'static str, f64)> {
     ]
 }
 
-/// Run PPO from step 0, or from `resume`, up to `plan.total_steps` rollout batches. `head` is
+/// Run PPO from step 0, or from `resume`, up to `plan.run.total_steps` rollout batches. `head` is
 /// trained with the adapters of `trainable`.
 #[allow(clippy::too_many_arguments)]
 pub fn train_ppo(
@@ -374,12 +358,12 @@ pub fn train_ppo(
     }
     let mut params = trainable.params().to_vec();
     params.extend(head.params());
-    let mut opt = AdamW::new(params.clone(), plan.adamw)?;
+    let mut opt = AdamW::new(params.clone(), plan.run.adamw)?;
     let mut state = PpoState {
         step: 0,
         cursor: Cursor::default(),
-        guard: NonFiniteGuard::new(plan.max_nonfinite_steps),
-        seed: plan.seed,
+        guard: NonFiniteGuard::new(plan.run.max_nonfinite_steps),
+        seed: plan.run.seed,
         episodes: 0,
     };
     if let Some(ck) = resume {
@@ -395,7 +379,7 @@ pub fn train_ppo(
     }
     let mut loader = Loader::resume(
         n_train,
-        Shuffler::new(plan.seed, plan.shuffle),
+        Shuffler::new(plan.run.seed, plan.run.shuffle),
         state.cursor,
     )?;
     let labels = env.reward_labels();
@@ -408,7 +392,7 @@ pub fn train_ppo(
     let mut acc = GradAccumulator::new(&params);
     let t_run = Instant::now();
     let episodes_at_start = state.episodes;
-    while state.step < plan.total_steps {
+    while state.step < plan.run.total_steps {
         let t_step = Instant::now();
         let step = state.step as u64;
         // 1. Rollouts: one completion per prompt, sampled by our engine.
@@ -420,12 +404,12 @@ pub fn train_ppo(
             .collect();
         let opts = GenerateOptions {
             sampling: SamplingParams {
-                seed: splitmix64(plan.seed ^ splitmix64(step.wrapping_add(0x5eed))),
+                seed: splitmix64(plan.run.seed ^ splitmix64(step.wrapping_add(0x5eed))),
                 ..plan.sampling.clone()
             },
             max_new_tokens: plan.max_completion_len,
             eos_ids: plan.eos_ids.clone(),
-            pad_id: plan.pad_id,
+            pad_id: plan.run.pad_id,
             mode: Mode::EVAL,
         };
         let t_gen = Instant::now();
@@ -467,8 +451,8 @@ pub fn train_ppo(
         let old_lp = rows_tensor(&old_lp, width, device)?; // (B, T)
         let (mut ref_rows, mut value_rows) = (Vec::new(), Vec::new());
         let all: Vec<usize> = (0..n).collect();
-        for chunk in all.chunks(plan.batch_size) {
-            let mb = MicroBatch::new(env, &items, &gens, chunk, width, plan.pad_id);
+        for chunk in all.chunks(plan.run.batch_size) {
+            let mb = MicroBatch::new(env, &items, &gens, chunk, width, plan.run.pad_id);
             let (_, v) = policy_forward(model, Some(head), &mb, temp, false, Mode::EVAL, device)?;
             let (r, _) = policy_forward(model, None, &mb, temp, true, Mode::REFERENCE, device)?;
             ref_rows.extend(r);
@@ -497,18 +481,18 @@ pub fn train_ppo(
 
         // 5. PPO epochs over shuffled mini-batches; one optimizer step per mini-batch.
         let t_train = Instant::now();
-        let lr = plan.schedule.lr_at(state.step, plan.learning_rate);
+        let lr = plan.run.schedule.lr_at(state.step, plan.run.learning_rate);
         let mut stats: Vec<PpoLossStats> = Vec::new();
         let mut norms: Vec<f64> = Vec::new();
-        let shuffler = Shuffler::new(splitmix64(plan.seed ^ splitmix64(step ^ 0x99)), true);
+        let shuffler = Shuffler::new(splitmix64(plan.run.seed ^ splitmix64(step ^ 0x99)), true);
         for epoch in 0..plan.num_ppo_epochs {
             let order = shuffler.epoch_order(n, epoch as u64);
             for (m, mini) in order.chunks(plan.mini_batch_size()).enumerate() {
-                let n_micro = mini.len().div_ceil(plan.batch_size);
-                for (k, micro) in mini.chunks(plan.batch_size).enumerate() {
-                    let mb = MicroBatch::new(env, &items, &gens, micro, width, plan.pad_id);
+                let n_micro = mini.len().div_ceil(plan.run.batch_size);
+                for (k, micro) in mini.chunks(plan.run.batch_size).enumerate() {
+                    let mb = MicroBatch::new(env, &items, &gens, micro, width, plan.run.pad_id);
                     let mode = Mode::train_with_seed(splitmix64(
-                        plan.seed
+                        plan.run.seed
                             ^ splitmix64(
                                 (step << 32)
                                     | ((epoch as u64) << 20)
@@ -549,7 +533,7 @@ pub fn train_ppo(
                     &mut opt,
                     &mut state.guard,
                     state.step,
-                    plan.max_grad_norm,
+                    plan.run.max_grad_norm,
                     lr,
                     obs,
                 )?;
@@ -570,7 +554,9 @@ pub fn train_ppo(
         summary.max_kl = summary.max_kl.max(rs.kl);
 
         // 6. Completions, metrics, eval hook, checkpoint.
-        if plan.log_completions && (state.step.is_multiple_of(plan.log_every) || state.step == 1) {
+        if plan.log_completions
+            && (state.step.is_multiple_of(plan.run.log_every) || state.step == 1)
+        {
             let adv = ro.advantages.to_vec2::<f32>()?;
             let recs: Vec<CompletionRecord> = (0..n)
                 .map(|i| CompletionRecord {
@@ -586,8 +572,8 @@ pub fn train_ppo(
                 .collect();
             env.record(state.step, &recs);
         }
-        if state.step.is_multiple_of(plan.log_every)
-            || state.step == plan.total_steps
+        if state.step.is_multiple_of(plan.run.log_every)
+            || state.step == plan.run.total_steps
             || state.step == 1
         {
             let mut values: Vec<(String, f64)> = vec![
@@ -640,15 +626,16 @@ pub fn train_ppo(
             let refs: Vec<(&str, f64)> = values.iter().map(|(k, v)| (k.as_str(), *v)).collect();
             obs.metrics(state.step, &refs);
         }
-        if plan.eval_every > 0
-            && (state.step.is_multiple_of(plan.eval_every) || state.step == plan.total_steps)
+        if plan.run.eval_every > 0
+            && (state.step.is_multiple_of(plan.run.eval_every)
+                || state.step == plan.run.total_steps)
             && eval_hook(obs, state.step, model)?
         {
             summary.stopped_early = true;
             break;
         }
-        let save_now = (plan.save_every > 0 && state.step.is_multiple_of(plan.save_every))
-            || state.step == plan.total_steps;
+        let save_now = (plan.run.save_every > 0 && state.step.is_multiple_of(plan.run.save_every))
+            || state.step == plan.run.total_steps;
         if save_now {
             let trainer_state =
                 serde_json::to_value(&state).map_err(|e| TrainError::Plan(e.to_string()))?;
@@ -664,8 +651,8 @@ pub fn train_ppo(
             )?;
             obs.message(&format!("saved {}", path.display()));
             summary.last_checkpoint = Some(path);
-            if plan.keep_last > 0 {
-                prune(run, plan.keep_last)?;
+            if plan.run.keep_last > 0 {
+                prune(run, plan.run.keep_last)?;
             }
         }
     }

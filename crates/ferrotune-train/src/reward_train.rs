@@ -32,9 +32,9 @@ use ferrotune_models::{Batch, RewardModel};
 use ferrotune_nn::{splitmix64, LoraConfig, Mode};
 use serde::{Deserialize, Serialize};
 
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::AdamW;
+use crate::plan::LoopPlan;
 use crate::pref_loss::reward_model_loss;
-use crate::schedule::Schedule;
 use crate::sft::{apply_update, Observer, Result, TrainError};
 use crate::step::{GradAccumulator, NonFiniteGuard};
 
@@ -92,25 +92,10 @@ impl RmTrainable<'_> {
 /// The resolved schedule (from the config, with totals computed).
 #[derive(Debug, Clone)]
 pub struct RmPlan {
-    pub seed: u64,
-    pub total_steps: usize,
-    /// Pairs per micro-batch (each pair is two rows of the forward).
-    pub batch_size: usize,
-    pub grad_accum: usize,
+    /// Steps, batches, optimizer and cadence, as every trainer has them.
+    pub run: LoopPlan,
     /// TRL's `center_rewards_coefficient` (None = off).
     pub center_rewards_coefficient: Option<f64>,
-    pub learning_rate: f64,
-    pub schedule: Schedule,
-    pub adamw: AdamWConfig,
-    pub max_grad_norm: f64,
-    pub log_every: usize,
-    pub save_every: usize,
-    pub eval_every: usize,
-    pub keep_last: usize,
-    pub max_nonfinite_steps: usize,
-    pub shuffle: bool,
-    /// Pad id of the batches (the model's `pad_token_id`, which the export records).
-    pub pad_id: u32,
     /// Dtype of the merged export at the end; None = no export.
     pub export_dtype: Option<DType>,
 }
@@ -292,7 +277,7 @@ pub fn eval_pairs(
     Ok(Some(acc.stats()))
 }
 
-/// Train the reward model from step 0, or from `resume`, up to `plan.total_steps`.
+/// Train the reward model from step 0, or from `resume`, up to `plan.run.total_steps`.
 #[allow(clippy::too_many_arguments)]
 pub fn train_reward_model(
     trainable: &RmTrainable,
@@ -313,12 +298,12 @@ pub fn train_reward_model(
                 .into(),
         ));
     }
-    let mut opt = AdamW::new(params.clone(), plan.adamw)?;
+    let mut opt = AdamW::new(params.clone(), plan.run.adamw)?;
     let mut state = RmState {
         step: 0,
         cursor: Cursor::default(),
-        guard: NonFiniteGuard::new(plan.max_nonfinite_steps),
-        seed: plan.seed,
+        guard: NonFiniteGuard::new(plan.run.max_nonfinite_steps),
+        seed: plan.run.seed,
         pairs_seen: 0,
         num_tokens: 0,
     };
@@ -331,22 +316,29 @@ pub fn train_reward_model(
     };
     // Eval before training, so the run shows where the fresh head started (fresh runs only: a
     // resumed run's log already has it).
-    if resume.is_none() && plan.eval_every > 0 {
+    if resume.is_none() && plan.run.eval_every > 0 {
         let center = plan.center_rewards_coefficient;
-        if let Some(s) = eval_pairs(rm, eval, center, plan.batch_size, plan.pad_id, device)? {
+        if let Some(s) = eval_pairs(
+            rm,
+            eval,
+            center,
+            plan.run.batch_size,
+            plan.run.pad_id,
+            device,
+        )? {
             log_eval(obs, 0, &s);
             summary.first_eval = Some(s);
         }
     }
-    let shuffler = Shuffler::new(plan.seed, plan.shuffle);
+    let shuffler = Shuffler::new(plan.run.seed, plan.run.shuffle);
     let mut loader = Loader::resume(train.len(), shuffler, state.cursor)?;
     let mut acc = GradAccumulator::new(&params);
     let start_step = state.step;
-    while state.step < plan.total_steps {
+    while state.step < plan.run.total_steps {
         let t0 = Instant::now();
         // 1. The pairs of this optimizer step, by micro-batch.
-        let micro: Vec<Vec<usize>> = (0..plan.grad_accum)
-            .map(|_| Ok(loader.next_batch(plan.batch_size)?))
+        let micro: Vec<Vec<usize>> = (0..plan.run.grad_accum)
+            .map(|_| Ok(loader.next_batch(plan.run.batch_size)?))
             .collect::<Result<_>>()?;
         let total_pairs: usize = micro.iter().map(Vec::len).sum();
         // 2. Scores, loss, backward per micro-batch; each micro-batch's mean loss is weighted by
@@ -357,13 +349,13 @@ pub fn train_reward_model(
         for (k, idx) in micro.iter().enumerate() {
             let pairs: Vec<&RmPair> = idx.iter().map(|&i| &train[i]).collect();
             let mode = Mode::train_with_seed(splitmix64(
-                plan.seed ^ splitmix64(((state.step as u64) << 16) | k as u64),
+                plan.run.seed ^ splitmix64(((state.step as u64) << 16) | k as u64),
             ));
             let (loss, tokens) = micro_loss(
                 rm,
                 &pairs,
                 plan.center_rewards_coefficient,
-                plan.pad_id,
+                plan.run.pad_id,
                 mode,
                 device,
                 &mut pairs_acc,
@@ -373,14 +365,14 @@ pub fn train_reward_model(
             acc.add(&loss.backward()?)?;
         }
         // 3. Clip (or just measure), skip non-finite steps, update adapters and head.
-        let lr = plan.schedule.lr_at(state.step, plan.learning_rate);
+        let lr = plan.run.schedule.lr_at(state.step, plan.run.learning_rate);
         let (grad_norm, applied) = apply_update(
             &mut acc,
             &params,
             &mut opt,
             &mut state.guard,
             state.step,
-            plan.max_grad_norm,
+            plan.run.max_grad_norm,
             lr,
             obs,
         )?;
@@ -396,7 +388,7 @@ pub fn train_reward_model(
         summary.last_loss = Some(s.loss);
         summary.steps = state.step;
         // 4. Log, eval, save.
-        if state.step.is_multiple_of(plan.log_every) || state.step == plan.total_steps {
+        if state.step.is_multiple_of(plan.run.log_every) || state.step == plan.run.total_steps {
             let secs = t0.elapsed().as_secs_f64();
             let mut m = s.metrics("");
             m.push(("grad_norm".into(), grad_norm));
@@ -411,23 +403,31 @@ pub fn train_reward_model(
             let refs: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
             obs.metrics(state.step, &refs);
         }
-        if plan.eval_every > 0
-            && (state.step.is_multiple_of(plan.eval_every) || state.step == plan.total_steps)
+        if plan.run.eval_every > 0
+            && (state.step.is_multiple_of(plan.run.eval_every)
+                || state.step == plan.run.total_steps)
         {
             let center = plan.center_rewards_coefficient;
-            if let Some(e) = eval_pairs(rm, eval, center, plan.batch_size, plan.pad_id, device)? {
+            if let Some(e) = eval_pairs(
+                rm,
+                eval,
+                center,
+                plan.run.batch_size,
+                plan.run.pad_id,
+                device,
+            )? {
                 log_eval(obs, state.step, &e);
                 summary.last_eval = Some(e);
             }
         }
-        let save_now = (plan.save_every > 0 && state.step.is_multiple_of(plan.save_every))
-            || state.step == plan.total_steps;
+        let save_now = (plan.run.save_every > 0 && state.step.is_multiple_of(plan.run.save_every))
+            || state.step == plan.run.total_steps;
         if save_now {
             let path = save_rm(trainable, &opt, &state, run)?;
             obs.message(&format!("saved {}", path.display()));
             summary.last_checkpoint = Some(path);
-            if plan.keep_last > 0 {
-                prune(run, plan.keep_last)?;
+            if plan.run.keep_last > 0 {
+                prune(run, plan.run.keep_last)?;
             }
         }
     }

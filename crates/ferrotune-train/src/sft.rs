@@ -16,8 +16,8 @@ use ferrotune_nn::{splitmix64, LoraConfig, Mode};
 use serde::{Deserialize, Serialize};
 
 use crate::loss::nll_sum;
-use crate::optim::{AdamW, AdamWConfig, OptimError};
-use crate::schedule::Schedule;
+use crate::optim::{AdamW, OptimError};
+use crate::plan::LoopPlan;
 use crate::step::{
     clip_grad_norm, first_non_finite, grad_norm, GradAccumulator, NonFiniteGuard, StepAction,
     StepError,
@@ -66,22 +66,8 @@ impl Trainable<'_> {
 /// The resolved schedule of a run (from the config, with totals computed).
 #[derive(Debug, Clone)]
 pub struct SftPlan {
-    pub seed: u64,
-    pub total_steps: usize,
-    pub batch_size: usize,
-    pub grad_accum: usize,
-    pub learning_rate: f64,
-    pub schedule: Schedule,
-    pub adamw: AdamWConfig,
-    /// 0 = no clipping (the norm is still measured).
-    pub max_grad_norm: f64,
-    pub log_every: usize,
-    pub save_every: usize,
-    pub eval_every: usize,
-    pub keep_last: usize,
-    pub max_nonfinite_steps: usize,
-    pub shuffle: bool,
-    pub pad_id: u32,
+    /// Steps, batches, optimizer and cadence, as every trainer has them.
+    pub run: LoopPlan,
 }
 
 /// What the loop saves besides weights and optimizer moments.
@@ -221,7 +207,7 @@ pub fn eval_loss<S: Sequence>(
     Ok((n > 0).then(|| sum / n as f64))
 }
 
-/// Run SFT from step 0, or from `resume`, up to `plan.total_steps`.
+/// Run SFT from step 0, or from `resume`, up to `plan.run.total_steps`.
 #[allow(clippy::too_many_arguments)]
 pub fn train_sft<S: Sequence>(
     model: &dyn CausalLm,
@@ -235,14 +221,14 @@ pub fn train_sft<S: Sequence>(
     device: &Device,
 ) -> Result<SftSummary> {
     let params = trainable.params().to_vec();
-    let mut opt = AdamW::new(params.clone(), plan.adamw)?;
-    let shuffler = Shuffler::new(plan.seed, plan.shuffle);
+    let mut opt = AdamW::new(params.clone(), plan.run.adamw)?;
+    let shuffler = Shuffler::new(plan.run.seed, plan.run.shuffle);
     let mut state = TrainerState {
         step: 0,
         cursor: Cursor::default(),
-        guard: NonFiniteGuard::new(plan.max_nonfinite_steps),
+        guard: NonFiniteGuard::new(plan.run.max_nonfinite_steps),
         tokens_seen: 0,
-        seed: plan.seed,
+        seed: plan.run.seed,
     };
     if let Some(ck) = resume {
         state = resume_from(ck, trainable, model, &mut opt, obs, |s: &TrainerState| {
@@ -260,15 +246,15 @@ pub fn train_sft<S: Sequence>(
         stopped_early: false,
     };
     let mut acc = GradAccumulator::new(&params);
-    while state.step < plan.total_steps {
+    while state.step < plan.run.total_steps {
         let t0 = Instant::now();
         // 1. The micro-batches of this optimizer step, and the loss-token count over all of
         //    them (the token-mean denominator, so batch 1 × accum 8 = batch 8 × accum 1).
-        let micro: Vec<Collated> = (0..plan.grad_accum)
+        let micro: Vec<Collated> = (0..plan.run.grad_accum)
             .map(|_| {
-                let idx = loader.next_batch(plan.batch_size)?;
+                let idx = loader.next_batch(plan.run.batch_size)?;
                 let refs: Vec<&S> = idx.iter().map(|&i| &train[i]).collect();
-                Ok(collate_right(&refs, plan.pad_id))
+                Ok(collate_right(&refs, plan.run.pad_id))
             })
             .collect::<Result<_>>()?;
         let total_tokens: usize = micro.iter().map(|c| c.loss_tokens()).sum();
@@ -281,7 +267,7 @@ pub fn train_sft<S: Sequence>(
             }
             let batch = batch_tensors(c, device)?;
             let mode = Mode::train_with_seed(splitmix64(
-                plan.seed ^ splitmix64(((state.step as u64) << 16) | k as u64),
+                plan.run.seed ^ splitmix64(((state.step as u64) << 16) | k as u64),
             ));
             let (nll, _) = nll_sum(model, &batch, &c.loss_mask, mode)?;
             nll_total += nll.detach().to_scalar::<f32>()? as f64;
@@ -289,14 +275,14 @@ pub fn train_sft<S: Sequence>(
             acc.add(&loss.backward()?)?;
         }
         // 3. Clip (or just measure), skip non-finite steps, update.
-        let lr = plan.schedule.lr_at(state.step, plan.learning_rate);
+        let lr = plan.run.schedule.lr_at(state.step, plan.run.learning_rate);
         let (grad_norm, applied) = apply_update(
             &mut acc,
             &params,
             &mut opt,
             &mut state.guard,
             state.step,
-            plan.max_grad_norm,
+            plan.run.max_grad_norm,
             lr,
             obs,
         )?;
@@ -311,7 +297,7 @@ pub fn train_sft<S: Sequence>(
         summary.last_loss = Some(loss);
         summary.steps = state.step;
         // 4. Log, eval, save.
-        if state.step.is_multiple_of(plan.log_every) || state.step == plan.total_steps {
+        if state.step.is_multiple_of(plan.run.log_every) || state.step == plan.run.total_steps {
             let secs = t0.elapsed().as_secs_f64();
             obs.metrics(
                 state.step,
@@ -329,10 +315,11 @@ pub fn train_sft<S: Sequence>(
                 ],
             );
         }
-        if plan.eval_every > 0
-            && (state.step.is_multiple_of(plan.eval_every) || state.step == plan.total_steps)
+        if plan.run.eval_every > 0
+            && (state.step.is_multiple_of(plan.run.eval_every)
+                || state.step == plan.run.total_steps)
         {
-            if let Some(e) = eval_loss(model, eval, plan.batch_size, plan.pad_id, device)? {
+            if let Some(e) = eval_loss(model, eval, plan.run.batch_size, plan.run.pad_id, device)? {
                 summary.last_eval_loss = Some(e);
                 obs.metrics(state.step, &[("eval_loss", e)]);
             }
@@ -341,16 +328,16 @@ pub fn train_sft<S: Sequence>(
                 break;
             }
         }
-        let save_now = (plan.save_every > 0 && state.step.is_multiple_of(plan.save_every))
-            || state.step == plan.total_steps;
+        let save_now = (plan.run.save_every > 0 && state.step.is_multiple_of(plan.run.save_every))
+            || state.step == plan.run.total_steps;
         if save_now {
             let trainer_state =
                 serde_json::to_value(&state).map_err(|e| TrainError::Plan(e.to_string()))?;
             let path = save(trainable, model, &opt, state.step, &trainer_state, run)?;
             obs.message(&format!("saved {}", path.display()));
             summary.last_checkpoint = Some(path);
-            if plan.keep_last > 0 {
-                prune(run, plan.keep_last)?;
+            if plan.run.keep_last > 0 {
+                prune(run, plan.run.keep_last)?;
             }
         }
     }

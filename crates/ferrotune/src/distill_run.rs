@@ -27,7 +27,7 @@ use ferrotune_train::sft::Trainable;
 use crate::config::{DistillSection, RunConfig};
 use crate::lm::{load_tokenizer, parse_device, parse_dtype, Lm};
 use crate::sft_run::{
-    adamw, load_frozen, load_model, open_run, regression_gate, schedule, start_log, trainable,
+    load_frozen, load_model, loop_plan, open_run, regression_gate, start_log, trainable,
     CliObserver,
 };
 use crate::teacher_cache::{self, CacheHeader};
@@ -277,10 +277,7 @@ pub fn run_distill(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<Dis
             .max(1.0) as usize
     };
     let plan = DistillPlan {
-        seed: cfg.run.seed,
-        total_steps,
-        batch_size: cfg.run.batch_size,
-        grad_accum: cfg.run.gradient_accumulation_steps,
+        run: loop_plan(cfg, total_steps, lm.pad_id())?,
         loss: JsdConfig {
             beta: d.beta,
             temperature: d.loss_temperature,
@@ -293,17 +290,6 @@ pub fn run_distill(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<Dis
         max_new_tokens: d.max_new_tokens,
         max_seq_len: cfg.data.max_seq_len,
         eos_ids: lm.eos_ids(),
-        learning_rate: cfg.optim.learning_rate,
-        schedule: schedule(cfg, total_steps)?,
-        adamw: adamw(cfg),
-        max_grad_norm: cfg.optim.max_grad_norm,
-        log_every: cfg.run.log_every,
-        save_every: cfg.run.save_every,
-        eval_every: cfg.run.eval_every,
-        keep_last: cfg.run.keep_last,
-        max_nonfinite_steps: cfg.run.max_nonfinite_steps,
-        shuffle: cfg.data.shuffle,
-        pad_id: lm.pad_id(),
     };
     let (log, resumed_step) = start_log(cfg, &run, checkpoint.as_ref())?;
     let mut obs = CliObserver {

@@ -18,7 +18,7 @@ use ferrotune_train::pref_loss::DpoConfig;
 use crate::config::{DpoSection, RunConfig};
 use crate::lm::Lm;
 use crate::sft_run::{
-    adamw, load_frozen, load_model, open_run, regression_gate, schedule, start_log, trainable,
+    load_frozen, load_model, loop_plan, open_run, regression_gate, start_log, trainable,
     CliObserver,
 };
 
@@ -108,23 +108,9 @@ pub fn run_dpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<DpoSumm
             .max(1.0) as usize
     };
     let plan = DpoPlan {
-        seed: cfg.run.seed,
-        total_steps,
-        batch_size: cfg.run.batch_size,
-        grad_accum: cfg.run.gradient_accumulation_steps,
+        run: loop_plan(cfg, total_steps, lm.pad_id())?,
         loss,
         precompute_ref_log_probs: d.precompute_ref_log_probs,
-        learning_rate: cfg.optim.learning_rate,
-        schedule: schedule(cfg, total_steps)?,
-        adamw: adamw(cfg),
-        max_grad_norm: cfg.optim.max_grad_norm,
-        log_every: cfg.run.log_every,
-        save_every: cfg.run.save_every,
-        eval_every: cfg.run.eval_every,
-        keep_last: cfg.run.keep_last,
-        max_nonfinite_steps: cfg.run.max_nonfinite_steps,
-        shuffle: cfg.data.shuffle,
-        pad_id: lm.pad_id(),
     };
     let (log, resumed_step) = start_log(cfg, &run, checkpoint.as_ref())?;
     let mut obs = CliObserver {

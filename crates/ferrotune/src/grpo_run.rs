@@ -22,7 +22,7 @@ use serde_json::{json, Map, Value};
 
 use crate::config::{GrpoSection, RunConfig};
 use crate::lm::Lm;
-use crate::sft_run::{adamw, load_model, open_run, schedule, start_log, trainable, CliObserver};
+use crate::sft_run::{load_model, loop_plan, open_run, start_log, trainable, CliObserver};
 
 /// A prompt ready to generate from.
 #[derive(Debug, Clone)]
@@ -318,10 +318,7 @@ pub fn grpo_plan(cfg: &RunConfig, g: &GrpoSection, lm: &Lm, n_prompts: usize) ->
         .parse()
         .map_err(|e| anyhow::anyhow!("grpo.scale_rewards: {e}"))?;
     Ok(GrpoPlan {
-        seed: cfg.run.seed,
-        total_steps,
-        batch_size: cfg.run.batch_size,
-        grad_accum: cfg.run.gradient_accumulation_steps,
+        run: loop_plan(cfg, total_steps, lm.pad_id())?,
         num_generations: g.num_generations,
         num_iterations: g.num_iterations,
         max_completion_len: g.max_completion_len,
@@ -337,19 +334,8 @@ pub fn grpo_plan(cfg: &RunConfig, g: &GrpoSection, lm: &Lm, n_prompts: usize) ->
         epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),
         beta: g.beta,
         mask_truncated_completions: g.mask_truncated_completions,
-        learning_rate: cfg.optim.learning_rate,
-        schedule: schedule(cfg, total_steps)?,
-        adamw: adamw(cfg),
-        max_grad_norm: cfg.optim.max_grad_norm,
-        log_every: cfg.run.log_every,
-        save_every: cfg.run.save_every,
-        eval_every: cfg.run.eval_every,
-        keep_last: cfg.run.keep_last,
-        max_nonfinite_steps: cfg.run.max_nonfinite_steps,
-        shuffle: cfg.data.shuffle,
         log_completions: g.log_completions,
         eos_ids: lm.eos_ids(),
-        pad_id: lm.pad_id(),
     })
 }
 
@@ -433,7 +419,7 @@ pub fn run_grpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<GrpoSu
         inner: CliObserver {
             log,
             gate: crate::sft_run::regression_gate(cfg, &lm)?,
-            progress: Progress::auto(plan.total_steps as u64)
+            progress: Progress::auto(plan.run.total_steps as u64)
                 .with_log_every(cfg.run.log_every as u64)
                 .resumed_from(resumed_step),
         },
@@ -443,7 +429,7 @@ pub fn run_grpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<GrpoSu
         "grpo: {} train / {} eval prompts, {} steps of {} prompts x {} completions, loss {}, beta {}, {} trainable parameters",
         env.train.len(),
         env.eval.len(),
-        plan.total_steps,
+        plan.run.total_steps,
         plan.prompts_per_step(),
         plan.num_generations,
         g.loss_type,

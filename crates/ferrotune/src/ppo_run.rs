@@ -21,7 +21,7 @@ use serde::Deserialize;
 use crate::config::{PpoSection, RunConfig};
 use crate::grpo_run::{load_prompts, role_of, TextEnv};
 use crate::lm::Lm;
-use crate::sft_run::{adamw, load_model, open_run, schedule, start_log, trainable, CliObserver};
+use crate::sft_run::{load_model, loop_plan, open_run, start_log, trainable, CliObserver};
 
 /// The label of the `ppo.reward_model_path` entry in logs (`rewards/reward_model/mean`).
 pub const REWARD_MODEL_LABEL: &str = "reward_model";
@@ -111,10 +111,7 @@ pub fn ppo_plan(cfg: &RunConfig, p: &PpoSection, lm: &Lm, n_prompts: usize) -> R
     };
     let loss = p.loss_config().map_err(|e| anyhow::anyhow!("ppo: {e}"))?;
     Ok(PpoPlan {
-        seed: cfg.run.seed,
-        total_steps,
-        batch_size: cfg.run.batch_size,
-        grad_accum: cfg.run.gradient_accumulation_steps,
+        run: loop_plan(cfg, total_steps, lm.pad_id())?,
         num_mini_batches: p.num_mini_batches,
         num_ppo_epochs: p.num_ppo_epochs,
         max_completion_len: p.max_completion_len,
@@ -126,19 +123,8 @@ pub fn ppo_plan(cfg: &RunConfig, p: &PpoSection, lm: &Lm, n_prompts: usize) -> R
         },
         loss,
         missing_eos_penalty: p.missing_eos_penalty,
-        learning_rate: cfg.optim.learning_rate,
-        schedule: schedule(cfg, total_steps)?,
-        adamw: adamw(cfg),
-        max_grad_norm: cfg.optim.max_grad_norm,
-        log_every: cfg.run.log_every,
-        save_every: cfg.run.save_every,
-        eval_every: cfg.run.eval_every,
-        keep_last: cfg.run.keep_last,
-        max_nonfinite_steps: cfg.run.max_nonfinite_steps,
-        shuffle: cfg.data.shuffle,
         log_completions: p.log_completions,
         eos_ids: lm.eos_ids(),
-        pad_id: lm.pad_id(),
     })
 }
 
@@ -203,7 +189,7 @@ pub fn run_ppo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<PpoSumm
         inner: CliObserver {
             log,
             gate: crate::sft_run::regression_gate(cfg, &lm)?,
-            progress: Progress::auto(plan.total_steps as u64)
+            progress: Progress::auto(plan.run.total_steps as u64)
                 .with_log_every(cfg.run.log_every as u64)
                 .resumed_from(resumed_step),
         },
@@ -211,7 +197,7 @@ pub fn run_ppo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<PpoSumm
     eprintln!(
         "ppo: {} train prompts, {} steps of {} rollouts ({} epochs x {} mini-batches), rewards [{}], kl_coef {}, {} trainable parameters + value head",
         env.train.len(),
-        plan.total_steps,
+        plan.run.total_steps,
         plan.rollouts_per_step(),
         plan.num_ppo_epochs,
         plan.num_mini_batches,

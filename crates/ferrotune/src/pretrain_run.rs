@@ -24,6 +24,7 @@ use ferrotune_tokenize::train::{
 };
 use ferrotune_tokenize::Tokenizer;
 use ferrotune_train::optim::AdamWConfig;
+use ferrotune_train::plan::LoopPlan;
 use ferrotune_train::schedule::{Schedule, ScheduleKind, Warmup};
 use ferrotune_train::sft::{train_sft, Observer, SftPlan, SftSummary, Trainable};
 use serde::{Deserialize, Serialize};
@@ -605,29 +606,31 @@ pub fn pretrain(cfg: &PretrainConfig, quiet: bool) -> Result<PretrainSummary> {
     let schedule = Schedule::new(kind, Warmup::Steps(cfg.optim.warmup_steps), r.max_steps)
         .map_err(|e| anyhow::anyhow!("optim: {e}"))?;
     let plan = SftPlan {
-        seed: r.seed,
-        total_steps: r.max_steps,
-        batch_size: r.batch_size,
-        grad_accum: r.gradient_accumulation_steps,
-        learning_rate: cfg.optim.learning_rate,
-        schedule,
-        adamw: AdamWConfig {
-            betas: (cfg.optim.adam_beta1, cfg.optim.adam_beta2),
-            eps: cfg.optim.adam_epsilon,
-            weight_decay: cfg.optim.weight_decay,
+        run: LoopPlan {
+            seed: r.seed,
+            total_steps: r.max_steps,
+            batch_size: r.batch_size,
+            grad_accum: r.gradient_accumulation_steps,
+            learning_rate: cfg.optim.learning_rate,
+            schedule,
+            adamw: AdamWConfig {
+                betas: (cfg.optim.adam_beta1, cfg.optim.adam_beta2),
+                eps: cfg.optim.adam_epsilon,
+                weight_decay: cfg.optim.weight_decay,
+            },
+            max_grad_norm: cfg.optim.max_grad_norm,
+            log_every: r.log_every.max(1),
+            save_every: r.save_every,
+            eval_every: if r.eval_every > 0 {
+                r.eval_every
+            } else {
+                r.max_steps
+            },
+            keep_last: 0,
+            max_nonfinite_steps: 5,
+            shuffle: true,
+            pad_id: tok.pad_id().unwrap_or(eot),
         },
-        max_grad_norm: cfg.optim.max_grad_norm,
-        log_every: r.log_every.max(1),
-        save_every: r.save_every,
-        eval_every: if r.eval_every > 0 {
-            r.eval_every
-        } else {
-            r.max_steps
-        },
-        keep_last: 0,
-        max_nonfinite_steps: 5,
-        shuffle: true,
-        pad_id: tok.pad_id().unwrap_or(eot),
     };
     let progress = if quiet {
         Progress::to_writer(r.max_steps as u64, Box::new(std::io::sink()))

@@ -19,7 +19,7 @@ use ferrotune_train::reward_train::{train_reward_model, RmPair, RmPlan, RmSummar
 
 use crate::config::{RewardModelSection, RunConfig};
 use crate::lm::{load_tokenizer, parse_device, parse_dtype};
-use crate::sft_run::{adamw, lora_config, open_run, schedule, start_log, CliObserver};
+use crate::sft_run::{loop_plan, lora_config, open_run, start_log, CliObserver};
 
 /// The pad id TRL gives a reward model: the tokenizer's pad token, else its EOS.
 pub fn reward_pad_id(tok: &Tokenizer, rm: &RewardModel) -> Option<u32> {
@@ -161,22 +161,8 @@ pub fn run_reward_model(cfg: &RunConfig, resume: bool, overwrite: bool) -> Resul
             .max(1.0) as usize
     };
     let plan = RmPlan {
-        seed: cfg.run.seed,
-        total_steps,
-        batch_size: cfg.run.batch_size,
-        grad_accum: cfg.run.gradient_accumulation_steps,
+        run: loop_plan(cfg, total_steps, pad_id)?,
         center_rewards_coefficient: r.center_rewards_coefficient,
-        learning_rate: cfg.optim.learning_rate,
-        schedule: schedule(cfg, total_steps)?,
-        adamw: adamw(cfg),
-        max_grad_norm: cfg.optim.max_grad_norm,
-        log_every: cfg.run.log_every,
-        save_every: cfg.run.save_every,
-        eval_every: cfg.run.eval_every,
-        keep_last: cfg.run.keep_last,
-        max_nonfinite_steps: cfg.run.max_nonfinite_steps,
-        shuffle: cfg.data.shuffle,
-        pad_id,
         export_dtype: Some(dtype),
     };
     let trainable = RmTrainable {

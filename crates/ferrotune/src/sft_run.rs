@@ -15,6 +15,7 @@ use ferrotune_models::LoadOptions;
 use ferrotune_nn::{LoraConfig, TargetModules};
 use ferrotune_report::{plot_metrics, Progress, RunLog};
 use ferrotune_train::optim::AdamWConfig;
+use ferrotune_train::plan::LoopPlan;
 use ferrotune_train::schedule::{Schedule, ScheduleKind, Warmup};
 use ferrotune_train::sft::{train_sft, Observer, SftPlan, SftSummary, Trainable};
 
@@ -240,6 +241,27 @@ pub(crate) fn load_frozen(cfg: &RunConfig, key: &str, path: &Path, tok: &Tokeniz
     Lm::load(path, &opts).with_context(|| format!("{key} {}", path.display()))
 }
 
+/// The loop settings every trainer shares, from `[run]`, `[optim]` and `[data]`.
+pub(crate) fn loop_plan(cfg: &RunConfig, total_steps: usize, pad_id: u32) -> Result<LoopPlan> {
+    Ok(LoopPlan {
+        seed: cfg.run.seed,
+        total_steps,
+        batch_size: cfg.run.batch_size,
+        grad_accum: cfg.run.gradient_accumulation_steps,
+        learning_rate: cfg.optim.learning_rate,
+        schedule: schedule(cfg, total_steps)?,
+        adamw: adamw(cfg),
+        max_grad_norm: cfg.optim.max_grad_norm,
+        log_every: cfg.run.log_every,
+        save_every: cfg.run.save_every,
+        eval_every: cfg.run.eval_every,
+        keep_last: cfg.run.keep_last,
+        max_nonfinite_steps: cfg.run.max_nonfinite_steps,
+        shuffle: cfg.data.shuffle,
+        pad_id,
+    })
+}
+
 /// The trainable parameters: the adapters, or every weight.
 pub(crate) fn trainable<'a>(
     cfg: &RunConfig,
@@ -346,23 +368,8 @@ fn train_with<S: Sequence>(
             .ceil()
             .max(1.0) as usize
     };
-    let schedule = schedule(cfg, total_steps)?;
     let plan = SftPlan {
-        seed: cfg.run.seed,
-        total_steps,
-        batch_size: cfg.run.batch_size,
-        grad_accum: cfg.run.gradient_accumulation_steps,
-        learning_rate: cfg.optim.learning_rate,
-        schedule,
-        adamw: adamw(cfg),
-        max_grad_norm: cfg.optim.max_grad_norm,
-        log_every: cfg.run.log_every,
-        save_every: cfg.run.save_every,
-        eval_every: cfg.run.eval_every,
-        keep_last: cfg.run.keep_last,
-        max_nonfinite_steps: cfg.run.max_nonfinite_steps,
-        shuffle: cfg.data.shuffle,
-        pad_id: lm.pad_id(),
+        run: loop_plan(cfg, total_steps, lm.pad_id())?,
     };
     let (log, resumed_step) = start_log(cfg, &run, checkpoint.as_ref())?;
     let mut obs = CliObserver {

@@ -399,6 +399,7 @@ fn lora_training_leaves_the_base_bit_identical() {
     use ferrotune_models::LoadOptions;
     use ferrotune_nn::{LoraConfig, TargetModules};
     use ferrotune_train::optim::AdamWConfig;
+    use ferrotune_train::plan::LoopPlan;
     use ferrotune_train::schedule::Schedule;
     use ferrotune_train::sft::{train_sft, Observer, SftPlan, Trainable};
 
@@ -451,24 +452,26 @@ fn lora_training_leaves_the_base_bit_identical() {
     let tmp = tempfile::tempdir().unwrap();
     let run = RunDir::create(&tmp.path().join("r"), OnExisting::Refuse).unwrap();
     let plan = SftPlan {
-        seed: 3,
-        total_steps: 4,
-        batch_size: 4,
-        grad_accum: 2,
-        learning_rate: 1e-2,
-        schedule: Schedule::Constant,
-        adamw: AdamWConfig {
-            weight_decay: 0.01,
-            ..AdamWConfig::default()
+        run: LoopPlan {
+            seed: 3,
+            total_steps: 4,
+            batch_size: 4,
+            grad_accum: 2,
+            learning_rate: 1e-2,
+            schedule: Schedule::Constant,
+            adamw: AdamWConfig {
+                weight_decay: 0.01,
+                ..AdamWConfig::default()
+            },
+            max_grad_norm: 1.0,
+            log_every: 1,
+            save_every: 0,
+            eval_every: 0,
+            keep_last: 0,
+            max_nonfinite_steps: 3,
+            shuffle: true,
+            pad_id: lm.pad_id(),
         },
-        max_grad_norm: 1.0,
-        log_every: 1,
-        save_every: 0,
-        eval_every: 0,
-        keep_last: 0,
-        max_nonfinite_steps: 3,
-        shuffle: true,
-        pad_id: lm.pad_id(),
     };
     let trainable = Trainable::Lora {
         params,
