@@ -264,6 +264,7 @@ fn pairs_fingerprint(pairs: &[PrefPair]) -> String {
 
 /// The reference log-probs of every train pair: read from the run folder when a cache for the
 /// same pairs and reference is there (a resumed run), else computed once and written there.
+#[allow(clippy::too_many_arguments)]
 fn precomputed_refs(
     policy: &dyn CausalLm,
     reference: Reference,
