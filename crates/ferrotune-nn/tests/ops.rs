@@ -612,3 +612,33 @@ fn rope_batch_one_cos_sin_broadcasts() {
     let want = reference::rope(&x, &cos2, &sin2).unwrap();
     assert_close("rope broadcast vs composite", &got, &want, FWD_TOL);
 }
+
+/// Decode-sized inputs (a few rows: one per sequence, or a speculative verification's k + 1)
+/// take their own path; it must equal the composite reference (itself checked against torch
+/// above) on both sides of the row threshold, with and without bias, serial and parallel, and
+/// with an inner size that is not a multiple of the SIMD width.
+#[test]
+fn few_row_linear_matches_reference() {
+    for (rows, k, n) in [
+        (1, 300, 70),
+        (2, 300, 70),
+        (5, 33, 9),
+        (8, 300, 70),
+        (9, 300, 70),
+        (3, 1024, 1024),
+    ] {
+        let x = randn(&[rows, k], 1 + rows as u64);
+        let w = randn(&[n, k], 7);
+        let b = randn(&[n], 11);
+        for bias in [None, Some(&b)] {
+            let got = ops::linear(&x, &w, bias).unwrap();
+            let want = reference::linear(&x, &w, bias).unwrap();
+            assert_close(
+                &format!("linear {rows}x{k} -> {n}, bias {}", bias.is_some()),
+                &got,
+                &want,
+                FWD_TOL,
+            );
+        }
+    }
+}

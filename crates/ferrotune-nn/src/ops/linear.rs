@@ -72,17 +72,71 @@ fn forward(
         }
         None => false,
     };
-    // (M, K) x (K, N), W^T read through strides.
-    matmul(
-        &mut y,
-        n,
-        Mat::new(&x, m, k),
-        Mat::new(&w, n, k).t(),
-        1.0,
-        accumulate,
-        par_for(m, n, k),
-    )?;
+    if m <= FEW_ROWS && x.len() == m * k && w.len() == n * k {
+        few_rows(&mut y, &x, &w, m, k, n);
+    } else {
+        // (M, K) x (K, N), W^T read through strides.
+        matmul(
+            &mut y,
+            n,
+            Mat::new(&x, m, k),
+            Mat::new(&w, n, k).t(),
+            1.0,
+            accumulate,
+            par_for(m, n, k),
+        )?;
+    }
     Ok((storage_from_f32(NAME, y, xs.dtype())?, out_shape(xl, n)))
+}
+
+/// Up to this many rows of x take [`few_rows`]: decoding (1 row per sequence) and speculative
+/// verification (k + 1 rows).
+const FEW_ROWS: usize = 8;
+
+/// `y[i][j] += x[i] · w[j]` for a handful of rows: each weight row is read once from memory and
+/// dotted with every (cached) row of x. With so few rows the product is bound by reading W;
+/// gemm would first pack all of W into its own layout, reading and writing it once more.
+/// Parallel over blocks of weight rows when there is enough work.
+fn few_rows(y: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
+    use rayon::prelude::*;
+    // Weight rows per task: ~256 KB of W, so a task outlives its hand-off.
+    let block = (65_536 / k.max(1)).clamp(1, n.max(1));
+    let mut yt = vec![0f32; n * m]; // (N, M): each task writes its own contiguous block
+    let work = |(b, out): (usize, &mut [f32])| {
+        let j0 = b * block;
+        for (dj, o) in out.chunks_exact_mut(m).enumerate() {
+            let wr = &w[(j0 + dj) * k..(j0 + dj + 1) * k];
+            for (i, oi) in o.iter_mut().enumerate() {
+                *oi = dot(&x[i * k..(i + 1) * k], wr);
+            }
+        }
+    };
+    if rayon::current_num_threads() > 1 && m * n * k >= 1 << 20 {
+        yt.par_chunks_mut(block * m).enumerate().for_each(work);
+    } else {
+        yt.chunks_mut(block * m).enumerate().for_each(work);
+    }
+    for (j, row) in yt.chunks_exact(m).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            y[i * n + j] += v;
+        }
+    }
+}
+
+/// Dot product in 8 independent partial sums, so the compiler keeps them in one SIMD register
+/// (a single running sum is a serial dependency it may not reorder).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (pa, pb) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += pa[l] * pb[l];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(p, q)| p * q).sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 /// The gradients of x and W (each only when tracked).
