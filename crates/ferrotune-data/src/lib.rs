@@ -22,6 +22,7 @@
 mod collate;
 mod error;
 mod example;
+mod fingerprint;
 mod order;
 mod pack;
 mod pref;
@@ -35,6 +36,7 @@ pub use example::{
     detect_sft_format, preference_examples, prompt_examples, sft_examples, Example, Segment,
     SftFormat,
 };
+pub use fingerprint::{tokenized_fingerprint, Fingerprint};
 pub use order::{split, split_items, Cursor, EvalSize, Loader, Shuffler, Split};
 pub use pack::{pack, Packed};
 pub use pref::{tokenize_preference, tokenize_preferences_all, PrefPair, PrefSet};

@@ -26,7 +26,9 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use ferrotune_ckpt::{prune, Checkpoint, RunDir};
-use ferrotune_data::{collate_right, Cursor, Loader, PrefPair, Shuffler, Tokenized};
+use ferrotune_data::{
+    collate_right, tokenized_fingerprint, Cursor, Loader, PrefPair, Shuffler, Tokenized,
+};
 use ferrotune_models::CausalLm;
 use ferrotune_nn::{splitmix64, Mode};
 use serde::{Deserialize, Serialize};
@@ -247,21 +249,6 @@ fn ref_logps(
 /// Where precomputed reference log-probs are kept in the run folder.
 pub const REF_LOGPS_FILE: &str = "ref_logps.json";
 
-/// A fingerprint of the train pairs' token ids and masks (splitmix64 chained: stable across
-/// builds and machines), so a cache written for other data is never read.
-fn pairs_fingerprint(pairs: &[PrefPair]) -> String {
-    let mut h = 0x6a09_e667_f3bc_c908u64;
-    let mut eat = |x: u64| h = splitmix64(h ^ x);
-    for p in pairs {
-        for t in [&p.chosen, &p.rejected] {
-            eat(t.ids.len() as u64);
-            t.ids.iter().for_each(|&id| eat(id as u64));
-            t.loss_mask.iter().for_each(|&m| eat(m as u64));
-        }
-    }
-    format!("{h:016x}")
-}
-
 /// The reference log-probs of every train pair: read from the run folder when a cache for the
 /// same pairs and reference is there (a resumed run), else computed once and written there.
 #[allow(clippy::too_many_arguments)]
@@ -276,7 +263,7 @@ fn precomputed_refs(
     device: &Device,
 ) -> Result<Vec<(f32, f32)>> {
     let path = run.root().join(REF_LOGPS_FILE);
-    let fingerprint = pairs_fingerprint(train);
+    let fingerprint = tokenized_fingerprint(train.iter().flat_map(|p| [&p.chosen, &p.rejected]));
     let stored = std::fs::read_to_string(&path)
         .ok()
         .and_then(|t| serde_json::from_str::<RefCache>(&t).ok());

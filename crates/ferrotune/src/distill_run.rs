@@ -151,7 +151,7 @@ fn expected_header(
         version: teacher_cache::VERSION,
         teacher: d.teacher.clone(),
         tokenizer: teacher_cache::tokenizer_fingerprint(tok),
-        data: teacher_cache::data_fingerprint(items.iter().map(|x| &x.seq)),
+        data: ferrotune_data::tokenized_fingerprint(items.iter().map(|x| &x.seq)),
         k: d.top_k,
         temperature: d.loss_temperature,
         examples: items.len(),

@@ -21,31 +21,23 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::grpo_run::load_prompts;
-use crate::lm::Lm;
+use crate::lm::{load_tokenizer, Lm};
 
 /// Load the draft model on the target's device and dtype; refuse it when its tokenizer maps
-/// text to other ids than the target's (the draft's tokens are the target's tokens).
+/// text to other ids than the target's (the draft's tokens are the target's tokens). A
+/// different number of embedding rows is refused by the decode loop itself.
 pub fn load_draft(target: &Lm, target_path: &Path, draft: &Path, opts: &LoadOptions) -> Result<Lm> {
-    let lm = Lm::load(draft, opts).with_context(|| format!("--draft-model {}", draft.display()))?;
-    if let Some(why) = target.tokenizer.vocab_mismatch(&lm.tokenizer) {
+    // The tokenizer first: a mismatch is reported before any weight is read.
+    let tok =
+        load_tokenizer(draft).with_context(|| format!("--draft-model {}", draft.display()))?;
+    if let Some(why) = target.tokenizer.vocab_mismatch(&tok) {
         bail!(
             "--draft-model {}: its tokenizer differs from --model {}'s ({why}); a draft must share the target's tokenizer",
             draft.display(),
             target_path.display()
         );
     }
-    let (tv, dv) = (
-        target.model.config().vocab_size,
-        lm.model.config().vocab_size,
-    );
-    if tv != dv {
-        bail!(
-            "--draft-model {}: its vocabulary has {dv} rows, --model {}'s has {tv}; a draft must share the target's vocabulary",
-            draft.display(),
-            target_path.display()
-        );
-    }
-    Ok(lm)
+    Lm::load(draft, opts).with_context(|| format!("--draft-model {}", draft.display()))
 }
 
 /// Settings of `bench speculative`.
