@@ -4,7 +4,10 @@
 # Prints one JSON line per run and a table of ratios (ferrotune / PyTorch; >1 = ferrotune faster).
 #
 #   PYTHON=/path/to/python-with-torch bash bench/cpu/run.sh
-# Env: BENCH_B (4), BENCH_T (128), BENCH_ITERS (5), BENCH_NEW (64), BENCH_THREADS (nproc).
+# Env: BENCH_B (4), BENCH_T (128), BENCH_ITERS (5), BENCH_NEW (64), BENCH_THREADS (nproc),
+# BENCH_PHASES ("forward step generate"), BENCH_ROUNDS (2): each phase runs ferrotune then
+# PyTorch this many times, alternating, and the table keeps each side's best round (on a shared
+# VM one process can run ~8% slower than the next).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-python3}
@@ -13,14 +16,20 @@ export BENCH_THREADS=${BENCH_THREADS:-$(nproc)}
 export RAYON_NUM_THREADS=$BENCH_THREADS OMP_NUM_THREADS=$BENCH_THREADS
 cargo bench --bench core --no-run -q 2>/dev/null || cargo bench --bench core --no-run
 out=$(mktemp)
-for phase in forward step generate; do
-  cargo bench -q --bench core -- "$phase" 2>>"$out.stderr" | grep '^{' | tee -a "$out"
-  "$PYTHON" bench/cpu/torch_core.py "$phase" 2>>"$out.stderr" | grep '^{' | tee -a "$out"
+for phase in ${BENCH_PHASES:-forward step generate}; do
+  for _ in $(seq "${BENCH_ROUNDS:-2}"); do
+    cargo bench -q --bench core -- "$phase" 2>>"$out.stderr" | grep '^{' | tee -a "$out"
+    "$PYTHON" bench/cpu/torch_core.py "$phase" 2>>"$out.stderr" | grep '^{' | tee -a "$out"
+  done
 done
 python3 - "$out" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-by = {(r["impl"], r["phase"]): r for r in rows}
+by = {}
+for r in rows:  # best round per side
+    k = (r["impl"], r["phase"])
+    if k not in by or r["tokens_per_s"] > by[k]["tokens_per_s"]:
+        by[k] = r
 print(f"\n{'phase':<9} {'ferrotune tok/s':>16} {'pytorch tok/s':>14} {'speed ratio':>12} {'ferrotune MB':>13} {'pytorch MB':>11}")
 for ph in ["forward", "step", "generate"]:
     f, p = by.get(("ferrotune", ph)), by.get(("pytorch", ph))

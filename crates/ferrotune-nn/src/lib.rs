@@ -17,7 +17,7 @@ pub mod weights;
 
 pub use attention::{Attention, AttentionSpec};
 pub use kv_cache::KvCache;
-pub use linear::{Linear, LoraAdapter, LoraConfig, TargetModules};
+pub use linear::{dropout_mask, Linear, LoraAdapter, LoraConfig, TargetModules};
 pub use mlp::{GatedMlp, GeluMlp};
 pub use norm::{LayerNorm, RmsNorm};
 pub use rope::{RopeScaling, RotaryEmbedding};
@@ -70,4 +70,19 @@ pub fn splitmix64(mut x: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// Sizes candle's own CPU thread pool before its first use; call it at the start of `main`,
+/// before any thread is spawned. Unless the user set `CANDLE_NUM_THREADS`, candle's pool gets
+/// one thread: the calling thread.
+///
+/// Why: the heavy CPU work (every matrix product and our custom ops) runs on rayon's pool.
+/// candle keeps a second pool for its elementwise ops whose workers spin for a while after
+/// each op, so with both pools sized to the cores, twice as many threads as cores compete and
+/// the spinning steals time from the products. Measured on 2 cores (SmolLM2 LoRA step, B=4,
+/// T=128, `cargo bench --bench core -- step`): 12% less CPU time and a 3-6% faster step.
+pub fn init_cpu_threads() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
 }

@@ -23,10 +23,16 @@ fn path_hash(path: &str) -> u64 {
 /// Inverted dropout with a counter-based mask: element k is kept when
 /// `splitmix64(seed + k) / 2^64 >= p`, and kept values are scaled by 1 / (1 - p).
 fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
-    let n = x.elem_count();
+    let mask = dropout_mask(x.elem_count(), p, seed);
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * mask
+}
+
+/// The multipliers of [`dropout`]'s mask for `n` elements: 0 or 1 / (1 - p).
+pub fn dropout_mask(n: usize, p: f32, seed: u64) -> Vec<f32> {
     let keep = 1.0 / (1.0 - p);
     let threshold = (p as f64 * u64::MAX as f64) as u64;
-    let mask: Vec<f32> = (0..n as u64)
+    (0..n as u64)
         .map(|k| {
             if splitmix64(seed.wrapping_add(k)) >= threshold {
                 keep
@@ -34,9 +40,7 @@ fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
                 0.0
             }
         })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x * mask
+        .collect()
 }
 
 /// Which linear slots get an adapter (PEFT's `target_modules`).
@@ -153,22 +157,34 @@ impl Linear {
 
     /// x: (..., in) -> (..., out).
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let y = ops::linear(x, &self.weight, self.bias.as_ref())?;
-        match &self.lora {
-            Some(l) if mode.adapters => {
-                let xd = if mode.train && l.dropout > 0.0 {
-                    dropout(x, l.dropout, mode.dropout_seed ^ path_hash(&self.path))?
-                } else {
-                    x.clone()
-                };
-                let a = l.a.as_tensor().to_dtype(x.dtype())?;
-                // (..., r); then scale the small (out, r) B rather than the (..., out) output.
-                let xa = ops::linear(&xd, &a, None)?;
-                let b_scaled = (l.b.as_tensor() * l.scale)?.to_dtype(x.dtype())?;
-                let xab = ops::linear(&xa, &b_scaled, None)?; // (..., out)
-                y + xab
-            }
-            _ => Ok(y),
+        let l = match &self.lora {
+            Some(l) if mode.adapters => l,
+            _ => return ops::linear(x, &self.weight, self.bias.as_ref()),
+        };
+        let drop = (mode.train && l.dropout > 0.0)
+            .then(|| (l.dropout, mode.dropout_seed ^ path_hash(&self.path)));
+        let frozen = !self.weight.track_op() && !self.bias.as_ref().is_some_and(|b| b.track_op());
+        if x.device().is_cpu() && frozen {
+            // One op for base + adapter: no (..., out) intermediate, no add, no graph nodes
+            // for the small products.
+            let lora = ops::LoraParts {
+                a: l.a.as_tensor(),
+                b: l.b.as_tensor(),
+                scale: l.scale,
+                dropout: drop,
+            };
+            return ops::lora_linear(x, &self.weight, self.bias.as_ref(), &lora);
         }
+        let y = ops::linear(x, &self.weight, self.bias.as_ref())?;
+        let xd = match drop {
+            Some((p, seed)) => dropout(x, p, seed)?,
+            None => x.clone(),
+        };
+        let a = l.a.as_tensor().to_dtype(x.dtype())?;
+        // (..., r); then scale the small (out, r) B rather than the (..., out) output.
+        let xa = ops::linear(&xd, &a, None)?;
+        let b_scaled = (l.b.as_tensor() * l.scale)?.to_dtype(x.dtype())?;
+        let xab = ops::linear(&xa, &b_scaled, None)?; // (..., out)
+        y + xab
     }
 }

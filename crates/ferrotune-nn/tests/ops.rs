@@ -642,3 +642,80 @@ fn few_row_linear_matches_reference() {
         }
     }
 }
+
+/// The fused LoRA linear (base + adapter in one op) equals the same math composed from stock
+/// candle ops, forward and gradients of x, A and B, with and without bias and dropout, for a
+/// decode-sized and a training-sized batch; the frozen W and b get no gradient.
+#[test]
+fn lora_linear_matches_stock_composite() {
+    let (r, k, n, scale) = (4, 24, 10, 2.5f64);
+    for rows in [3usize, 40] {
+        for (bias_on, drop) in [(false, None), (true, None), (true, Some((0.25f32, 99u64)))] {
+            let what = format!("rows {rows}, bias {bias_on}, dropout {drop:?}");
+            let x = Var::from_tensor(&randn(&[rows / 2 + 1, 2, k], 21)).unwrap();
+            let w = randn(&[n, k], 22);
+            let b = randn(&[n], 23);
+            let a = Var::from_tensor(&randn(&[r, k], 24)).unwrap();
+            let bm = Var::from_tensor(&randn(&[n, r], 25)).unwrap();
+            let bias = bias_on.then_some(&b);
+            let up = randn(&[rows / 2 + 1, 2, n], 26); // upstream gradient weights
+
+            let lora = ops::LoraParts {
+                a: a.as_tensor(),
+                b: bm.as_tensor(),
+                scale,
+                dropout: drop,
+            };
+            let got = ops::lora_linear(x.as_tensor(), &w, bias, &lora).unwrap();
+            let g_got = (&got * &up).unwrap().sum_all().unwrap().backward().unwrap();
+
+            let xt = x.as_tensor();
+            let xd = match drop {
+                Some((p, seed)) => {
+                    let mask = ferrotune_nn::dropout_mask(xt.elem_count(), p, seed);
+                    let mask = Tensor::from_vec(mask, xt.shape(), &Device::Cpu).unwrap();
+                    (xt * mask).unwrap()
+                }
+                None => xt.clone(),
+            };
+            let base = reference::linear(xt, &w, bias).unwrap();
+            let xa = xd.broadcast_matmul(&a.as_tensor().t().unwrap()).unwrap();
+            let xab = xa.broadcast_matmul(&bm.as_tensor().t().unwrap()).unwrap();
+            let want = (base + (xab * scale).unwrap()).unwrap();
+            let g_want = (&want * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+
+            assert_close(&format!("{what}: y"), &got, &want, FWD_TOL);
+            for (name, t) in [("dx", xt), ("dA", a.as_tensor()), ("dB", bm.as_tensor())] {
+                assert_close(
+                    &format!("{what}: {name}"),
+                    g_got.get(t).unwrap(),
+                    g_want.get(t).unwrap(),
+                    GRAD_TOL,
+                );
+            }
+            assert!(g_got.get(&w).is_none(), "{what}: frozen W got a gradient");
+            assert!(g_got.get(&b).is_none(), "{what}: frozen b got a gradient");
+        }
+    }
+}
+
+/// A tracked base weight is refused by the fused op (it would silently get no gradient).
+#[test]
+fn lora_linear_refuses_a_tracked_base() {
+    let x = randn(&[2, 8], 1);
+    let w = Var::from_tensor(&randn(&[3, 8], 2)).unwrap();
+    let (a, b) = (randn(&[2, 8], 3), randn(&[3, 2], 4));
+    let lora = ops::LoraParts {
+        a: &a,
+        b: &b,
+        scale: 1.0,
+        dropout: None,
+    };
+    let err = ops::lora_linear(&x, w.as_tensor(), None, &lora).unwrap_err();
+    assert!(err.to_string().contains("frozen"), "{err}");
+}

@@ -48,6 +48,7 @@ fn ids(b: usize, t: usize) -> Vec<Vec<u32>> {
 }
 
 fn main() -> anyhow::Result<()> {
+    ferrotune_nn::init_cpu_threads();
     let phase = std::env::args()
         .skip(1)
         .find(|a| !a.starts_with("--"))

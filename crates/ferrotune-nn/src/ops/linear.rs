@@ -35,7 +35,7 @@ fn dims(x: &Layout, w: &Layout) -> Result<(usize, usize, usize)> {
     Ok((xd[..xd.len() - 1].iter().product(), k, wd[0]))
 }
 
-fn out_shape(x: &Layout, n: usize) -> Shape {
+pub(super) fn out_shape(x: &Layout, n: usize) -> Shape {
     let mut d = x.dims().to_vec();
     if let Some(last) = d.last_mut() {
         *last = n;
@@ -53,10 +53,22 @@ fn forward(
     let (m, k, n) = dims(xl, wl)?;
     let x = f32_view(NAME, xs, xl)?;
     let w = f32_view(NAME, ws, wl)?;
+    let b = bias.map(|(bs, bl)| f32_view(NAME, bs, bl)).transpose()?;
+    let y = frozen_product(&x, &w, b.as_deref(), (m, k, n))?;
+    Ok((storage_from_f32(NAME, y, xs.dtype())?, out_shape(xl, n)))
+}
+
+/// `x W^T (+ b)` for row-major x (m, k), W (n, k) and b (n): the forward product shared by
+/// this op and the fused LoRA op.
+pub(super) fn frozen_product(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    (m, k, n): (usize, usize, usize),
+) -> Result<Vec<f32>> {
     let mut y = vec![0f32; m * n];
     let accumulate = match bias {
-        Some((bs, bl)) => {
-            let b = f32_view(NAME, bs, bl)?;
+        Some(b) => {
             if b.len() != n {
                 return Err(OpError::shape(
                     NAME,
@@ -66,27 +78,27 @@ fn forward(
             }
             // Start from the bias rows and let gemm accumulate: the add costs nothing extra.
             for row in y.chunks_exact_mut(n.max(1)) {
-                row.copy_from_slice(&b);
+                row.copy_from_slice(b);
             }
             true
         }
         None => false,
     };
     if m <= FEW_ROWS && x.len() == m * k && w.len() == n * k {
-        few_rows(&mut y, &x, &w, m, k, n);
+        few_rows(&mut y, x, w, m, k, n);
     } else {
         // (M, K) x (K, N), W^T read through strides.
         matmul(
             &mut y,
             n,
-            Mat::new(&x, m, k),
-            Mat::new(&w, n, k).t(),
+            Mat::new(x, m, k),
+            Mat::new(w, n, k).t(),
             1.0,
             accumulate,
             par_for(m, n, k),
         )?;
     }
-    Ok((storage_from_f32(NAME, y, xs.dtype())?, out_shape(xl, n)))
+    Ok(y)
 }
 
 /// Up to this many rows of x take [`few_rows`]: decoding (1 row per sequence) and speculative

@@ -22,6 +22,7 @@ mod cpu;
 mod cuda;
 mod linear;
 mod logprobs;
+mod lora_linear;
 mod norm;
 pub mod reference;
 mod rope;
@@ -81,6 +82,44 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, linear::LinearOp),
         None => x.apply_op2(&w, linear::LinearOp),
     }
+}
+
+/// The adapter half of [`lora_linear`]: A (r, in), B (out, r), the scale and the optional
+/// (p, seed) of the inverted dropout on the adapter's input.
+pub struct LoraParts<'a> {
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scale: f64,
+    pub dropout: Option<(f32, u64)>,
+}
+
+/// `y = x W^T (+ b) + scale * (drop(x) A^T) B^T` in one op (CPU), W and b frozen.
+///
+/// Backward: dx, dA, dB, each only when tracked; W and b must not be tracked (use [`linear`]
+/// and separate ops to train them).
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    lora: &LoraParts<'_>,
+) -> Result<Tensor> {
+    const OP: &str = "ferrotune-lora-linear";
+    if !x.device().is_cpu() {
+        return Err(OpError::Device { op: OP }.into());
+    }
+    if w.track_op() || b.is_some_and(|b| b.track_op()) {
+        let msg = "the base weight and bias must be frozen (not tracked)";
+        return Err(OpError::shape(OP, msg).into());
+    }
+    let op = lora_linear::LoraLinearOp {
+        w: w.contiguous()?,
+        bias: b.map(|b| b.contiguous()).transpose()?,
+        scale: lora.scale as f32,
+        dropout: lora.dropout,
+        xa: Default::default(),
+    };
+    x.contiguous()?
+        .apply_op3(&lora.a.contiguous()?, &lora.b.contiguous()?, op)
 }
 
 /// RMSNorm: `x / sqrt(mean(x^2) + eps) * w`. x: (..., H), w: (H).

@@ -1,0 +1,35 @@
+"""Mean completion length of right and wrong answers, per window of steps, for GRPO runs
+(read from each run's metrics.jsonl: completions/mean_length_right|wrong, rewards, accuracy).
+
+    python3 report.py RUN_DIR [RUN_DIR ...]
+"""
+import json
+import os
+import sys
+
+WINDOWS = [(1, 20), (21, 40), (41, 60), (61, 80), (81, 100), (101, 120), (121, 160)]
+
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def main():
+    print(f"{'run':<10} {'steps':<9} {'accuracy':>8} {'len right':>9} {'len wrong':>9} {'len all':>8}")
+    for run in sys.argv[1:]:
+        rows = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))]
+        rows = [r for r in rows if "completions/mean_length" in r]
+        name = os.path.basename(os.path.normpath(run))
+        for lo, hi in WINDOWS:
+            w = [r for r in rows if lo <= r["step"] <= hi]
+            if not w:
+                continue
+            right = [r["completions/mean_length_right"] for r in w if "completions/mean_length_right" in r]
+            wrong = [r["completions/mean_length_wrong"] for r in w if "completions/mean_length_wrong" in r]
+            acc = mean([r["rewards/answer_match/mean"] for r in w])
+            print(f"{name:<10} {lo:>3}-{hi:<5} {acc:>8.3f} {mean(right):>9.2f} {mean(wrong):>9.2f} "
+                  f"{mean([r['completions/mean_length'] for r in w]):>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
