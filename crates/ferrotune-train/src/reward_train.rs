@@ -317,18 +317,7 @@ pub fn train_reward_model(
     // Eval before training, so the run shows where the fresh head started (fresh runs only: a
     // resumed run's log already has it).
     if resume.is_none() && plan.run.eval_every > 0 {
-        let center = plan.center_rewards_coefficient;
-        if let Some(s) = eval_pairs(
-            rm,
-            eval,
-            center,
-            plan.run.batch_size,
-            plan.run.pad_id,
-            device,
-        )? {
-            log_eval(obs, 0, &s);
-            summary.first_eval = Some(s);
-        }
+        summary.first_eval = eval_and_log(rm, eval, plan, device, obs, 0)?;
     }
     let shuffler = Shuffler::new(plan.run.seed, plan.run.shuffle);
     let mut loader = Loader::resume(train.len(), shuffler, state.cursor)?;
@@ -407,16 +396,7 @@ pub fn train_reward_model(
             && (state.step.is_multiple_of(plan.run.eval_every)
                 || state.step == plan.run.total_steps)
         {
-            let center = plan.center_rewards_coefficient;
-            if let Some(e) = eval_pairs(
-                rm,
-                eval,
-                center,
-                plan.run.batch_size,
-                plan.run.pad_id,
-                device,
-            )? {
-                log_eval(obs, state.step, &e);
+            if let Some(e) = eval_and_log(rm, eval, plan, device, obs, state.step)? {
                 summary.last_eval = Some(e);
             }
         }
@@ -498,10 +478,24 @@ fn resume_rm(
     Ok(state)
 }
 
-fn log_eval(obs: &mut dyn Observer, step: usize, s: &RmStats) {
-    let m = s.metrics("eval/");
-    let refs: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-    obs.metrics(step, &refs);
+/// Evaluates on `eval` (None when it is empty) and logs the stats under `eval/` at `step`.
+fn eval_and_log(
+    rm: &RewardModel,
+    eval: &[RmPair],
+    plan: &RmPlan,
+    device: &Device,
+    obs: &mut dyn Observer,
+    step: usize,
+) -> Result<Option<RmStats>> {
+    let center = plan.center_rewards_coefficient;
+    let (batch, pad) = (plan.run.batch_size, plan.run.pad_id);
+    let stats = eval_pairs(rm, eval, center, batch, pad, device)?;
+    if let Some(s) = &stats {
+        let m = s.metrics("eval/");
+        let refs: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        obs.metrics(step, &refs);
+    }
+    Ok(stats)
 }
 
 #[cfg(test)]

@@ -41,17 +41,22 @@ pub(crate) struct LoraLinearOp {
 }
 
 impl LoraLinearOp {
-    /// x with the dropout mask applied (borrowed when there is no dropout).
-    fn dropped<'a>(&self, x: &'a [f32]) -> Cow<'a, [f32]> {
-        match self.dropout {
-            Some((p, seed)) => {
-                let mask = crate::linear::dropout_mask(x.len(), p, seed);
-                Cow::Owned(x.iter().zip(&mask).map(|(v, m)| v * m).collect())
-            }
-            None => Cow::Borrowed(x),
-        }
+    /// The dropout multipliers for `n` elements of x, or None without dropout.
+    fn mask(&self, n: usize) -> Option<Vec<f32>> {
+        self.dropout
+            .map(|(p, seed)| crate::linear::dropout_mask(n, p, seed))
     }
+}
 
+/// x with the dropout mask applied (borrowed when there is no mask).
+fn dropped<'a>(x: &'a [f32], mask: Option<&[f32]>) -> Cow<'a, [f32]> {
+    match mask {
+        Some(mask) => Cow::Owned(x.iter().zip(mask).map(|(v, m)| v * m).collect()),
+        None => Cow::Borrowed(x),
+    }
+}
+
+impl LoraLinearOp {
     /// (m, k, n, r) from x's layout and the adapter's shapes, checked.
     fn dims(
         &self,
@@ -110,7 +115,7 @@ impl CustomOp3 for LoraLinearOp {
             Some(bias) => with_frozen(bias, |bias| frozen_product(&x, w, Some(bias), (m, k, n))),
             None => frozen_product(&x, w, None, (m, k, n)),
         })?;
-        let xd = self.dropped(&x);
+        let xd = dropped(&x, self.mask(x.len()).as_deref());
         let mut xa = vec![0f32; m * r];
         let (xm, at) = (Mat::new(&xd, m, k), Mat::new(&a, r, k).t());
         matmul(&mut xa, r, xm, at, 1.0, false, par_for(m, r, k))?;
@@ -140,6 +145,12 @@ impl CustomOp3 for LoraLinearOp {
         let s = self.scale;
         let (g32, a32, b32) = (f32_contig(g)?, f32_contig(a)?, f32_contig(b)?);
         let x32 = f32_contig(x)?;
+        // Drawn once for both dA and dx.
+        let mask = if want_a || want_x {
+            self.mask(m * k)
+        } else {
+            None
+        };
         with_f32(NAME, [&g32, &a32, &b32, &x32], |[g, a_f, bm, x_f]| {
             let gm = Mat::new(g, m, n);
             // gB = g B: (M, N) x (N, r)
@@ -166,7 +177,7 @@ impl CustomOp3 for LoraLinearOp {
             };
             let da = if want_a {
                 // dA = s gB^T xd: (r, M) x (M, K)
-                let xd = self.dropped(x_f);
+                let xd = dropped(x_f, mask.as_deref());
                 let mut da = vec![0f32; r * k];
                 let (gbt, xdm) = (Mat::new(&gb, m, r).t(), Mat::new(&xd, m, k));
                 matmul(&mut da, k, gbt, xdm, s, false, par_for(r, m, k))?;
@@ -189,13 +200,12 @@ impl CustomOp3 for LoraLinearOp {
                     )
                 })?;
                 let (gbm, am) = (Mat::new(&gb, m, r), Mat::new(a_f, r, k));
-                match self.dropout {
+                match &mask {
                     None => matmul(&mut dx, k, gbm, am, s, true, par_for(m, r, k))?,
-                    Some((p, seed)) => {
+                    Some(mask) => {
                         let mut t = vec![0f32; m * k];
                         matmul(&mut t, k, gbm, am, s, false, par_for(m, r, k))?;
-                        let mask = crate::linear::dropout_mask(m * k, p, seed);
-                        for ((d, t), mk) in dx.iter_mut().zip(&t).zip(&mask) {
+                        for ((d, t), mk) in dx.iter_mut().zip(&t).zip(mask) {
                             *d += t * mk;
                         }
                     }
