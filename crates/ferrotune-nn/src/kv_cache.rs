@@ -31,10 +31,13 @@ impl KvCache {
     }
 
     /// Append this step's k, v (B, Hkv, T, D) for `layer`; returns all keys and values.
+    /// Stored detached: a cache serves inference only, and a graph kept through it would hold
+    /// every earlier decoding step's activations alive.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = (k.detach(), v.detach());
         let (k, v) = match self.layers[layer].take() {
-            None => (k.clone(), v.clone()),
-            Some((pk, pv)) => (Tensor::cat(&[&pk, k], 2)?, Tensor::cat(&[&pv, v], 2)?),
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
         };
         self.layers[layer] = Some((k.clone(), v.clone()));
         Ok((k, v))

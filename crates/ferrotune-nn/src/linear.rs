@@ -156,34 +156,43 @@ impl Linear {
     }
 
     /// x: (..., in) -> (..., out).
+    ///
+    /// Outside training (`!mode.train`: rollouts, evaluation, reference and old log-probs) the
+    /// trainable tensors are read detached, so no autograd graph is built: a graph would keep
+    /// every activation of the forward alive, and through the KV cache those of every decoding
+    /// step before it.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let view = |t: &Tensor| if mode.train { t.clone() } else { t.detach() };
+        let weight = view(&self.weight);
+        let bias = self.bias.as_ref().map(view);
         let l = match &self.lora {
             Some(l) if mode.adapters => l,
-            _ => return ops::linear(x, &self.weight, self.bias.as_ref()),
+            _ => return ops::linear(x, &weight, bias.as_ref()),
         };
+        let (a, b) = (view(l.a.as_tensor()), view(l.b.as_tensor()));
         let drop = (mode.train && l.dropout > 0.0)
             .then(|| (l.dropout, mode.dropout_seed ^ path_hash(&self.path)));
-        let frozen = !self.weight.track_op() && !self.bias.as_ref().is_some_and(|b| b.track_op());
+        let frozen = !weight.track_op() && !bias.as_ref().is_some_and(|b| b.track_op());
         if x.device().is_cpu() && frozen {
             // One op for base + adapter: no (..., out) intermediate, no add, no graph nodes
             // for the small products.
             let lora = ops::LoraParts {
-                a: l.a.as_tensor(),
-                b: l.b.as_tensor(),
+                a: &a,
+                b: &b,
                 scale: l.scale,
                 dropout: drop,
             };
-            return ops::lora_linear(x, &self.weight, self.bias.as_ref(), &lora);
+            return ops::lora_linear(x, &weight, bias.as_ref(), &lora);
         }
-        let y = ops::linear(x, &self.weight, self.bias.as_ref())?;
+        let y = ops::linear(x, &weight, bias.as_ref())?;
         let xd = match drop {
             Some((p, seed)) => dropout(x, p, seed)?,
             None => x.clone(),
         };
-        let a = l.a.as_tensor().to_dtype(x.dtype())?;
+        let a = a.to_dtype(x.dtype())?;
         // (..., r); then scale the small (out, r) B rather than the (..., out) output.
         let xa = ops::linear(&xd, &a, None)?;
-        let b_scaled = (l.b.as_tensor() * l.scale)?.to_dtype(x.dtype())?;
+        let b_scaled = (b * l.scale)?.to_dtype(x.dtype())?;
         let xab = ops::linear(&xa, &b_scaled, None)?; // (..., out)
         y + xab
     }
