@@ -47,6 +47,12 @@ pub struct DemoOptions {
     pub seed: u64,
 }
 
+/// SFT is kept to the format: 30 steps give a format rate of 1.0 while held-out accuracy stays
+/// low (0.19 on seed 0); longer SFT on gold answers teaches the arithmetic itself (0.43 after 150
+/// steps), which is GRPO's job in this recipe. GRPO: 16 prompts x 8 completions per step at lr
+/// 1e-4. Tried on seed 0 from the 30-step SFT model (held-out accuracy at steps 40/80/120/160):
+/// 8 prompts at lr 2e-4 swung 0.34/0.31/0.39/0.29, at lr 1e-4 rose 0.27/0.31/0.34/0.36; on top of
+/// a 150-step SFT, lr 5e-5 barely moved the policy (KL < 0.02, +0.05 at best).
 struct Sizes {
     sft_steps: usize,
     grpo_steps: usize,
@@ -58,17 +64,17 @@ impl Sizes {
     fn of(quick: bool) -> Sizes {
         if quick {
             Sizes {
-                sft_steps: 40,
+                sft_steps: 30,
                 grpo_steps: 10,
                 eval_problems: 64,
                 grpo_save_every: 5,
             }
         } else {
             Sizes {
-                sft_steps: 150,
-                grpo_steps: 160,
+                sft_steps: 30,
+                grpo_steps: 120,
                 eval_problems: 300,
-                grpo_save_every: 40,
+                grpo_save_every: 30,
             }
         }
     }
@@ -350,7 +356,7 @@ train = "data/grpo.jsonl"
 eval = "data/grpo-eval.jsonl"
 
 [optim]
-learning_rate = 5e-5
+learning_rate = 1e-4
 lr_scheduler_type = "constant"
 
 [run]
@@ -358,7 +364,7 @@ output_dir = "grpo"
 seed = {seed}
 max_steps = {steps}
 batch_size = 32
-gradient_accumulation_steps = 2
+gradient_accumulation_steps = 4
 log_every = 5
 save_every = {save_every}
 eval_every = {save_every}
