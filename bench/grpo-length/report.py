@@ -7,7 +7,8 @@ import json
 import os
 import sys
 
-WINDOWS = [(1, 20), (21, 40), (41, 60), (61, 80), (81, 100), (101, 120), (121, 160)]
+WINDOWS = [(1, 20), (21, 40), (41, 60), (61, 80), (81, 100), (101, 120), (121, 140), (141, 160),
+           (161, 200), (201, 240)]
 
 
 def mean(xs):
@@ -15,7 +16,7 @@ def mean(xs):
 
 
 def main():
-    print(f"{'run':<10} {'steps':<9} {'accuracy':>8} {'len right':>9} {'len wrong':>9} {'len all':>8}")
+    print(f"{'run':<10} {'steps':<9} {'accuracy':>8} {'len right':>9} {'len wrong':>9} {'len all':>8} {'wrong-right':>11}")
     for run in sys.argv[1:]:
         rows = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))]
         rows = [r for r in rows if "completions/mean_length" in r]
@@ -27,8 +28,11 @@ def main():
             right = [r["completions/mean_length_right"] for r in w if "completions/mean_length_right" in r]
             wrong = [r["completions/mean_length_wrong"] for r in w if "completions/mean_length_wrong" in r]
             acc = mean([r["rewards/answer_match/mean"] for r in w])
+            # The gap per step (both lengths from the same step's completions), then averaged.
+            gap = [r["completions/mean_length_wrong"] - r["completions/mean_length_right"] for r in w
+                   if "completions/mean_length_right" in r and "completions/mean_length_wrong" in r]
             print(f"{name:<10} {lo:>3}-{hi:<5} {acc:>8.3f} {mean(right):>9.2f} {mean(wrong):>9.2f} "
-                  f"{mean([r['completions/mean_length'] for r in w]):>8.2f}")
+                  f"{mean([r['completions/mean_length'] for r in w]):>8.2f} {mean(gap):>11.2f}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Issue 4's length experiment: `loss_type = "grpo"` vs `"dr_grpo"` on a task whose completion
 # length is free, from the embedded demo model (no download).
-#   1. SFT (LoRA) on arithmetic whose answers carry 0-6 filler sentences (make_sft.py): the
-#      model learns a spread of lengths that has nothing to do with correctness.
+#   1. SFT (LoRA) on arithmetic whose answers carry 0-6 filler sentences (make_sft.py), after
+#      the answer (FILLER_AT=after, the default) or before it (FILLER_AT=before): the model
+#      learns a spread of lengths. TASK=guess (make_guess.py) instead asks for a number from 1 to
+#      9 and rewards 7: the model can see whether its own answer is right.
 #   2. Two GRPO runs from the merged SFT model, identical except `loss_type` (beta 0, no stop
 #      string: a completion ends at EOS).
 #   3. report.py: mean length of right and wrong answers per window of steps.
@@ -16,16 +18,28 @@ OUT=${1:-runs/grpo-length}
 BIN=${FERROTUNE:-target/release/ferrotune}
 STEPS=${STEPS:-120}
 SEED=${SEED:-0}
+FILLER_AT=${FILLER_AT:-after}
+TASK=${TASK:-arithmetic}
 [ -x "$BIN" ] || cargo build --release
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 MODEL=$(pwd)/models/demo
 SYS="Answer with the number inside <answer></answer> tags."
-gen() { "$BIN" data gen arithmetic --digits 1..2 --ops +- --chat --system "$SYS" \
-          --exclude "$MODEL/eval/arithmetic.jsonl" "$@"; }
-gen --n 2000 --seed $((SEED + 11)) --out "$OUT/sft-problems.jsonl"
-gen --n 3000 --seed $((SEED + 12)) --exclude "$OUT/sft-problems.jsonl" --out "$OUT/grpo.jsonl"
-python3 bench/grpo-length/make_sft.py "$OUT/sft-problems.jsonl" "$OUT/sft.jsonl" "$SEED"
+if [ "$TASK" = guess ]; then
+  python3 bench/grpo-length/make_guess.py "$OUT/sft.jsonl" "$OUT/grpo.jsonl" "$SEED"
+  REWARDS='{ name = "answer_match", weight = 1.0, extract = "answer_tag" },'
+elif [ "$TASK" = arithmetic ]; then
+  gen() { "$BIN" data gen arithmetic --digits 1..2 --ops +- --chat --system "$SYS" \
+            --exclude "$MODEL/eval/arithmetic.jsonl" "$@"; }
+  gen --n 2000 --seed $((SEED + 11)) --out "$OUT/sft-problems.jsonl"
+  gen --n 3000 --seed $((SEED + 12)) --exclude "$OUT/sft-problems.jsonl" --out "$OUT/grpo.jsonl"
+  python3 bench/grpo-length/make_sft.py "$OUT/sft-problems.jsonl" "$OUT/sft.jsonl" "$SEED" "$FILLER_AT"
+  REWARDS='{ name = "format_tags", weight = 0.25, tags = ["answer"] },
+  { name = "answer_match", weight = 1.0, extract = "answer_tag" },'
+else
+  echo "TASK must be arithmetic or guess, not $TASK" >&2
+  exit 2
+fi
 
 cat > "$OUT/sft.toml" <<T
 [model]
@@ -71,7 +85,7 @@ seed = $SEED
 max_steps = $STEPS
 batch_size = 32
 gradient_accumulation_steps = 2
-log_every = 5
+log_every = 1
 save_every = $STEPS
 [grpo]
 num_generations = 8
@@ -81,8 +95,7 @@ temperature = 1.0
 beta = 0.0
 loss_type = "$loss"
 rewards = [
-  { name = "format_tags", weight = 0.25, tags = ["answer"] },
-  { name = "answer_match", weight = 1.0, extract = "answer_tag" },
+  $REWARDS
 ]
 T
   "$BIN" train --config "$OUT/$loss.toml" --overwrite
