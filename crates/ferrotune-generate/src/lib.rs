@@ -50,6 +50,13 @@ pub struct GenerateOptions {
 
 /// Generate continuations of `prompts` (token ids) in one left-padded batch with a KV cache.
 /// `stop` is called after each new token with (row, ids so far) and may end that row.
+///
+/// Finished rows leave the batch: once at least an eighth of the rows still in it are done,
+/// the cache and the step inputs keep only the unfinished ones, so a batch whose completions
+/// end at different lengths does not pay full-batch decoding to the longest. Until then a
+/// finished row feeds padding that no one attends to. Either way each row gets the same
+/// tokens and the generator is consumed in the same order (one draw per unfinished row, in
+/// row order), so a seed gives the same completions.
 pub fn generate(
     model: &dyn CausalLm,
     prompts: &[Vec<u32>],
@@ -67,6 +74,8 @@ pub fn generate(
     let mut rng = StdRng::seed_from_u64(opts.sampling.seed);
     let batch = Batch::left_padded(prompts, opts.pad_id, device)?;
     let (_, t0) = batch.dims()?;
+    // Per row of the current batch: its prompt's index, key mask, next position, done flag.
+    let mut rows: Vec<usize> = (0..b).collect();
     let mut mask: Vec<Vec<u8>> = prompts
         .iter()
         .map(|p| {
@@ -76,6 +85,7 @@ pub fn generate(
         })
         .collect();
     let mut next_pos: Vec<u32> = prompts.iter().map(|p| p.len() as u32).collect();
+    let mut done = vec![false; b];
     let mut cache = model.new_cache();
     let mut out: Vec<Generation> = (0..b)
         .map(|_| Generation {
@@ -84,7 +94,6 @@ pub fn generate(
             finish: Finish::Length,
         })
         .collect();
-    let mut done = vec![false; b];
 
     let h = model.hidden(&batch, Some(&mut cache), opts.mode)?; // (B, T0, H)
     let mut last = h.narrow(1, t0 - 1, 1)?; // (B, 1, H)
@@ -93,43 +102,61 @@ pub fn generate(
             .lm_head()
             .forward(&last, opts.mode)?
             .squeeze(1)?
-            .to_dtype(DType::F32)?; // (B, V)
+            .to_dtype(DType::F32)?; // (rows, V)
         let drawn = sample_batch(&logits, &done, &opts.sampling, &mut rng)?;
-        let mut new_ids = Vec::with_capacity(b);
-        for (i, drawn) in drawn.into_iter().enumerate() {
+        let mut new_ids = Vec::with_capacity(rows.len());
+        for (k, drawn) in drawn.into_iter().enumerate() {
             let Some((tok, lp)) = drawn else {
                 new_ids.push(opts.pad_id);
                 continue;
             };
+            let i = rows[k];
             out[i].ids.push(tok);
             out[i].logprobs.push(lp);
             if opts.eos_ids.contains(&tok) {
-                done[i] = true;
+                done[k] = true;
                 out[i].finish = Finish::Eos;
             } else if stop(i, &out[i].ids) {
-                done[i] = true;
+                done[k] = true;
                 out[i].finish = Finish::Stop;
             }
             new_ids.push(tok);
         }
-        if done.iter().all(|&d| d) {
+        let n_done = done.iter().filter(|&&d| d).count();
+        if n_done == rows.len() {
             break;
         }
+        if n_done * 8 >= rows.len() {
+            let keep: Vec<usize> = (0..rows.len()).filter(|&k| !done[k]).collect();
+            let idx = Tensor::from_vec(
+                keep.iter().map(|&k| k as u32).collect::<Vec<_>>(),
+                keep.len(),
+                device,
+            )?;
+            cache.select_rows(&idx)?;
+            let pick = |v: &[u32]| keep.iter().map(|&k| v[k]).collect::<Vec<_>>();
+            rows = keep.iter().map(|&k| rows[k]).collect();
+            mask = keep.iter().map(|&k| std::mem::take(&mut mask[k])).collect();
+            next_pos = pick(&next_pos);
+            new_ids = pick(&new_ids);
+            done = vec![false; rows.len()];
+        }
         // Feed this step's tokens; finished rows feed padding that no one attends to.
-        for (i, m) in mask.iter_mut().enumerate() {
-            m.push(if done[i] { 0 } else { 1 });
+        for (k, m) in mask.iter_mut().enumerate() {
+            m.push(if done[k] { 0 } else { 1 });
         }
         let tk = mask[0].len();
         let flat: Vec<u8> = mask.iter().flatten().copied().collect();
+        let n = rows.len();
         let step = Batch {
-            input_ids: Tensor::from_vec(new_ids, (b, 1), device)?,
-            position_ids: Tensor::from_vec(next_pos.clone(), (b, 1), device)?,
-            key_mask: Some(Tensor::from_vec(flat, (b, tk), device)?),
+            input_ids: Tensor::from_vec(new_ids, (n, 1), device)?,
+            position_ids: Tensor::from_vec(next_pos.clone(), (n, 1), device)?,
+            key_mask: Some(Tensor::from_vec(flat, (n, tk), device)?),
         };
         for p in next_pos.iter_mut() {
             *p += 1;
         }
-        last = model.hidden(&step, Some(&mut cache), opts.mode)?; // (B, 1, H)
+        last = model.hidden(&step, Some(&mut cache), opts.mode)?; // (rows, 1, H)
     }
     Ok(out)
 }
