@@ -11,7 +11,9 @@
 use std::path::PathBuf;
 
 use candle_core::{Device, IndexOp};
-use ferrotune_generate::{generate, next_token_logprobs, Finish, GenerateOptions, SamplingParams};
+use ferrotune_generate::{
+    generate, next_token_logprobs, Finish, GenerateOptions, Generation, SamplingParams,
+};
 use ferrotune_models::{load, Batch, CausalLm, LoadOptions};
 use ferrotune_nn::Mode;
 use rand::rngs::StdRng;
@@ -53,30 +55,37 @@ fn options(temperature: f64, seed: u64) -> GenerateOptions {
     }
 }
 
+/// `generate` on `prompts`, where prompt k's stop rule fires after `stops[k]` new tokens.
+fn run(
+    model: &dyn CausalLm,
+    prompts: &[Vec<u32>],
+    stops: &[usize],
+    opts: &GenerateOptions,
+) -> Vec<Generation> {
+    generate(
+        model,
+        prompts,
+        opts,
+        &|i, ids| ids.len() >= stops[i],
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
 #[test]
 fn greedy_rows_that_finish_early_leave_the_batch_and_the_rest_match_each_row_alone() {
     let model = tiny_llama();
     let (prompts, stops) = cases();
     let opts = options(0.0, 0);
-    let dev = Device::Cpu;
-    let batched = generate(
-        model.as_ref(),
-        &prompts,
-        &opts,
-        &|i, ids| ids.len() >= stops[i],
-        &dev,
-    )
-    .unwrap();
+    let batched = run(model.as_ref(), &prompts, &stops, &opts);
     let mut finishes = std::collections::HashSet::new();
     for (i, (p, got)) in prompts.iter().zip(&batched).enumerate() {
-        let alone = generate(
+        let alone = run(
             model.as_ref(),
             std::slice::from_ref(p),
+            &stops[i..=i],
             &opts,
-            &|_, ids| ids.len() >= stops[i],
-            &dev,
         )
-        .unwrap()
         .remove(0);
         assert_eq!(got.ids, alone.ids, "row {i}: ids");
         assert_eq!(got.finish, alone.finish, "row {i}: finish");
@@ -98,14 +107,7 @@ fn sampled_logprobs_match_a_fresh_forward_of_each_row() {
     let dev = Device::Cpu;
     for seed in [1u64, 2, 3] {
         let opts = options(1.0, seed);
-        let gens = generate(
-            model.as_ref(),
-            &prompts,
-            &opts,
-            &|i, ids| ids.len() >= stops[i],
-            &dev,
-        )
-        .unwrap();
+        let gens = run(model.as_ref(), &prompts, &stops, &opts);
         for (i, (p, g)) in prompts.iter().zip(&gens).enumerate() {
             assert_eq!(g.ids.len(), stops[i].min(MAX_NEW), "seed {seed} row {i}");
             let mut seq = p.clone();
