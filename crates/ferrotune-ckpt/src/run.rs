@@ -8,6 +8,10 @@
 //!   tb/                    TensorBoard event files (written by `report`)
 //!   plots/                 PNG/SVG plots (written by `report`)
 //!   checkpoints/step-N/    complete checkpoints (see checkpoint.rs)
+//!   completions.jsonl      sampled completions, by step (GRPO, PPO)
+//!   health.jsonl           RL health findings, by step (GRPO)
+//!   compare.json           `ferrotune compare` of the checkpoints
+//!   model/                 the distilled student (distill)
 //! ```
 //!
 //! Owns: the layout, creating/opening it, and refusing to write a run over unrelated files.
@@ -24,14 +28,18 @@ pub const RUN_MARKER: &str = "ferrotune-run.json";
 /// Version of the run-folder layout written in the marker.
 pub const RUN_FORMAT_VERSION: u64 = 1;
 
-/// Entries a run owns; overwriting a run removes exactly these, never anything else.
-const RUN_OWNED: [&str; 6] = [
+/// Entries a run owns; overwriting a run removes exactly these (and a distilled student's
+/// `model/` folder, see [`RunDir::create`]), never anything else.
+const RUN_OWNED: [&str; 9] = [
     RUN_MARKER,
     "config.toml",
     "metrics.jsonl",
     "tb",
     "plots",
     "checkpoints",
+    "completions.jsonl",
+    "health.jsonl",
+    "compare.json",
 ];
 
 /// What `RunDir::create` does when the folder already has content.
@@ -61,6 +69,11 @@ impl RunDir {
                 OnExisting::Overwrite => {
                     for name in RUN_OWNED {
                         remove_any(&path.join(name))?;
+                    }
+                    // The old run's distilled student; only a model folder, as distill writes.
+                    let model = path.join("model");
+                    if model.join("config.json").is_file() {
+                        remove_any(&model)?;
                     }
                 }
                 OnExisting::Refuse if Self::is_run(path) => {

@@ -87,12 +87,33 @@ fn run_dir_layout_and_refusals() {
     )];
     let state = json!({"step": 1});
     save_checkpoint(&run, 1, &full_parts(&w, &[], &state)).unwrap();
+    // The step logs and outputs trainers write beside the metrics belong to the run too: an
+    // old run's completions must not be read as the new run's.
+    for f in ["completions.jsonl", "health.jsonl", "compare.json"] {
+        fs::write(foreign.join(f), "{\"step\": 1}\n").unwrap();
+    }
+    fs::create_dir_all(foreign.join("model")).unwrap();
+    fs::write(foreign.join("model/config.json"), "{}").unwrap();
+    // A `model` folder that is not a model (no config.json) is the user's and stays.
+    let kept = tmp.path().join("kept");
+    fs::create_dir_all(kept.join("model")).unwrap();
+    fs::write(kept.join("model/notes.txt"), "mine").unwrap();
     RunDir::create(&foreign, OnExisting::Overwrite).unwrap();
-    assert!(!foreign.join("checkpoints/step-1").exists());
+    RunDir::create(&kept, OnExisting::Overwrite).unwrap();
+    for gone in [
+        "checkpoints/step-1",
+        "completions.jsonl",
+        "health.jsonl",
+        "compare.json",
+        "model",
+    ] {
+        assert!(!foreign.join(gone).exists(), "{gone} survived --overwrite");
+    }
     assert_eq!(
         fs::read_to_string(foreign.join("notes.txt")).unwrap(),
         "mine"
     );
+    assert!(kept.join("model/notes.txt").is_file());
 }
 
 #[test]

@@ -20,7 +20,9 @@ mod summary;
 mod tensorboard;
 
 pub use error::{ReportError, Result};
-pub use metrics::{metric_series, read_metrics, MetricRecord, MetricsWriter, METRICS_FILE};
+pub use metrics::{
+    metric_series, open_step_log, read_metrics, MetricRecord, MetricsWriter, METRICS_FILE,
+};
 pub use plot::{
     numeric_keys, plot_file_stem, plot_metrics, plot_series, plot_series_labeled, PLOTS_DIR,
     PLOT_HEIGHT, PLOT_WIDTH,

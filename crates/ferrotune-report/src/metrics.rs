@@ -223,6 +223,22 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricRecord>> {
 
 /// Rewrites `path` keeping only records with `step <= keep_through`, via a temporary file and a
 /// rename so a crash during resume leaves either the old or the new log, never half of one.
+/// Opens `RUN/<name>`, a JSONL log whose records carry a `"step"` (e.g. `completions.jsonl`),
+/// for appending. After a resume from `resumed_step`, records with a larger step (written after
+/// that checkpoint by the run that stopped) are removed first, as [`MetricsWriter::resume`] does
+/// for the metrics: the steps are run again and would otherwise be logged twice.
+pub fn open_step_log(run_dir: &Path, name: &str, resumed_step: Option<u64>) -> Result<File> {
+    let path = run_dir.join(name);
+    if let (Some(step), true) = (resumed_step, path.exists()) {
+        truncate_after(&path, step)?;
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| ReportError::io("open for append", &path, e))
+}
+
 fn truncate_after(path: &Path, keep_through: u64) -> Result<()> {
     let text = fs::read_to_string(path).map_err(|e| ReportError::io("read", path, e))?;
     let mut kept = String::with_capacity(text.len());

@@ -722,10 +722,7 @@ pub fn train_grpo(
             health.push_kl(state.step, kl);
         }
         for f in health.check() {
-            obs.message(&format!(
-                "health [{}] step {}: {}",
-                f.code, f.step, f.message
-            ));
+            obs.finding(&f);
             summary.findings.push(f);
         }
         if state.step.is_multiple_of(plan.run.log_every)

@@ -27,6 +27,16 @@ pub struct Finding {
     pub message: String,
 }
 
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "health [{}] step {}: {}",
+            self.code, self.step, self.message
+        )
+    }
+}
+
 /// What one generation batch looked like.
 #[derive(Debug, Clone)]
 pub struct HealthStats {

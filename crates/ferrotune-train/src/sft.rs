@@ -86,6 +86,10 @@ pub trait Observer {
     fn metrics(&mut self, step: usize, values: &[(&str, f64)]);
     /// A line for the user (saves, skipped steps).
     fn message(&mut self, msg: &str);
+    /// A health finding (GRPO's RL checks); shown as a message unless the observer records it.
+    fn finding(&mut self, f: &crate::health::Finding) {
+        self.message(&f.to_string());
+    }
     /// Called at every eval point with the model (e.g. the perplexity regression gate); its
     /// metrics are logged, and `stop` ends the run before the regressed state is saved.
     fn on_eval(

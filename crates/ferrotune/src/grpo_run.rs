@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use ferrotune_data::{prompt_examples, read_rows, split, EvalSize, Example, Segment};
 use ferrotune_generate::{Finish, Generation, SamplingParams};
-use ferrotune_report::{plot_metrics, Progress};
+use ferrotune_report::{open_step_log, plot_metrics, Progress};
 use ferrotune_rewards::{RewardSet, RewardSpec, Sample};
 use ferrotune_tokenize::Tokenizer;
 use ferrotune_train::grpo::{
@@ -290,10 +290,18 @@ impl Observer for GrpoObserver {
         self.inner.gate_check(step, model)
     }
     fn message(&mut self, msg: &str) {
-        if let (Some(f), Some(rest)) = (self.health.as_mut(), msg.strip_prefix("health [")) {
-            let _ = writeln!(f, "{}", json!({ "finding": rest }));
-        }
         self.inner.progress.println(msg);
+    }
+    fn finding(&mut self, f: &ferrotune_train::health::Finding) {
+        if let Some(file) = self.health.as_mut() {
+            // One record per finding, keyed by step like metrics.jsonl (resume cuts it back).
+            if let Err(e) = writeln!(file, "{}", json!(f)) {
+                self.inner
+                    .progress
+                    .println(&format!("warning: cannot write health.jsonl: {e}"));
+            }
+        }
+        self.inner.progress.println(&f.to_string());
     }
 }
 
@@ -392,14 +400,8 @@ pub fn run_grpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<GrpoSu
     let plan = grpo_plan(cfg, g, &lm, train.len())?;
     plan.validate().map_err(|e| anyhow::anyhow!(e))?;
     let (log, resumed_step) = start_log(cfg, &run, checkpoint.as_ref())?;
-    let open_append = |name: &str| -> Result<std::fs::File> {
-        let p = run.root().join(name);
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&p)
-            .with_context(|| format!("{}: cannot open", p.display()))
-    };
+    let resumed = checkpoint.as_ref().map(|_| resumed_step);
+    let open_append = |name: &str| open_step_log(run.root(), name, resumed);
     let mut env = TextEnv {
         tokenizer: &lm.tokenizer,
         train,

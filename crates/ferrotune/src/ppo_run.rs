@@ -6,12 +6,10 @@
 //! `ppo.rewards` functions. The value head is made here (zero, on the model's device) and lives
 //! in `ferrotune_train::ppo`; plots are drawn at the end. This file only connects rooms.
 
-use std::path::PathBuf;
-
 use anyhow::{bail, Context, Result};
 use ferrotune_data::{split, EvalSize};
 use ferrotune_generate::SamplingParams;
-use ferrotune_report::{plot_metrics, Progress};
+use ferrotune_report::{open_step_log, plot_metrics, Progress};
 use ferrotune_rewards::RewardSpec;
 use ferrotune_train::grpo::RewardRole;
 use ferrotune_train::ppo::{train_ppo, PpoPlan, PpoSummary, ValueHead};
@@ -162,15 +160,9 @@ pub fn run_ppo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<PpoSumm
     plan.validate().map_err(|e| anyhow::anyhow!(e))?;
     let head = ValueHead::zeros(lm.model.config().hidden_size, &lm.device)?;
     let (log, resumed_step) = start_log(cfg, &run, checkpoint.as_ref())?;
+    let resumed = checkpoint.as_ref().map(|_| resumed_step);
     let completions = if p.log_completions {
-        let path: PathBuf = run.root().join("completions.jsonl");
-        Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .with_context(|| format!("{}: cannot open", path.display()))?,
-        )
+        Some(open_step_log(run.root(), "completions.jsonl", resumed)?)
     } else {
         None
     };

@@ -162,11 +162,40 @@ fn grpo_resume_is_exact() {
             assert!(same, "{f} {k} differs between straight and resumed runs");
         }
     }
-    // The resumed run sampled and scored what the straight one did.
+    // The resumed run sampled and scored what the straight one did, and its logs hold each
+    // step once: the completions of steps 3-4 from before the resume were cut back.
     assert_eq!(
         metric(&tmp.path().join("a"), "reward"),
         metric(&run_b, "reward")
     );
+    let read = |p: PathBuf| std::fs::read_to_string(&p).unwrap();
+    let (straight, resumed) = (
+        read(tmp.path().join("a/completions.jsonl")),
+        read(run_b.join("completions.jsonl")),
+    );
+    assert!(
+        straight == resumed,
+        "completions.jsonl: {} lines in the straight run, {} in the resumed one",
+        straight.lines().count(),
+        resumed.lines().count()
+    );
+    // Health findings are records keyed by step (the random model's first groups have no
+    // reward variance, so there is at least one), none twice.
+    let health = read(run_b.join("health.jsonl"));
+    let mut seen = std::collections::HashSet::new();
+    for line in health.lines() {
+        let rec: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (code, step) = (rec["code"].as_str().unwrap(), rec["step"].as_u64().unwrap());
+        assert!(
+            rec["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{line}"
+        );
+        assert!(
+            seen.insert((code.to_string(), step)),
+            "logged twice: {line}"
+        );
+    }
+    assert!(!seen.is_empty(), "no health findings recorded");
 }
 
 #[test]

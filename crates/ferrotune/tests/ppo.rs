@@ -265,6 +265,19 @@ fn ppo_resume_is_exact() {
     for key in ["objective/scores", "objective/kl", "loss/value_avg"] {
         assert_eq!(metric(&a_run, key), metric(&run_b, key), "{key}");
     }
+    // Each step's completions once: those logged after the step-2 checkpoint before the
+    // resume were cut back and logged again.
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).unwrap();
+    let (straight, resumed) = (
+        read(a_run.join("completions.jsonl")),
+        read(run_b.join("completions.jsonl")),
+    );
+    assert!(
+        !straight.is_empty() && straight == resumed,
+        "completions.jsonl: {} lines in the straight run, {} in the resumed one",
+        straight.lines().count(),
+        resumed.lines().count()
+    );
 }
 
 #[test]
