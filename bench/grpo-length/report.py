@@ -1,7 +1,10 @@
 """Mean completion length of right and wrong answers, per window of steps, for GRPO runs
 (read from each run's metrics.jsonl: completions/mean_length_right|wrong, rewards, accuracy).
+With SHORT=N in the environment (LENGTHS=two runs: short completions are 6 tokens, long ones
+about 60), also the fraction of right and of wrong answers with at most N tokens, from each
+run's completions.jsonl (log_every = 1 logs every completion).
 
-    python3 report.py RUN_DIR [RUN_DIR ...]
+    [SHORT=8] python3 report.py RUN_DIR [RUN_DIR ...]
 """
 import json
 import os
@@ -33,6 +36,26 @@ def main():
                    if "completions/mean_length_right" in r and "completions/mean_length_wrong" in r]
             print(f"{name:<10} {lo:>3}-{hi:<5} {acc:>8.3f} {mean(right):>9.2f} {mean(wrong):>9.2f} "
                   f"{mean([r['completions/mean_length'] for r in w]):>8.2f} {mean(gap):>11.2f}")
+    if "SHORT" in os.environ:
+        short_fractions(sys.argv[1:], int(os.environ["SHORT"]))
+
+
+def short_fractions(runs, short):
+    print(f"\nfraction of completions with at most {short} tokens (n = completions)")
+    print(f"{'run':<10} {'steps':<9} {'right':>12} {'wrong':>12}")
+    for run in runs:
+        rows = [json.loads(l) for l in open(os.path.join(run, "completions.jsonl"))]
+        name = os.path.basename(os.path.normpath(run))
+        for lo, hi in WINDOWS:
+            w = [r for r in rows if lo <= r["step"] <= hi]
+            if not w:
+                continue
+            cells = []
+            for right in (True, False):
+                s = [r for r in w if (r["rewards"]["answer_match"] > 0) == right]
+                frac = mean([float(r["tokens"] <= short) for r in s])
+                cells.append(f"{frac:.2f} ({len(s):>4})" if s else "-")
+            print(f"{name:<10} {lo:>3}-{hi:<5} {cells[0]:>12} {cells[1]:>12}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 #   1. SFT (LoRA) on arithmetic whose answers carry 0-6 filler sentences (make_sft.py), after
 #      the answer (FILLER_AT=after, the default) or before it (FILLER_AT=before): the model
 #      learns a spread of lengths. TASK=guess (make_guess.py) instead asks for a number from 1 to
-#      9 and rewards 7: the model can see whether its own answer is right.
+#      9 and rewards 7: the model can see whether its own answer is right. LENGTHS=two (guess
+#      only) makes the length one choice after the answer: no filler or 8 sentences.
 #   2. Two GRPO runs from the merged SFT model, identical except `loss_type` (beta 0, no stop
 #      string: a completion ends at EOS).
 #   3. report.py: mean length of right and wrong answers per window of steps.
@@ -20,14 +21,18 @@ STEPS=${STEPS:-120}
 SEED=${SEED:-0}
 FILLER_AT=${FILLER_AT:-after}
 TASK=${TASK:-arithmetic}
+LENGTHS=${LENGTHS:-uniform}
 [ -x "$BIN" ] || cargo build --release
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 MODEL=$(pwd)/models/demo
 SYS="Answer with the number inside <answer></answer> tags."
 if [ "$TASK" = guess ]; then
-  python3 bench/grpo-length/make_guess.py "$OUT/sft.jsonl" "$OUT/grpo.jsonl" "$SEED"
+  python3 bench/grpo-length/make_guess.py "$OUT/sft.jsonl" "$OUT/grpo.jsonl" "$SEED" "$LENGTHS"
   REWARDS='{ name = "answer_match", weight = 1.0, extract = "answer_tag" },'
+  if [ "$LENGTHS" = two ]; then
+    REWARDS='{ name = "answer_match", weight = 1.0, extract = "regex", pattern = "^The answer is (\\d)" },'
+  fi
 elif [ "$TASK" = arithmetic ]; then
   gen() { "$BIN" data gen arithmetic --digits 1..2 --ops +- --chat --system "$SYS" \
             --exclude "$MODEL/eval/arithmetic.jsonl" "$@"; }
