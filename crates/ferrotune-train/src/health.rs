@@ -3,6 +3,7 @@
 //!
 //! | code | fires when | usual cause / fix |
 //! |---|---|---|
+//! | `unscored` | no reward function scored any completion of the latest batch (all None) | the rows lack the columns the rewards read (`answer`, `test`, ...) |
 //! | `no_signal` | every group of the latest batch has identical rewards | task too hard/easy or too little exploration: raise temperature or num_generations |
 //! | `truncation` | > 20% of completions hit max_completion_len (mean of the last 3 batches) | raise max_completion_len, add a `length` reward, or mask_truncated_completions |
 //! | `length_hacking` | mean length grew > 30% over the window while the mean reward moved < 0.02 | the policy pads; check rewards, use dr_grpo/dapo |
@@ -96,6 +97,13 @@ impl HealthMonitor {
         let Some(last) = self.rollouts.last() else {
             return out;
         };
+        if last.reward_mean.is_nan() {
+            // TRL warns the same way: every reward function returned None for every sample.
+            out.push((
+                "unscored",
+                "no reward function scored any completion (each said \"not applicable\"), so nothing is learned: the rows lack the columns the rewards read (answer_match and numeric_closeness: `answer` or their `field`; code_tests: `test` + `entry_point`, or `test_list`)".to_string(),
+            ));
+        }
         if last.zero_std_frac >= 1.0 {
             out.push((
                 "no_signal",
@@ -267,6 +275,12 @@ mod tests {
         h.step = 6;
         m.push_rollout(h);
         assert!(m.check().is_empty());
+        // Nothing scored (every reward None): a NaN mean reward is named, not passed over.
+        let mut h = stats(7, f64::NAN, 20.0);
+        h.reward_means.iter_mut().for_each(|r| r.2 = f64::NAN);
+        m.push_rollout(h);
+        let codes: Vec<&str> = m.check().iter().map(|f| f.code).collect();
+        assert_eq!(codes, ["unscored"]);
     }
 
     #[test]
