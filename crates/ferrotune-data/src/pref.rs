@@ -37,6 +37,9 @@ pub struct PrefSet {
     pub truncated: usize,
     /// Pairs dropped because truncation left a side with no completion token.
     pub dropped: usize,
+    /// Examples (indices into the input) whose kept pair has the same tokens on both sides:
+    /// they train nothing (the DPO gradient of a pair with itself is zero).
+    pub identical: Vec<usize>,
 }
 
 /// Tokenizes one preference example (module docs). An example whose chosen or rejected side
@@ -140,6 +143,9 @@ pub fn tokenize_preferences_all(
         if !p.chosen.has_loss() || !p.rejected.has_loss() {
             set.dropped += 1;
             continue;
+        }
+        if p.chosen.ids == p.rejected.ids {
+            set.identical.push(index);
         }
         set.items.push(p);
         set.source.push(index);

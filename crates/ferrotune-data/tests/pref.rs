@@ -135,6 +135,23 @@ fn mixed_kinds_and_empty_completions_name_the_example() {
     );
 }
 
+/// A pair whose two sides tokenize the same is kept (as TRL does) but listed: it trains nothing.
+#[test]
+fn pairs_with_the_same_tokens_on_both_sides_are_listed() {
+    let tok = smollm2();
+    let dir = temp_dir("same-pref");
+    let path = write(
+        &dir,
+        "same.jsonl",
+        "{\"prompt\": \"q\", \"chosen\": \" a\", \"rejected\": \" b\"}\n\
+         {\"prompt\": \"q\", \"chosen\": \" a\", \"rejected\": \" a\"}\n",
+    );
+    let exs = preference_examples(&read_rows(&path).unwrap(), &path).unwrap();
+    let set = tokenize_preferences_all(&tok, &exs, 64).unwrap();
+    assert_eq!(set.source, vec![0, 1]);
+    assert_eq!(set.identical, vec![1]);
+}
+
 /// The generator's pairs: chosen is the right answer in the demo's reply format (re-derived
 /// here from the prompt), rejected differs as asked; seeded; both layouts read back.
 #[test]

@@ -58,6 +58,21 @@ fn load_pairs(lm: &Lm, path: &Path, d: &DpoSection) -> Result<Vec<PrefPair>> {
             path.display()
         );
     }
+    if !set.identical.is_empty() {
+        let shown: Vec<String> = set
+            .identical
+            .iter()
+            .take(5)
+            .map(|&i| line(i).to_string())
+            .collect();
+        eprintln!(
+            "warning: {}: {} pairs have the same tokens chosen and rejected (line {}{}): they carry no preference signal",
+            path.display(),
+            set.identical.len(),
+            shown.join(", "),
+            if set.identical.len() > 5 { ", ..." } else { "" }
+        );
+    }
     Ok(set.items)
 }
 

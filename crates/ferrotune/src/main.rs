@@ -515,7 +515,11 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let cfg = match (&config, &resume) {
                 (Some(c), _) => RunConfig::load(c, &sets)?,
-                (None, Some(r)) => RunConfig::load(&r.join("config.toml"), &sets)?,
+                (None, Some(r)) => {
+                    // Not a run folder: say so rather than "config.toml: no such file".
+                    ferrotune_ckpt::RunDir::open(r)?;
+                    RunConfig::load(&r.join("config.toml"), &sets)?
+                }
                 (None, None) => bail!("give --config FILE or --resume RUN_DIR"),
             };
             if let Some(r) = &resume {

@@ -127,3 +127,20 @@ fn truncated_gguf() {
     let (code, err) = perplexity(&p, &text_file(tmp.path()));
     assert_clean_error(code, &err, &["broken.gguf"]);
 }
+
+#[test]
+fn resuming_a_folder_that_is_not_a_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("notes.txt"), "mine").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(["train", "--resume"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_clean_error(
+        out.status.code().unwrap_or(-1),
+        &err,
+        &["not a ferrotune run"],
+    );
+}
