@@ -708,6 +708,11 @@ impl RunConfig {
             if !(0.0..1.0).contains(&(l.lora_dropout as f64)) {
                 return bad("lora.lora_dropout", "must be in [0, 1)".into());
             }
+            // PEFT takes any number; 0 makes the adapter a no-op that trains nothing, and a
+            // negative one flips its update.
+            if !(l.lora_alpha > 0.0 && l.lora_alpha.is_finite()) {
+                return bad("lora.lora_alpha", "must be a positive number".into());
+            }
             match &l.target_modules {
                 toml::Value::String(s) if s == "all-linear" => {}
                 toml::Value::Array(a) if !a.is_empty() && a.iter().all(|v| v.is_str()) => {}
@@ -718,6 +723,9 @@ impl RunConfig {
                     )
                 }
             }
+        }
+        if let Err(e) = crate::lm::parse_dtype(&self.model.dtype) {
+            return bad("model.dtype", e.to_string());
         }
         if self.data.max_seq_len < 2 {
             return bad("data.max_seq_len", "must be at least 2".into());
@@ -787,6 +795,12 @@ impl RunConfig {
         }
         if !(0.0..1.0).contains(&o.warmup_ratio) {
             return bad("optim.warmup_ratio", "must be in [0, 1)".into());
+        }
+        if !(o.max_grad_norm >= 0.0 && o.max_grad_norm.is_finite()) {
+            return bad(
+                "optim.max_grad_norm",
+                "must be >= 0 (0 = no clipping)".into(),
+            );
         }
         if o.warmup_steps > 0 && o.warmup_ratio > 0.0 {
             return bad(

@@ -289,9 +289,12 @@ pub(crate) fn trainable<'a>(
                 })
                 .collect();
             if params.is_empty() {
+                let wanted = match &l.target_modules {
+                    TargetModules::Names(n) => format!("{n:?}"),
+                    TargetModules::AllLinear => "\"all-linear\"".into(),
+                };
                 bail!(
-                    "lora.target_modules {:?} matches no linear layer of {} (its layers: {})",
-                    l.target_modules,
+                    "lora.target_modules {wanted} matches no linear layer of {} (its layers: {})",
                     cfg.model.path.display(),
                     lm.model
                         .linear_slots()

@@ -289,6 +289,28 @@ fn bad_configs_and_data_fail_cleanly() {
         &ferrotune(&["train", "--config", c.to_str().unwrap()]),
         &["target_modules", "matches no"],
     );
+    // Values that would train nothing or train backwards, and a dtype nobody has, are refused
+    // naming the field (PEFT accepts any lora_alpha; HF treats a negative max_grad_norm as off).
+    for (name, from, to, field) in [
+        ("r6", "lora_alpha = 8", "lora_alpha = 0", "lora.lora_alpha"),
+        ("r7", "lora_alpha = 8", "lora_alpha = -8", "lora.lora_alpha"),
+        (
+            "r8",
+            "[optim]",
+            "[optim]\nmax_grad_norm = -1.0",
+            "optim.max_grad_norm",
+        ),
+        ("r9", "[model]", "[model]\ndtype = \"f8\"", "model.dtype"),
+    ] {
+        let c = config(tmp.path(), name, "max_steps = 2");
+        let t = std::fs::read_to_string(&c).unwrap();
+        assert!(t.contains(from), "{name}: the test config has no `{from}`");
+        std::fs::write(&c, t.replacen(from, to, 1)).unwrap();
+        assert_one_line_error(
+            &ferrotune(&["train", "--config", c.to_str().unwrap()]),
+            &[&format!("{name}.toml"), field],
+        );
+    }
     // A dataset row missing its column: the error names the file and the line.
     let data = tmp.path().join("bad.jsonl");
     std::fs::write(
