@@ -71,6 +71,9 @@ pub fn generate(
     if prompts.iter().any(|p| p.is_empty()) {
         candle_core::bail!("generate: every prompt needs at least one token");
     }
+    if let Err(e) = opts.sampling.check() {
+        candle_core::bail!("generate: {e}");
+    }
     let mut rng = StdRng::seed_from_u64(opts.sampling.seed);
     let batch = Batch::left_padded(prompts, opts.pad_id, device)?;
     let (_, t0) = batch.dims()?;

@@ -26,6 +26,28 @@ impl Default for SamplingParams {
     }
 }
 
+impl SamplingParams {
+    /// Whether these parameters define a distribution: temperature a finite number >= 0,
+    /// top_k >= 1, top_p in (0, 1]. The message names the field.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(format!(
+                "temperature must be a number >= 0 (0 = greedy), got {}",
+                self.temperature
+            ));
+        }
+        if self.top_k == Some(0) {
+            return Err("top_k must be at least 1 (leave it out for no top-k)".into());
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(format!("top_p must be in (0, 1], got {p}"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Numerically stable log-softmax of a row.
 pub fn log_softmax(row: &[f32]) -> Vec<f32> {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);

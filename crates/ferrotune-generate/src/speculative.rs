@@ -327,6 +327,9 @@ pub fn speculative_generate_with_rng(
     if prompt.is_empty() {
         return Err(wrap(SpeculativeError::EmptyPrompt));
     }
+    if let Err(e) = opts.sampling.check() {
+        candle_core::bail!("speculative generate: {e}");
+    }
     if opts.num_draft_tokens == 0 {
         return Err(wrap(SpeculativeError::DraftTokens));
     }

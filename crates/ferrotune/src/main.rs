@@ -403,6 +403,18 @@ fn run(cli: Cli) -> Result<()> {
             draft_model,
             draft_tokens,
         } => {
+            if max_new_tokens == 0 {
+                bail!("--max-new-tokens must be at least 1");
+            }
+            let sampling = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                seed,
+            };
+            sampling
+                .check()
+                .map_err(|e| anyhow::anyhow!("--{}", e.replace('_', "-")))?;
             let lm = load(&model)?;
             let ids = if chat {
                 let mut msgs = Vec::new();
@@ -415,12 +427,7 @@ fn run(cli: Cli) -> Result<()> {
                 lm.tokenizer.encode(&prompt, true)?
             };
             let opts = GenerateOptions {
-                sampling: SamplingParams {
-                    temperature,
-                    top_k,
-                    top_p,
-                    seed,
-                },
+                sampling,
                 max_new_tokens,
                 eos_ids: lm.eos_ids(),
                 pad_id: lm.pad_id(),

@@ -104,6 +104,15 @@ pub fn eval_task(
     if items.is_empty() {
         bail!("the task has no prompts");
     }
+    if opts.max_new_tokens == 0 {
+        bail!("max_new_tokens must be at least 1");
+    }
+    if opts.samples > 1 && opts.temperature == 0.0 {
+        bail!(
+            "{} samples per prompt at temperature 0: greedy decoding repeats one completion, so pass@k would be pass@1; give a temperature > 0",
+            opts.samples
+        );
+    }
     if let Some(&k) = opts.ks.iter().find(|&&k| k == 0 || k > opts.samples) {
         bail!(
             "pass@{k} needs 1 <= k <= samples (samples = {})",

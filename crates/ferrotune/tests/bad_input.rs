@@ -144,3 +144,64 @@ fn resuming_a_folder_that_is_not_a_run() {
         &["not a ferrotune run"],
     );
 }
+
+/// Sampling settings that define no distribution, or a pass@k that cannot mean anything, are
+/// refused up front, naming the flag.
+#[test]
+fn bad_sampling_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/demo");
+    let task = tmp.path().join("task.jsonl");
+    std::fs::write(
+        &task,
+        "{\"prompt\": \"What is 1 + 1?\", \"answer\": \"2\"}\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+            .args(args)
+            .arg("--model")
+            .arg(&demo)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for (args, needle) in [
+        (
+            vec!["generate", "--prompt", "hi", "--top-p", "3"],
+            "--top-p",
+        ),
+        (
+            vec!["generate", "--prompt", "hi", "--temperature=-1"],
+            "--temperature",
+        ),
+        (
+            vec!["generate", "--prompt", "hi", "--top-k", "0"],
+            "--top-k",
+        ),
+        (
+            vec!["generate", "--prompt", "hi", "--max-new-tokens", "0"],
+            "--max-new-tokens",
+        ),
+        (
+            vec![
+                "eval",
+                "--task",
+                task.to_str().unwrap(),
+                "--rewards",
+                "[{name=\"answer_match\", extract=\"last_number\"}]",
+                "--samples",
+                "4",
+                "--k",
+                "2",
+            ],
+            "temperature 0",
+        ),
+    ] {
+        let (code, err) = run(&args);
+        assert_clean_error(code, &err, &[needle]);
+    }
+}
