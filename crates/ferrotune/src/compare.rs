@@ -131,7 +131,7 @@ pub fn compare(o: &CompareOptions) -> Result<Vec<CheckpointScore>> {
         ));
     }
     let base_ppl = match &o.forget_set {
-        Some(f) => Some(perplexity_of_file(&load(&ctx.base, None)?, f, None)?.ppl()),
+        Some(f) => Some(perplexity_of_file(&load(&ctx.base, None)?, f, None, None)?.ppl()),
         None => None,
     };
     let mut out = Vec::new();
@@ -167,7 +167,7 @@ pub fn compare(o: &CompareOptions) -> Result<Vec<CheckpointScore>> {
         let (m, a) = score(&ctx, c.2.as_deref(), None)?;
         let ppl = match (&o.forget_set, base_ppl) {
             (Some(f), Some(_)) => {
-                Some(perplexity_of_file(&load(&ctx.base, c.2.as_deref())?, f, None)?.ppl())
+                Some(perplexity_of_file(&load(&ctx.base, c.2.as_deref())?, f, None, None)?.ppl())
             }
             _ => None,
         };

@@ -181,7 +181,7 @@ fn evaluate(
             ..TaskOptions::default()
         },
     )?;
-    let ppl = perplexity_of_file(&lm, english, None)?.ppl();
+    let ppl = perplexity_of_file(&lm, english, None, None)?.ppl();
     let ratio = base_ppl.map_or(1.0, |b| ppl / b);
     Ok(DemoRow {
         stage: stage.into(),

@@ -160,7 +160,8 @@ enum Cmd {
     Perplexity {
         #[command(flatten)]
         model: ModelArgs,
-        /// UTF-8 text file.
+        /// UTF-8 text file, or a JSONL/Parquet/CSV file's `text` column (each row scored on
+        /// its own, one perplexity over all their tokens).
         #[arg(long)]
         text: PathBuf,
         /// Longest window fed at once (default: the model's context length, at most 2048).
@@ -484,6 +485,22 @@ fn run(cli: Cli) -> Result<()> {
             window,
             stride,
         } => {
+            let ext = text.extension().and_then(|e| e.to_str()).unwrap_or("");
+            if ["jsonl", "parquet", "csv"].contains(&ext) {
+                // A data file: its `text` column, as `eval --text` reads it (not the JSON
+                // source as if it were prose).
+                let lm = load(&model)?;
+                let t = Instant::now();
+                let p = ferrotune::task_eval::perplexity_of_file(&lm, &text, window, stride)?;
+                println!(
+                    "perplexity {:.4}  (mean NLL {:.6} over {} tokens, {:.1} tokens/s)",
+                    p.ppl(),
+                    p.mean_nll(),
+                    p.tokens,
+                    p.tokens as f64 / t.elapsed().as_secs_f64()
+                );
+                return Ok(());
+            }
             let body = std::fs::read_to_string(&text)
                 .with_context(|| format!("{}: cannot read text file", text.display()))?;
             let lm = load(&model)?;
@@ -831,7 +848,7 @@ fn run(cli: Cli) -> Result<()> {
                 report.insert("task".into(), serde_json::to_value(&r)?);
             }
             if let Some(t) = &text {
-                let p = perplexity_of_file(&lm, t, None)?;
+                let p = perplexity_of_file(&lm, t, None, None)?;
                 println!(
                     "{}: perplexity {:.4} (mean NLL {:.6} over {} tokens)",
                     t.display(),

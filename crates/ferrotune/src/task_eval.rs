@@ -239,9 +239,16 @@ pub fn eval_task(
 }
 
 /// Perplexity of a plain text file (sliding window) or of a JSONL/Parquet/CSV file's `text`
-/// column (each row scored on its own; one exp(mean NLL) over all their tokens).
-pub fn perplexity_of_file(lm: &Lm, path: &Path, window: Option<usize>) -> Result<Perplexity> {
+/// column (each row scored on its own; one exp(mean NLL) over all their tokens). `window`
+/// defaults to the model's context (at most 2048), `stride` to half the window.
+pub fn perplexity_of_file(
+    lm: &Lm,
+    path: &Path,
+    window: Option<usize>,
+    stride: Option<usize>,
+) -> Result<Perplexity> {
     let window = window.unwrap_or(lm.model.config().max_position_embeddings.min(2048));
+    let stride = stride.unwrap_or(window / 2);
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let texts: Vec<String> = if ["jsonl", "parquet", "csv"].contains(&ext) {
         let rows = ferrotune_data::read_rows(path)?;
@@ -273,7 +280,7 @@ pub fn perplexity_of_file(lm: &Lm, path: &Path, window: Option<usize>) -> Result
             lm.model.as_ref(),
             &ids,
             window,
-            window / 2,
+            stride,
             Mode::EVAL,
             &lm.device,
         )?;

@@ -205,3 +205,39 @@ fn bad_sampling_flags() {
         assert_clean_error(code, &err, &[needle]);
     }
 }
+
+/// `perplexity --text` on a data file scores its `text` column (as `eval --text` does), not
+/// the JSON source: one row scores what the same text as a plain file scores, and rows
+/// without a `text` string are named.
+#[test]
+fn perplexity_of_a_jsonl_file_reads_its_text_column() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/demo");
+    let story = "Once upon a time, there was a small bird named Omar. The bird was red.";
+    let plain = tmp.path().join("story.txt");
+    std::fs::write(&plain, story).unwrap();
+    let rows = tmp.path().join("story.jsonl");
+    std::fs::write(&rows, format!("{}\n", serde_json::json!({ "text": story }))).unwrap();
+    let nll = |p: &Path| -> String {
+        let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+            .args(["perplexity", "--model"])
+            .arg(&demo)
+            .arg("--text")
+            .arg(p)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // "perplexity P  (mean NLL N over T tokens, ...)": compare P, N and T.
+        let s = String::from_utf8_lossy(&out.stdout).into_owned();
+        s.split(" tokens,").next().unwrap().to_string()
+    };
+    assert_eq!(nll(&plain), nll(&rows));
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"a b c d\"}\n{\"prompt\": \"x\"}\n").unwrap();
+    let (code, err) = perplexity(&demo, &bad);
+    assert_clean_error(code, &err, &["bad.jsonl", "line 2", "text"]);
+}
