@@ -114,10 +114,12 @@ fn tokenize_file(tok: &Tokenizer, path: &Path, cfg: &RunConfig) -> Result<Vec<To
         s.no_loss
     );
     if set.items.is_empty() {
-        bail!(
-            "{}: no example has a trained token left (check max_seq_len and the columns)",
-            path.display()
-        );
+        return Err(crate::sft_run::no_trained_token(
+            path,
+            &examples,
+            &s,
+            cfg.data.max_seq_len,
+        ));
     }
     Ok(set.items)
 }

@@ -8,8 +8,8 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use ferrotune_ckpt::{latest_complete, load_checkpoint, OnExisting, RunDir};
 use ferrotune_data::{
-    pack, read_rows, sft_examples, split_items, tokenize_sft_all, EvalSize, Sequence, SftOptions,
-    Tokenized,
+    pack, read_rows, sft_examples, split_items, tokenize_sft_all, EvalSize, Example, Segment,
+    Sequence, SftOptions, Tokenized,
 };
 use ferrotune_models::LoadOptions;
 use ferrotune_nn::{LoraConfig, TargetModules};
@@ -65,12 +65,45 @@ fn load_sft_data(lm: &Lm, path: &Path, cfg: &RunConfig) -> Result<(Vec<Tokenized
         s.no_loss
     );
     if set.items.is_empty() {
-        bail!(
-            "{}: no example has a trained token left (check max_seq_len and the columns)",
-            path.display()
-        );
+        return Err(no_trained_token(path, &examples, &s, cfg.data.max_seq_len));
     }
     Ok((set.items, note))
+}
+
+/// The error for a data file none of whose examples has a token to train on, with the cause:
+/// the rows themselves when none has anything to train on (no assistant message, empty
+/// completions), else truncation.
+pub(crate) fn no_trained_token(
+    path: &Path,
+    examples: &[Example],
+    s: &ferrotune_data::TruncationStats,
+    max_seq_len: usize,
+) -> anyhow::Error {
+    let seg_empty = |seg: &Segment| match seg {
+        Segment::Text(t) => t.is_empty(),
+        Segment::Chat(m) => m.iter().all(|m| m.content.is_empty()),
+    };
+    let has_target = |e: &Example| match e {
+        Example::Text { text } => !text.is_empty(),
+        Example::PromptCompletion { completion, .. } => !seg_empty(completion),
+        Example::Messages { messages } => messages
+            .iter()
+            .any(|m| m.role == "assistant" && !m.content.is_empty()),
+        _ => true,
+    };
+    if s.truncated > 0 && examples.iter().any(has_target) {
+        anyhow::anyhow!(
+            "{}: no example has a trained token left: {} of {} were cut to data.max_seq_len = {max_seq_len} before their completion; raise it",
+            path.display(),
+            s.truncated,
+            s.examples
+        )
+    } else {
+        anyhow::anyhow!(
+            "{}: no example has a token to train on: a conversation needs a message with role \"assistant\", a prompt/completion row a non-empty completion",
+            path.display()
+        )
+    }
 }
 
 pub(crate) struct CliObserver {

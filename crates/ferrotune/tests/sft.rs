@@ -332,6 +332,38 @@ fn bad_configs_and_data_fail_cleanly() {
         &ferrotune(&["train", "--config", c.to_str().unwrap()]),
         &["bad.jsonl", "2", "completion"],
     );
+    // Nothing to train on: the error names the cause, the rows or the truncation.
+    for (name, rows, max_len, needle) in [
+        (
+            "r10",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"bot\", \"content\": \"yo\"}]}\n",
+            64,
+            "role \"assistant\"",
+        ),
+        (
+            "r11",
+            "{\"prompt\": \"a long question that fills the window\", \"completion\": \" b\"}\n",
+            4,
+            "data.max_seq_len = 4",
+        ),
+    ] {
+        let data = tmp.path().join(format!("{name}.jsonl"));
+        std::fs::write(&data, rows).unwrap();
+        let c = config(tmp.path(), name, "max_steps = 2");
+        let t = std::fs::read_to_string(&c).unwrap().replace(
+            &root()
+                .join("fixtures/tiny-chat/sft.jsonl")
+                .display()
+                .to_string(),
+            &data.display().to_string(),
+        );
+        let t = t.replacen("max_seq_len = 64", &format!("max_seq_len = {max_len}"), 1);
+        std::fs::write(&c, t).unwrap();
+        assert_one_line_error(
+            &ferrotune(&["train", "--config", c.to_str().unwrap()]),
+            &[&format!("{name}.jsonl"), needle],
+        );
+    }
 }
 
 #[test]
