@@ -11,6 +11,7 @@
 //!   completions.jsonl      sampled completions, by step (GRPO, PPO)
 //!   health.jsonl           RL health findings, by step (GRPO)
 //!   compare.json           `ferrotune compare` of the checkpoints
+//!   ref_logps.json         DPO's precomputed reference log-probs (kept for resume)
 //!   model/                 the distilled student (distill)
 //! ```
 //!
@@ -30,7 +31,7 @@ pub const RUN_FORMAT_VERSION: u64 = 1;
 
 /// Entries a run owns; overwriting a run removes exactly these (and a distilled student's
 /// `model/` folder, see [`RunDir::create`]), never anything else.
-const RUN_OWNED: [&str; 9] = [
+const RUN_OWNED: [&str; 10] = [
     RUN_MARKER,
     "config.toml",
     "metrics.jsonl",
@@ -40,6 +41,7 @@ const RUN_OWNED: [&str; 9] = [
     "completions.jsonl",
     "health.jsonl",
     "compare.json",
+    "ref_logps.json",
 ];
 
 /// What `RunDir::create` does when the folder already has content.

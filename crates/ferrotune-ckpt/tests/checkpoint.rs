@@ -89,7 +89,12 @@ fn run_dir_layout_and_refusals() {
     save_checkpoint(&run, 1, &full_parts(&w, &[], &state)).unwrap();
     // The step logs and outputs trainers write beside the metrics belong to the run too: an
     // old run's completions must not be read as the new run's.
-    for f in ["completions.jsonl", "health.jsonl", "compare.json"] {
+    for f in [
+        "completions.jsonl",
+        "health.jsonl",
+        "compare.json",
+        "ref_logps.json",
+    ] {
         fs::write(foreign.join(f), "{\"step\": 1}\n").unwrap();
     }
     fs::create_dir_all(foreign.join("model")).unwrap();
@@ -105,6 +110,7 @@ fn run_dir_layout_and_refusals() {
         "completions.jsonl",
         "health.jsonl",
         "compare.json",
+        "ref_logps.json",
         "model",
     ] {
         assert!(!foreign.join(gone).exists(), "{gone} survived --overwrite");

@@ -99,7 +99,16 @@ pub fn run_dpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<DpoSumm
     };
     let (reference, reference_name) = match (&ref_lm, &d.ref_model) {
         (Some(r), Some(p)) => (Reference::Model(r.model.as_ref()), p.display().to_string()),
-        _ => (Reference::AdaptersOff, "adapters-off".to_string()),
+        // The base itself is the reference: name it, so precomputed log-probs of another
+        // base (same tokenizer, same pairs) are never taken for this one's.
+        _ => (
+            Reference::AdaptersOff,
+            format!(
+                "adapters-off of {} ({})",
+                cfg.model.path.display(),
+                cfg.model.dtype
+            ),
+        ),
     };
     let mut train = load_pairs(&lm, &cfg.data.train, d)?;
     let mut eval = Vec::new();
