@@ -302,7 +302,7 @@ enum Cmd {
         /// Output folder (must be absent or empty).
         #[arg(long, default_value = "runs/demo")]
         out: PathBuf,
-        /// A short run (about 2 minutes on 2 cores) that shows every stage.
+        /// A short run (about half a minute on 2 cores) that shows every stage.
         #[arg(long)]
         quick: bool,
         #[arg(long, default_value_t = 0)]
