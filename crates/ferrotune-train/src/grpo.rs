@@ -9,8 +9,9 @@
 //! (= that / G prompts); a generation batch is reused for `num_iterations` steps.
 //!
 //! Exact resume: checkpoints are written only at generation boundaries (step divisible by μ),
-//! where the state is (weights, optimizer moments, data cursor, step); rollouts are a pure
-//! function of (weights, seed, round), so a resumed run samples what the uninterrupted one did.
+//! where the state is (weights, optimizer moments, data cursor, step, the health checks' recent
+//! history); rollouts are a pure function of (weights, seed, round), so a resumed run samples,
+//! logs and reports what the uninterrupted one did.
 
 use std::time::Instant;
 
@@ -77,7 +78,8 @@ pub trait GrpoEnv {
 }
 
 /// What a reward function measures, for the health checks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum RewardRole {
     Correctness,
     Format,
@@ -163,6 +165,10 @@ pub struct GrpoState {
     pub guard: NonFiniteGuard,
     pub seed: u64,
     pub rollout_tokens: u64,
+    /// The health checks' recent history, so a resumed run reports what the straight one
+    /// would (absent in checkpoints written before it was saved: the checks start afresh).
+    #[serde(default)]
+    pub health: Option<HealthMonitor>,
 }
 
 /// The outcome of a run.
@@ -388,10 +394,16 @@ pub fn train_grpo(
         guard: NonFiniteGuard::new(plan.run.max_nonfinite_steps),
         seed: plan.run.seed,
         rollout_tokens: 0,
+        health: None,
     };
     if let Some(ck) = resume {
         state = resume_from(ck, trainable, model, &mut opt, obs, |s: &GrpoState| s.step)?;
     }
+    let mut health = state
+        .health
+        .take()
+        .unwrap_or_else(|| HealthMonitor::new(plan.loss_type));
+    health.set_loss_type(plan.loss_type);
     let mut loader = Loader::resume(
         n_train,
         Shuffler::new(plan.run.seed, plan.run.shuffle),
@@ -401,7 +413,6 @@ pub fn train_grpo(
     let weights = env.reward_weights();
     let roles = env.reward_roles();
     let g = plan.num_generations;
-    let mut health = HealthMonitor::new(plan.loss_type);
     let mut summary = GrpoSummary {
         steps: state.step,
         ..Default::default()
@@ -771,8 +782,10 @@ pub fn train_grpo(
             && ((plan.run.save_every > 0 && state.step.is_multiple_of(plan.run.save_every))
                 || state.step == plan.run.total_steps);
         if save_now || state.step == plan.run.total_steps {
+            state.health = Some(health.clone());
             let trainer_state =
                 serde_json::to_value(&state).map_err(|e| TrainError::Plan(e.to_string()))?;
+            state.health = None;
             let path = save(trainable, model, &opt, state.step, &trainer_state, run)?;
             obs.message(&format!("saved {}", path.display()));
             summary.last_checkpoint = Some(path);

@@ -15,7 +15,7 @@
 //! thresholds are ours (rules of thumb), documented here and in the findings' text.
 //! Owns: the rules. Does not own: printing or files (the caller records findings).
 
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::grpo::RewardRole;
 use crate::grpo_loss::LossType;
@@ -38,30 +38,101 @@ impl std::fmt::Display for Finding {
     }
 }
 
-/// What one generation batch looked like.
-#[derive(Debug, Clone)]
+/// What one generation batch looked like. Serializable (a checkpoint keeps the recent ones);
+/// JSON has no NaN, so a NaN mean (nothing scored) is written as `null` and read back as NaN.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HealthStats {
     pub step: usize,
+    #[serde(with = "nan_as_null")]
     pub reward_mean: f64,
     /// (label, role, mean) per reward function.
+    #[serde(with = "nan_as_null")]
     pub reward_means: Vec<(String, RewardRole, f64)>,
+    #[serde(with = "nan_as_null")]
     pub len_mean: f64,
     pub len_right: Option<f64>,
     pub len_wrong: Option<f64>,
+    #[serde(with = "nan_as_null")]
     pub truncated_frac: f64,
+    #[serde(with = "nan_as_null")]
     pub zero_std_frac: f64,
     pub kl: Option<f64>,
 }
 
-/// Keeps the history and which findings are active.
+/// Keeps the recent history (as much as the rules look at) and which findings are active.
+/// Saved in GRPO checkpoints, so a resumed run neither repeats nor misses a finding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HealthMonitor {
     loss_type: LossType,
     rollouts: Vec<HealthStats>,
+    #[serde(with = "nan_as_null")]
     kls: Vec<(usize, f64)>,
-    active: Vec<&'static str>,
+    active: Vec<String>,
+}
+
+/// Serde for f64 values that may be NaN (JSON `null`), alone or inside a list of tuples.
+mod nan_as_null {
+    use super::*;
+
+    /// An f64, or tuples/lists holding f64 last.
+    pub trait NanNull: Sized {
+        type Repr: Serialize + for<'de> Deserialize<'de>;
+        fn to_repr(&self) -> Self::Repr;
+        fn from_repr(r: Self::Repr) -> Self;
+    }
+    impl NanNull for f64 {
+        type Repr = Option<f64>;
+        fn to_repr(&self) -> Option<f64> {
+            self.is_finite().then_some(*self)
+        }
+        fn from_repr(r: Option<f64>) -> f64 {
+            r.unwrap_or(f64::NAN)
+        }
+    }
+    impl<
+            A: Clone + Serialize + for<'de> Deserialize<'de>,
+            B: Clone + Serialize + for<'de> Deserialize<'de>,
+        > NanNull for (A, B, f64)
+    {
+        type Repr = (A, B, Option<f64>);
+        fn to_repr(&self) -> Self::Repr {
+            (self.0.clone(), self.1.clone(), self.2.to_repr())
+        }
+        fn from_repr(r: Self::Repr) -> Self {
+            (r.0, r.1, f64::from_repr(r.2))
+        }
+    }
+    impl NanNull for (usize, f64) {
+        type Repr = (usize, Option<f64>);
+        fn to_repr(&self) -> Self::Repr {
+            (self.0, self.1.to_repr())
+        }
+        fn from_repr(r: Self::Repr) -> Self {
+            (r.0, f64::from_repr(r.1))
+        }
+    }
+    impl<T: NanNull> NanNull for Vec<T> {
+        type Repr = Vec<T::Repr>;
+        fn to_repr(&self) -> Self::Repr {
+            self.iter().map(NanNull::to_repr).collect()
+        }
+        fn from_repr(r: Self::Repr) -> Self {
+            r.into_iter().map(T::from_repr).collect()
+        }
+    }
+
+    pub fn serialize<T: NanNull, S: Serializer>(x: &T, s: S) -> Result<S::Ok, S::Error> {
+        x.to_repr().serialize(s)
+    }
+
+    pub fn deserialize<'de, T: NanNull, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
+        T::Repr::deserialize(d).map(T::from_repr)
+    }
 }
 
 const WINDOW: usize = 16;
+/// KL values kept: the latest and the one 5 steps before it.
+const KL_KEPT: usize = 6;
 const MIN_TREND: usize = 8;
 
 fn mean(xs: impl Iterator<Item = f64>) -> f64 {
@@ -85,10 +156,21 @@ impl HealthMonitor {
 
     pub fn push_rollout(&mut self, s: HealthStats) {
         self.rollouts.push(s);
+        // The rules look at the last WINDOW batches at most.
+        let extra = self.rollouts.len().saturating_sub(WINDOW);
+        self.rollouts.drain(..extra);
     }
 
     pub fn push_kl(&mut self, step: usize, kl: f64) {
         self.kls.push((step, kl));
+        // kl_rising compares with the value 5 steps earlier.
+        let extra = self.kls.len().saturating_sub(KL_KEPT);
+        self.kls.drain(..extra);
+    }
+
+    /// The loss type named in the findings' advice (a resumed run may have changed it).
+    pub fn set_loss_type(&mut self, loss_type: LossType) {
+        self.loss_type = loss_type;
     }
 
     /// Conditions that hold now, with their messages.
@@ -222,14 +304,14 @@ impl HealthMonitor {
         let now = self.conditions();
         let fresh: Vec<Finding> = now
             .iter()
-            .filter(|(c, _)| !self.active.contains(c))
+            .filter(|(c, _)| !self.active.iter().any(|a| a == c))
             .map(|(c, m)| Finding {
                 code: c,
                 step,
                 message: m.clone(),
             })
             .collect();
-        self.active = now.iter().map(|(c, _)| *c).collect();
+        self.active = now.iter().map(|(c, _)| c.to_string()).collect();
         fresh
     }
 }
@@ -281,6 +363,39 @@ mod tests {
         m.push_rollout(h);
         let codes: Vec<&str> = m.check().iter().map(|f| f.code).collect();
         assert_eq!(codes, ["unscored"]);
+    }
+
+    /// A checkpoint keeps the monitor (NaN means included, as JSON nulls): the restored one
+    /// reports exactly what the original reports next, and the history stays bounded.
+    #[test]
+    fn monitor_survives_a_json_round_trip_and_keeps_a_bounded_history() {
+        let mut m = HealthMonitor::new(LossType::Grpo);
+        for s in 1..=40 {
+            let mut h = stats(s, 1.0, 20.0 + s as f64);
+            if s % 7 == 0 {
+                h.reward_mean = f64::NAN;
+                h.reward_means[1].2 = f64::NAN;
+            }
+            h.truncated_frac = if s > 30 { 0.5 } else { 0.0 };
+            m.push_rollout(h);
+            m.push_kl(s, 0.001 * s as f64);
+            m.check();
+        }
+        assert_eq!(m.rollouts.len(), WINDOW);
+        assert_eq!(m.kls.len(), KL_KEPT);
+        let json = serde_json::to_string(&m).unwrap();
+        let mut back: HealthMonitor = serde_json::from_str(&json).unwrap();
+        assert_eq!(serde_json::to_string(&back).unwrap(), json);
+        assert!(back.rollouts[10].reward_mean.is_nan()); // steps 25..=40 kept: index 10 is step 35
+        for s in 41..=50 {
+            let mut h = stats(s, 0.2, 90.0);
+            h.zero_std_frac = if s % 3 == 0 { 1.0 } else { 0.0 };
+            for mon in [&mut m, &mut back] {
+                mon.push_rollout(h.clone());
+                mon.push_kl(s, 0.5);
+            }
+            assert_eq!(m.check(), back.check(), "step {s}");
+        }
     }
 
     #[test]

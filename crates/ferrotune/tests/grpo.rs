@@ -196,6 +196,13 @@ fn grpo_resume_is_exact() {
         );
     }
     assert!(!seen.is_empty(), "no health findings recorded");
+    // The monitor's history is part of the checkpoint: the resumed run reports what the
+    // straight one reported, nothing twice and nothing again.
+    let straight = read(tmp.path().join("a/health.jsonl"));
+    assert!(
+        straight == health,
+        "health.jsonl differs:\nstraight:\n{straight}\nresumed:\n{health}"
+    );
 }
 
 #[test]
