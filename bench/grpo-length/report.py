@@ -36,6 +36,13 @@ def main():
                    if "completions/mean_length_right" in r and "completions/mean_length_wrong" in r]
             print(f"{name:<10} {lo:>3}-{hi:<5} {acc:>8.3f} {mean(right):>9.2f} {mean(wrong):>9.2f} "
                   f"{mean([r['completions/mean_length'] for r in w]):>8.2f} {mean(gap):>11.2f}")
+        # Once the answer is mostly learned (accuracy > 0.8 from about step 40 in the guess
+        # runs), the per-step gap over the rest of the run, in one number.
+        late = [r["completions/mean_length_wrong"] - r["completions/mean_length_right"] for r in rows
+                if r["step"] > 40 and "completions/mean_length_right" in r
+                and "completions/mean_length_wrong" in r]
+        print(f"{name:<10} {'41-end':<9} {'':>8} {'':>9} {'':>9} {'':>8} {mean(late):>11.2f}"
+              f"  (mean over {len(late)} steps)")
     if "SHORT" in os.environ:
         short_fractions(sys.argv[1:], int(os.environ["SHORT"]))
 

@@ -7,7 +7,8 @@
 #      9 and rewards 7: the model can see whether its own answer is right. LENGTHS=two (guess
 #      only) makes the length one choice after the answer: no filler or 8 sentences.
 #   2. Two GRPO runs from the merged SFT model, identical except `loss_type` (beta 0, no stop
-#      string: a completion ends at EOS).
+#      string: a completion ends at EOS). GRPO_LORA=0: full fine-tuning instead of LoRA (lr
+#      1e-4 instead of 2e-4), so every token's embedding can move on its own.
 #   3. report.py: mean length of right and wrong answers per window of steps.
 # The literature (Liu et al. 2025, "Understanding R1-Zero-like Training") predicts that grpo's
 # per-sequence 1/|o| weighting lets wrong answers grow longer, and that dr_grpo does not.
@@ -22,6 +23,7 @@ SEED=${SEED:-0}
 FILLER_AT=${FILLER_AT:-after}
 TASK=${TASK:-arithmetic}
 LENGTHS=${LENGTHS:-uniform}
+GRPO_LORA=${GRPO_LORA:-1}
 [ -x "$BIN" ] || cargo build --release
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -72,17 +74,20 @@ T
 rm -rf "$OUT/sft-merged"
 "$BIN" export --model "$MODEL" --adapter "$OUT/sft/checkpoints/step-200" --out "$OUT/sft-merged"
 
+if [ "$GRPO_LORA" = 0 ]; then
+  ADAPTER='' LR=1e-4
+else
+  ADAPTER=$'[lora]\nr = 16\nlora_alpha = 32' LR=2e-4
+fi
 for loss in grpo dr_grpo; do
   cat > "$OUT/$loss.toml" <<T
 [model]
 path = "$OUT/sft-merged"
-[lora]
-r = 16
-lora_alpha = 32
+$ADAPTER
 [data]
 train = "grpo.jsonl"
 [optim]
-learning_rate = 2e-4
+learning_rate = $LR
 lr_scheduler_type = "constant"
 [run]
 output_dir = "$loss"
