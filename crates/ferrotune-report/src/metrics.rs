@@ -221,16 +221,26 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricRecord>> {
         .collect()
 }
 
-/// Rewrites `path` keeping only records with `step <= keep_through`, via a temporary file and a
-/// rename so a crash during resume leaves either the old or the new log, never half of one.
 /// Opens `RUN/<name>`, a JSONL log whose records carry a `"step"` (e.g. `completions.jsonl`),
 /// for appending. After a resume from `resumed_step`, records with a larger step (written after
 /// that checkpoint by the run that stopped) are removed first, as [`MetricsWriter::resume`] does
-/// for the metrics: the steps are run again and would otherwise be logged twice.
+/// for the metrics: the steps are run again and would otherwise be logged twice. Unlike the
+/// metrics, a line without a readable step (an older format, a torn write) is kept, not an error:
+/// a side log never stops a resume.
 pub fn open_step_log(run_dir: &Path, name: &str, resumed_step: Option<u64>) -> Result<File> {
     let path = run_dir.join(name);
     if let (Some(step), true) = (resumed_step, path.exists()) {
-        truncate_after(&path, step)?;
+        let text = fs::read_to_string(&path).map_err(|e| ReportError::io("read", &path, e))?;
+        let mut kept = String::with_capacity(text.len());
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            if parse_line(line).map_or(true, |r| r.step <= step) {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, kept).map_err(|e| ReportError::io("write", &tmp, e))?;
+        fs::rename(&tmp, &path).map_err(|e| ReportError::io("replace", &path, e))?;
     }
     OpenOptions::new()
         .create(true)
@@ -239,6 +249,8 @@ pub fn open_step_log(run_dir: &Path, name: &str, resumed_step: Option<u64>) -> R
         .map_err(|e| ReportError::io("open for append", &path, e))
 }
 
+/// Rewrites `path` keeping only records with `step <= keep_through`, via a temporary file and a
+/// rename so a crash during resume leaves either the old or the new log, never half of one.
 fn truncate_after(path: &Path, keep_through: u64) -> Result<()> {
     let text = fs::read_to_string(path).map_err(|e| ReportError::io("read", path, e))?;
     let mut kept = String::with_capacity(text.len());

@@ -2,7 +2,9 @@
 //! Expected values are the literal inputs; the file text is also checked with serde_json alone
 //! so the format does not depend on our reader.
 
-use ferrotune_report::{metric_series, read_metrics, MetricsWriter, ReportError, METRICS_FILE};
+use ferrotune_report::{
+    metric_series, open_step_log, read_metrics, MetricsWriter, ReportError, METRICS_FILE,
+};
 use std::fs;
 
 fn tmp_run(name: &str) -> std::path::PathBuf {
@@ -166,4 +168,26 @@ fn reserved_and_duplicate_keys_are_refused() {
     assert!(matches!(w.log(1, &[("", 1.0)]), Err(ReportError::EmptyKey)));
     // Nothing half-written.
     assert_eq!(fs::read_to_string(run.join(METRICS_FILE)).unwrap(), "");
+}
+
+/// Side logs keyed by step (completions.jsonl, health.jsonl): a resume drops the records after
+/// the checkpoint's step and keeps everything else, including lines it cannot read a step from
+/// (an older format), so a side log never stops a resume.
+#[test]
+fn step_log_resume_keeps_up_to_the_step_and_unreadable_lines() {
+    use std::io::Write;
+    let dir = tmp_run("step-log");
+    fs::create_dir_all(&dir).unwrap();
+    let body =
+        "{\"step\":1,\"x\":\"a\"}\n{\"finding\":\"old format\"}\n{\"step\":2}\n{\"step\":3}\n";
+    fs::write(dir.join("side.jsonl"), body).unwrap();
+    // A fresh start (no resume) appends to what is there; --overwrite is the run folder's job.
+    drop(open_step_log(&dir, "side.jsonl", None).unwrap());
+    assert_eq!(fs::read_to_string(dir.join("side.jsonl")).unwrap(), body);
+    let mut f = open_step_log(&dir, "side.jsonl", Some(2)).unwrap();
+    writeln!(f, "{{\"step\":3,\"again\":true}}").unwrap();
+    assert_eq!(
+        fs::read_to_string(dir.join("side.jsonl")).unwrap(),
+        "{\"step\":1,\"x\":\"a\"}\n{\"finding\":\"old format\"}\n{\"step\":2}\n{\"step\":3,\"again\":true}\n"
+    );
 }
