@@ -231,16 +231,11 @@ pub fn open_step_log(run_dir: &Path, name: &str, resumed_step: Option<u64>) -> R
     let path = run_dir.join(name);
     if let (Some(step), true) = (resumed_step, path.exists()) {
         let text = fs::read_to_string(&path).map_err(|e| ReportError::io("read", &path, e))?;
-        let mut kept = String::with_capacity(text.len());
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            if parse_line(line).map_or(true, |r| r.step <= step) {
-                kept.push_str(line);
-                kept.push('\n');
-            }
-        }
-        let tmp = path.with_extension("tmp");
-        fs::write(&tmp, kept).map_err(|e| ReportError::io("write", &tmp, e))?;
-        fs::rename(&tmp, &path).map_err(|e| ReportError::io("replace", &path, e))?;
+        let kept = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .filter(|l| parse_line(l).map_or(true, |r| r.step <= step));
+        replace_lines(&path, kept)?;
     }
     OpenOptions::new()
         .create(true)
@@ -253,7 +248,7 @@ pub fn open_step_log(run_dir: &Path, name: &str, resumed_step: Option<u64>) -> R
 /// rename so a crash during resume leaves either the old or the new log, never half of one.
 fn truncate_after(path: &Path, keep_through: u64) -> Result<()> {
     let text = fs::read_to_string(path).map_err(|e| ReportError::io("read", path, e))?;
-    let mut kept = String::with_capacity(text.len());
+    let mut kept = Vec::new();
     for (line_no, line) in complete_lines(&text) {
         let record = parse_line(line).map_err(|reason| ReportError::BadMetricsLine {
             path: path.to_path_buf(),
@@ -261,11 +256,20 @@ fn truncate_after(path: &Path, keep_through: u64) -> Result<()> {
             reason,
         })?;
         if record.step <= keep_through {
-            kept.push_str(line);
-            kept.push('\n');
+            kept.push(line);
         }
     }
+    replace_lines(path, kept)
+}
+
+/// Replaces `path` with `lines` (each newline-terminated) via a temporary file and a rename.
+fn replace_lines<'a>(path: &Path, lines: impl IntoIterator<Item = &'a str>) -> Result<()> {
+    let mut text = String::new();
+    for line in lines {
+        text.push_str(line);
+        text.push('\n');
+    }
     let tmp = path.with_extension("jsonl.tmp");
-    fs::write(&tmp, kept).map_err(|e| ReportError::io("write", &tmp, e))?;
+    fs::write(&tmp, text).map_err(|e| ReportError::io("write", &tmp, e))?;
     fs::rename(&tmp, path).map_err(|e| ReportError::io("replace", path, e))
 }

@@ -10,7 +10,6 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ferrotune::config::{self, RunConfig};
 use ferrotune::dpo_run::run_dpo;
-use ferrotune::eval::perplexity;
 use ferrotune::grpo_run::run_grpo;
 use ferrotune::lm::{parse_device, parse_dtype, Lm};
 use ferrotune::rm_run::run_reward_model;
@@ -485,50 +484,17 @@ fn run(cli: Cli) -> Result<()> {
             window,
             stride,
         } => {
-            let ext = text.extension().and_then(|e| e.to_str()).unwrap_or("");
-            if ["jsonl", "parquet", "csv"].contains(&ext) {
-                // A data file: its `text` column, as `eval --text` reads it (not the JSON
-                // source as if it were prose).
-                let lm = load(&model)?;
-                let t = Instant::now();
-                let p = ferrotune::task_eval::perplexity_of_file(&lm, &text, window, stride)?;
-                println!(
-                    "perplexity {:.4}  (mean NLL {:.6} over {} tokens, {:.1} tokens/s)",
-                    p.ppl(),
-                    p.mean_nll(),
-                    p.tokens,
-                    p.tokens as f64 / t.elapsed().as_secs_f64()
-                );
-                return Ok(());
-            }
-            let body = std::fs::read_to_string(&text)
-                .with_context(|| format!("{}: cannot read text file", text.display()))?;
+            // A plain text file is scored whole; a data file's `text` column row by row, as
+            // `eval --text` reads it.
             let lm = load(&model)?;
-            let ids = lm.tokenizer.encode(&body, true)?;
-            if ids.len() < 2 {
-                bail!(
-                    "{}: needs at least 2 tokens, has {}",
-                    text.display(),
-                    ids.len()
-                );
-            }
-            let window = window.unwrap_or(lm.model.config().max_position_embeddings.min(2048));
-            let stride = stride.unwrap_or(window / 2);
             let t = Instant::now();
-            let p = perplexity(
-                lm.model.as_ref(),
-                &ids,
-                window,
-                stride,
-                Mode::EVAL,
-                &lm.device,
-            )?;
+            let p = ferrotune::task_eval::perplexity_of_file(&lm, &text, window, stride)?;
             println!(
                 "perplexity {:.4}  (mean NLL {:.6} over {} tokens, {:.1} tokens/s)",
                 p.ppl(),
                 p.mean_nll(),
                 p.tokens,
-                ids.len() as f64 / t.elapsed().as_secs_f64()
+                p.tokens as f64 / t.elapsed().as_secs_f64()
             );
         }
         Cmd::Train {
