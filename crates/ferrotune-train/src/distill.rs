@@ -27,8 +27,8 @@ use std::borrow::Cow;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use ferrotune_ckpt::{prune, Checkpoint, RunDir};
-use ferrotune_data::{collate_right, Collated, Cursor, Loader, Sequence, Shuffler, Tokenized};
+use ferrotune_ckpt::{Checkpoint, RunDir};
+use ferrotune_data::{collate_right, Collated, Loader, Sequence, Tokenized};
 use ferrotune_generate::{generate, GenerateOptions, SamplingParams};
 use ferrotune_models::CausalLm;
 use ferrotune_nn::{splitmix64, Mode};
@@ -37,13 +37,11 @@ use serde::{Deserialize, Serialize};
 use crate::distill_loss::{distill_loss, JsdConfig};
 use crate::distill_teacher::{logits_at, nll_rows, scored_positions, teacher_rows, TeacherRows};
 pub use crate::distill_teacher::{teacher_topk_rows, topk_logprobs, CachedTeacher, TeacherSource};
-use crate::optim::AdamW;
+use crate::error::{Result, TrainError};
 use crate::plan::LoopPlan;
-use crate::sft::{
-    apply_update, batch_tensors, eval_hook, resume_from, save, Observer, Result, TrainError,
-    Trainable,
+use crate::trainer::{
+    batch_tensors, derive_seed, eval_hook, LoopCore, Observer, Trainable, Trainer,
 };
-use crate::step::{GradAccumulator, NonFiniteGuard};
 
 /// One training example and its key in the teacher cache (its index among the tokenized
 /// examples of the data files, train then eval).
@@ -91,11 +89,9 @@ pub struct DistillPlan {
 /// What the loop saves besides weights and optimizer moments.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DistillState {
-    pub step: usize,
-    pub cursor: Cursor,
-    pub guard: NonFiniteGuard,
+    #[serde(flatten)]
+    pub core: LoopCore,
     pub tokens_seen: u64,
-    pub seed: u64,
 }
 
 /// Means over the scored tokens of an eval set.
@@ -338,80 +334,71 @@ pub fn train_distill(
     obs: &mut dyn Observer,
     device: &Device,
 ) -> Result<DistillSummary> {
-    plan.loss
-        .validate()
-        .map_err(|e| TrainError::Plan(e.to_string()))?;
+    plan.loss.validate()?;
     let live = match teacher {
         TeacherSource::Live { model, .. } => Some(model),
         TeacherSource::Cache(_) => None,
     };
     if live.is_none() && (plan.lmbda > 0.0 || plan.seq_kd) {
-        return Err(TrainError::Plan(
+        return Err(TrainError::invalid(
+            "distill.teacher_cache",
             "on-policy distillation (lmbda > 0) and seq_kd score sampled completions, which a \
-             teacher cache cannot hold: set lmbda = 0 and seq_kd = false, or drop teacher_cache"
-                .into(),
+             teacher cache cannot hold: set lmbda = 0 and seq_kd = false, or drop teacher_cache",
         ));
     }
-    let params = trainable.params().to_vec();
-    let mut opt = AdamW::new(params.clone(), plan.run.adamw)?;
-    let shuffler = Shuffler::new(plan.run.seed, plan.run.shuffle);
+    let run_dir = run;
+    let run = &plan.run;
+    let mut t = Trainer::new(student, trainable, run, run_dir)?;
     let mut state = DistillState {
-        step: 0,
-        cursor: Cursor::default(),
-        guard: NonFiniteGuard::new(plan.run.max_nonfinite_steps),
+        core: LoopCore::new(run),
         tokens_seen: 0,
-        seed: plan.run.seed,
     };
     if let Some(ck) = resume {
-        state = resume_from(ck, trainable, student, &mut opt, obs, |s: &DistillState| {
-            s.step
-        })?;
+        state = t.resume(ck, obs)?;
     }
     let mut summary = DistillSummary {
-        steps: state.step,
+        steps: state.core.step,
         ..Default::default()
     };
-    if resume.is_none() && plan.run.eval_every > 0 {
+    if resume.is_none() && run.eval_every > 0 {
         if let Some(e) = eval_distill(student, teacher, eval, plan, device)? {
             log_eval(obs, 0, &e);
             summary.first_eval = Some(e);
         }
     }
-    let mut loader = Loader::resume(train.len(), shuffler, state.cursor)?;
-    let mut acc = GradAccumulator::new(&params);
-    while state.step < plan.run.total_steps {
+    let mut loader = Loader::resume(train.len(), run.shuffler(), state.core.cursor)?;
+    while state.core.step < run.total_steps {
         let t0 = Instant::now();
         // 1. The micro-batches of this step; some get sampled completions (seq_kd: from the
         //    teacher; with probability lmbda: from the student, scored by the teacher).
-        let mut micro: Vec<(Collated, Option<Vec<usize>>)> =
-            Vec::with_capacity(plan.run.grad_accum);
+        let mut micro: Vec<(Collated, Option<Vec<usize>>)> = Vec::with_capacity(run.grad_accum);
         let mut on_policy = 0usize;
-        for k in 0..plan.run.grad_accum {
-            let idx = loader.next_batch(plan.run.batch_size)?;
+        for k in 0..run.grad_accum {
+            let idx = loader.next_batch(run.batch_size)?;
             let items: Vec<&DistillItem> = idx.iter().map(|&i| &train[i]).collect();
-            let counter = ((state.step as u64) << 16) | k as u64;
+            let counter = ((state.core.step as u64) << 16) | k as u64;
             let mut seqs: Option<Vec<Tokenized>> = None;
-            if let (true, Some(t)) = (plan.seq_kd, live) {
+            if let (true, Some(teacher_lm)) = (plan.seq_kd, live) {
                 let refs: Vec<&Tokenized> = items.iter().map(|x| &x.seq).collect();
-                let seed = splitmix64(plan.run.seed ^ splitmix64(counter ^ SEQ_KD_SALT));
-                seqs = Some(sample_completions(t, &refs, plan, seed, device)?);
+                let seed = derive_seed(run.seed, counter ^ SEQ_KD_SALT);
+                seqs = Some(sample_completions(teacher_lm, &refs, plan, seed, device)?);
             }
-            if unit(plan.run.seed ^ splitmix64(counter ^ LMBDA_SALT)) < plan.lmbda {
+            if unit(run.seed ^ splitmix64(counter ^ LMBDA_SALT)) < plan.lmbda {
                 let refs: Vec<&Tokenized> = match &seqs {
                     Some(s) => s.iter().collect(),
                     None => items.iter().map(|x| &x.seq).collect(),
                 };
-                let seed = splitmix64(plan.run.seed ^ splitmix64(counter ^ POLICY_SALT));
+                let seed = derive_seed(run.seed, counter ^ POLICY_SALT);
                 seqs = Some(sample_completions(student, &refs, plan, seed, device)?);
                 on_policy += 1;
             }
             micro.push(match seqs {
                 Some(s) => {
                     let refs: Vec<&Tokenized> = s.iter().collect();
-                    (collate_right(&refs, plan.run.pad_id), None)
+                    (collate_right(&refs, run.pad_id), None)
                 }
                 None => (
-                    collate_right(&items, plan.run.pad_id),
+                    collate_right(&items, run.pad_id),
                     Some(items.iter().map(|x| x.key).collect()),
                 ),
             });
@@ -421,9 +408,7 @@ pub fn train_distill(
         // 2. Teacher rows, student logits, loss, backward per micro-batch.
         let (mut loss_sum, mut distill_sum, mut ce_sum) = (0.0f64, 0.0f64, 0.0f64);
         for (k, (c, keys)) in micro.iter().enumerate() {
-            let mode = Mode::train_with_seed(splitmix64(
-                plan.run.seed ^ splitmix64(((state.step as u64) << 16) | k as u64),
-            ));
+            let mode = run.train_mode(state.core.step, k);
             let Some(m) = micro_loss(
                 student,
                 teacher,
@@ -441,78 +426,51 @@ pub fn train_distill(
             loss_sum += m.loss.to_scalar::<f32>()? as f64;
             distill_sum += m.distill;
             ce_sum += m.ce;
-            acc.add(&m.loss.backward()?)?;
+            t.backward(&m.loss)?;
         }
         // 3. Clip (or just measure), skip non-finite steps, update.
-        let lr = plan.run.schedule.lr_at(state.step, plan.run.learning_rate);
-        let (grad_norm, applied) = apply_update(
-            &mut acc,
-            &params,
-            &mut opt,
-            &mut state.guard,
-            state.step,
-            plan.run.max_grad_norm,
-            lr,
-            obs,
-        )?;
-        if !applied {
-            summary.skipped_steps += 1;
-        }
-        state.step += 1;
-        state.cursor = loader.cursor();
+        let lr = run.lr_at(state.core.step);
+        let up = t.update(&mut state.core, lr, obs)?;
+        state.core.advance(loader.cursor());
         state.tokens_seen += total_tokens as u64;
+        let step = state.core.step;
         summary.first_loss.get_or_insert(loss_sum);
         summary.first_distill_loss.get_or_insert(distill_sum);
         summary.last_loss = Some(loss_sum);
         summary.last_distill_loss = Some(distill_sum);
         summary.on_policy_batches += on_policy;
-        summary.steps = state.step;
+        summary.steps = step;
+        summary.skipped_steps = t.skipped_steps;
         // 4. Log, eval, save.
-        if state.step.is_multiple_of(plan.run.log_every) || state.step == plan.run.total_steps {
+        if run.is_log_step(step) {
             let secs = t0.elapsed().as_secs_f64();
             obs.metrics(
-                state.step,
+                step,
                 &[
                     ("loss", loss_sum),
                     ("distill_loss", distill_sum),
                     ("sft_loss", ce_sum),
-                    ("on_policy", on_policy as f64 / plan.run.grad_accum as f64),
+                    ("on_policy", on_policy as f64 / run.grad_accum as f64),
                     ("learning_rate", lr),
-                    ("grad_norm", grad_norm),
+                    ("grad_norm", up.grad_norm),
                     ("loss_tokens", total_tokens as f64),
                     ("tokens_per_s", seq_tokens as f64 / secs),
-                    (
-                        "epoch",
-                        loader.cursor().epoch as f64
-                            + loader.cursor().index as f64 / train.len().max(1) as f64,
-                    ),
+                    ("epoch", LoopPlan::epoch(loader.cursor(), train.len())),
                 ],
             );
         }
-        if plan.run.eval_every > 0
-            && (state.step.is_multiple_of(plan.run.eval_every)
-                || state.step == plan.run.total_steps)
-        {
+        if run.is_eval_step(step) {
             if let Some(e) = eval_distill(student, teacher, eval, plan, device)? {
-                log_eval(obs, state.step, &e);
+                log_eval(obs, step, &e);
                 summary.last_eval = Some(e);
             }
-            if eval_hook(obs, state.step, student)? {
+            if eval_hook(obs, step, student)? {
                 summary.stopped_early = true;
                 break;
             }
         }
-        let save_now = (plan.run.save_every > 0 && state.step.is_multiple_of(plan.run.save_every))
-            || state.step == plan.run.total_steps;
-        if save_now {
-            let trainer_state =
-                serde_json::to_value(&state).map_err(|e| TrainError::Plan(e.to_string()))?;
-            let path = save(trainable, student, &opt, state.step, &trainer_state, run)?;
-            obs.message(&format!("saved {}", path.display()));
-            summary.last_checkpoint = Some(path);
-            if plan.run.keep_last > 0 {
-                prune(run, plan.run.keep_last)?;
-            }
+        if run.is_save_step(step) {
+            summary.last_checkpoint = Some(t.save(step, &state, obs)?);
         }
     }
     Ok(summary)

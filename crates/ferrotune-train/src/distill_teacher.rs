@@ -12,7 +12,8 @@ use ferrotune_models::CausalLm;
 use ferrotune_nn::Mode;
 
 use crate::distill_loss::{Teacher, TeacherTopK};
-use crate::sft::{batch_tensors, Result, TrainError};
+use crate::error::{Result, TrainError};
+use crate::trainer::batch_tensors;
 
 /// The teacher's top-k log-probs of every scored token of every example, as a cache holds them.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -172,7 +173,7 @@ pub(crate) fn teacher_rows(
         }
         TeacherSource::Cache(cache) => {
             let keys = keys.ok_or_else(|| {
-                TrainError::Plan(
+                TrainError::TeacherCache(
                     "the teacher cache has rows only for the data's own completions; sampled \
                      completions (lmbda > 0, seq_kd) need the live teacher"
                         .into(),
@@ -185,7 +186,7 @@ pub(crate) fn teacher_rows(
                 let (lo, hi) = match (cache.offsets.get(key), cache.offsets.get(key + 1)) {
                     (Some(&lo), Some(&hi)) if hi >= lo => (lo, hi),
                     _ => {
-                        return Err(TrainError::Plan(format!(
+                        return Err(TrainError::TeacherCache(format!(
                             "teacher cache: no rows for example {key} (it holds {}): the cache \
                              is stale, rerun `ferrotune distill cache-teacher`",
                             cache.offsets.len().saturating_sub(1)
@@ -193,7 +194,7 @@ pub(crate) fn teacher_rows(
                     }
                 };
                 if hi - lo != want {
-                    return Err(TrainError::Plan(format!(
+                    return Err(TrainError::TeacherCache(format!(
                         "teacher cache: example {key} has {} cached rows but {want} scored \
                          tokens: the cache is stale, rerun `ferrotune distill cache-teacher`",
                         hi - lo

@@ -25,23 +25,19 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use ferrotune_ckpt::{prune, Checkpoint, RunDir};
-use ferrotune_data::{
-    collate_right, tokenized_fingerprint, Cursor, Loader, PrefPair, Shuffler, Tokenized,
-};
+use ferrotune_ckpt::{Checkpoint, RunDir};
+use ferrotune_data::{collate_right, tokenized_fingerprint, Loader, PrefPair, Tokenized};
 use ferrotune_models::CausalLm;
-use ferrotune_nn::{splitmix64, Mode};
+use ferrotune_nn::Mode;
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Result, TrainError};
 use crate::loss::scored_logprobs;
-use crate::optim::AdamW;
 use crate::plan::LoopPlan;
 use crate::pref_loss::{dpo_loss, DpoConfig, DpoInputs};
-use crate::sft::{
-    apply_update, batch_tensors, eval_hook, resume_from, save, Observer, Result, TrainError,
-    Trainable,
+use crate::trainer::{
+    batch_tensors, eval_hook, log_metrics, LoopCore, Observer, Trainable, Trainer,
 };
-use crate::step::{GradAccumulator, NonFiniteGuard};
 
 /// The resolved DPO schedule (from the config, with totals computed).
 #[derive(Debug, Clone)]
@@ -56,10 +52,8 @@ pub struct DpoPlan {
 /// What the loop saves besides weights and optimizer moments.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DpoState {
-    pub step: usize,
-    pub cursor: Cursor,
-    pub guard: NonFiniteGuard,
-    pub seed: u64,
+    #[serde(flatten)]
+    pub core: LoopCore,
     pub pairs_seen: u64,
 }
 
@@ -300,13 +294,16 @@ fn precomputed_refs(
         pairs_fingerprint: fingerprint,
         logps: all,
     };
-    let text = serde_json::to_string(&cache)
-        .map_err(|e| TrainError::Plan(format!("{}: {e}", path.display())))?;
+    let io = |msg: String| TrainError::Io {
+        path: path.display().to_string(),
+        msg,
+    };
+    let text = serde_json::to_string(&cache).map_err(|e| io(e.to_string()))?;
     // Written beside and renamed, so a crash never leaves half a cache to be read.
     let tmp = run.root().join(format!(".{REF_LOGPS_FILE}.partial"));
     std::fs::write(&tmp, text)
         .and_then(|_| std::fs::rename(&tmp, &path))
-        .map_err(|e| TrainError::Plan(format!("{}: cannot write: {e}", path.display())))?;
+        .map_err(|e| io(format!("cannot write: {e}")))?;
     obs.message(&format!(
         "precomputed reference log-probs of {} pairs into {}",
         cache.logps.len(),
@@ -413,30 +410,25 @@ pub fn train_dpo(
     device: &Device,
 ) -> Result<DpoSummary> {
     if matches!(reference, Reference::AdaptersOff) && !matches!(trainable, Trainable::Lora { .. }) {
-        return Err(TrainError::Plan(
+        return Err(TrainError::invalid(
+            "dpo.ref_model",
             "DPO's reference is the base with adapters switched off, so it needs LoRA adapters \
-             (or a separate reference model)"
-                .into(),
+             (or a separate reference model)",
         ));
     }
-    plan.loss
-        .validate()
-        .map_err(|e| TrainError::Plan(e.to_string()))?;
-    let params = trainable.params().to_vec();
-    let mut opt = AdamW::new(params.clone(), plan.run.adamw)?;
-    let shuffler = Shuffler::new(plan.run.seed, plan.run.shuffle);
+    plan.loss.validate()?;
+    let run_dir = run;
+    let run = &plan.run;
+    let mut t = Trainer::new(model, trainable, run, run_dir)?;
     let mut state = DpoState {
-        step: 0,
-        cursor: Cursor::default(),
-        guard: NonFiniteGuard::new(plan.run.max_nonfinite_steps),
-        seed: plan.run.seed,
+        core: LoopCore::new(run),
         pairs_seen: 0,
     };
     if let Some(ck) = resume {
-        state = resume_from(ck, trainable, model, &mut opt, obs, |s: &DpoState| s.step)?;
+        state = t.resume(ck, obs)?;
     }
     let mut summary = DpoSummary {
-        steps: state.step,
+        steps: state.core.step,
         ..Default::default()
     };
     // The reference never changes, so its log-probs can be computed once.
@@ -447,36 +439,38 @@ pub fn train_dpo(
             reference_name,
             train,
             plan,
-            run,
+            run_dir,
             obs,
             device,
         )?)
     } else {
         None
     };
-    // Eval before training, so the run shows where it started (fresh runs only: a resumed
-    // run's log already has it).
-    if resume.is_none() && plan.run.eval_every > 0 {
-        if let Some(s) = eval_pairs(
+    let eval_now = |model: &dyn CausalLm| {
+        eval_pairs(
             model,
             reference,
             eval,
             &plan.loss,
-            plan.run.batch_size,
-            plan.run.pad_id,
+            run.batch_size,
+            run.pad_id,
             device,
-        )? {
+        )
+    };
+    // Eval before training, so the run shows where it started (fresh runs only: a resumed
+    // run's log already has it).
+    if resume.is_none() && run.eval_every > 0 {
+        if let Some(s) = eval_now(model)? {
             log_eval(obs, 0, &s);
             summary.first_eval = Some(s);
         }
     }
-    let mut loader = Loader::resume(train.len(), shuffler, state.cursor)?;
-    let mut acc = GradAccumulator::new(&params);
-    while state.step < plan.run.total_steps {
+    let mut loader = Loader::resume(train.len(), run.shuffler(), state.core.cursor)?;
+    while state.core.step < run.total_steps {
         let t0 = Instant::now();
         // 1. The pairs of this optimizer step, by micro-batch.
-        let micro: Vec<Vec<usize>> = (0..plan.run.grad_accum)
-            .map(|_| Ok(loader.next_batch(plan.run.batch_size)?))
+        let micro: Vec<Vec<usize>> = (0..run.grad_accum)
+            .map(|_| Ok(loader.next_batch(run.batch_size)?))
             .collect::<Result<_>>()?;
         let total_pairs: usize = micro.iter().map(Vec::len).sum();
         // 2. Reference, policy, loss, backward per micro-batch; each micro-batch's mean loss
@@ -487,93 +481,57 @@ pub fn train_dpo(
             let pairs: Vec<&PrefPair> = idx.iter().map(|&i| &train[i]).collect();
             let refs = match &ref_cache {
                 Some(cache) => idx.iter().map(|&i| cache[i]).collect(),
-                None => ref_logps(model, reference, &pairs, plan.run.pad_id, device)?,
+                None => ref_logps(model, reference, &pairs, run.pad_id, device)?,
             };
-            let mode = Mode::train_with_seed(splitmix64(
-                plan.run.seed ^ splitmix64(((state.step as u64) << 16) | k as u64),
-            ));
+            let mode = run.train_mode(state.core.step, k);
             let loss = micro_loss(
                 model,
                 &pairs,
                 &refs,
                 &plan.loss,
-                plan.run.pad_id,
+                run.pad_id,
                 mode,
                 device,
                 &mut pairs_acc,
             )?;
-            let loss = (loss * (pairs.len() as f64 / total_pairs.max(1) as f64))?;
-            acc.add(&loss.backward()?)?;
+            t.backward(&(loss * (pairs.len() as f64 / total_pairs.max(1) as f64))?)?;
         }
         // 3. Clip (or just measure), skip non-finite steps, update.
-        let lr = plan.run.schedule.lr_at(state.step, plan.run.learning_rate);
-        let (grad_norm, applied) = apply_update(
-            &mut acc,
-            &params,
-            &mut opt,
-            &mut state.guard,
-            state.step,
-            plan.run.max_grad_norm,
-            lr,
-            obs,
-        )?;
-        if !applied {
-            summary.skipped_steps += 1;
-        }
-        state.step += 1;
-        state.cursor = loader.cursor();
+        let lr = run.lr_at(state.core.step);
+        let up = t.update(&mut state.core, lr, obs)?;
+        state.core.advance(loader.cursor());
         state.pairs_seen += total_pairs as u64;
+        let step = state.core.step;
         let s = pairs_acc.stats();
         summary.first_loss.get_or_insert(s.loss);
         summary.last_loss = Some(s.loss);
-        summary.steps = state.step;
+        summary.steps = step;
+        summary.skipped_steps = t.skipped_steps;
         // 4. Log, eval, save.
-        if state.step.is_multiple_of(plan.run.log_every) || state.step == plan.run.total_steps {
+        if run.is_log_step(step) {
             let secs = t0.elapsed().as_secs_f64();
             let mut m = s.metrics("");
-            m.push(("grad_norm".into(), grad_norm));
+            m.push(("grad_norm".into(), up.grad_norm));
             m.push(("learning_rate".into(), lr));
             m.push(("pairs_per_s".into(), total_pairs as f64 / secs));
             m.push((
                 "epoch".into(),
-                loader.cursor().epoch as f64
-                    + loader.cursor().index as f64 / train.len().max(1) as f64,
+                LoopPlan::epoch(loader.cursor(), train.len()),
             ));
-            let refs: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-            obs.metrics(state.step, &refs);
+            log_metrics(obs, step, &m);
         }
-        if plan.run.eval_every > 0
-            && (state.step.is_multiple_of(plan.run.eval_every)
-                || state.step == plan.run.total_steps)
-        {
-            if let Some(e) = eval_pairs(
-                model,
-                reference,
-                eval,
-                &plan.loss,
-                plan.run.batch_size,
-                plan.run.pad_id,
-                device,
-            )? {
-                log_eval(obs, state.step, &e);
+        if run.is_eval_step(step) {
+            if let Some(e) = eval_now(model)? {
+                log_eval(obs, step, &e);
                 summary.last_eval = Some(e);
             }
-            if eval_hook(obs, state.step, model)? {
+            if eval_hook(obs, step, model)? {
                 summary.stopped_early = true;
                 break;
             }
         }
-        let save_now = (plan.run.save_every > 0 && state.step.is_multiple_of(plan.run.save_every))
-            || state.step == plan.run.total_steps;
-        if save_now {
-            let trainer_state =
-                serde_json::to_value(&state).map_err(|e| TrainError::Plan(e.to_string()))?;
-            let path = save(trainable, model, &opt, state.step, &trainer_state, run)?;
-            obs.message(&format!("saved {}", path.display()));
-            summary.last_checkpoint = Some(path);
-            if plan.run.keep_last > 0 {
-                prune(run, plan.run.keep_last)?;
-            }
+        if run.is_save_step(step) {
+            summary.last_checkpoint = Some(t.save(step, &state, obs)?);
         }
     }
     Ok(summary)
@@ -582,8 +540,7 @@ pub fn train_dpo(
 fn log_eval(obs: &mut dyn Observer, step: usize, s: &PairStats) {
     let mut m = s.metrics("eval/");
     m.push(("eval/policy_accuracy".into(), s.policy_accuracy));
-    let refs: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-    obs.metrics(step, &refs);
+    log_metrics(obs, step, &m);
 }
 
 #[cfg(test)]

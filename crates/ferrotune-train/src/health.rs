@@ -17,8 +17,16 @@
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::grpo::RewardRole;
 use crate::grpo_loss::LossType;
+
+/// What a reward function measures, for the health checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardRole {
+    Correctness,
+    Format,
+    Other,
+}
 
 /// One named problem at a step.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -1,5 +1,7 @@
-//! Trainers, one visible loop per method (`sft`, `grpo`, `dpo`, ...), and the shared
-//! step helpers: token losses, AdamW, LR schedules, clipping, accumulation, non-finite guard.
+//! Trainers, one visible loop per method (`sft`, `grpo`, `dpo`, `reward_train`, `ppo`,
+//! `distill`), what they share (`trainer`: state, cadence, update, checkpoints, resume;
+//! `rollout`: sampling and scoring for the RL methods), and the step helpers: token losses,
+//! AdamW, LR schedules, clipping, accumulation, non-finite guard.
 //!
 //! Owns: training math and the order of a step. Does not own: file parsing, progress bars,
 //! checkpoint formats (it calls `ferrotune-ckpt`), or when to print.
@@ -8,6 +10,7 @@ pub mod distill;
 pub mod distill_loss;
 pub mod distill_teacher;
 pub mod dpo;
+pub mod error;
 pub mod grpo;
 pub mod grpo_loss;
 pub mod health;
@@ -18,6 +21,8 @@ pub mod ppo;
 pub mod ppo_loss;
 pub mod pref_loss;
 pub mod reward_train;
+pub mod rollout;
 pub mod schedule;
 pub mod sft;
 pub mod step;
+pub mod trainer;

@@ -19,11 +19,7 @@ pub fn scored_logprobs(
     temperature: f64,
     mode: Mode,
 ) -> Result<(Tensor, Vec<(usize, usize)>)> {
-    if model.lm_head().lora.is_some() && mode.adapters {
-        candle_core::bail!(
-            "LoRA on lm_head is not supported: remove lm_head from lora.target_modules"
-        );
-    }
+    refuse_lm_head_lora(model, mode)?;
     let h = model.hidden(batch, None, mode)?; // (B, T, H)
     let (b, t, hd) = h.dims3()?;
     let ids = batch.input_ids.to_vec2::<u32>()?;
@@ -65,4 +61,15 @@ pub fn nll_sum(
         return Ok((Tensor::zeros((), candle_core::DType::F32, lp.device())?, 0));
     }
     Ok((lp.sum_all()?.neg()?, where_.len()))
+}
+
+/// The fused log-prob op reads the LM head's base weight only: refuse a LoRA adapter on it when
+/// adapters are on, rather than silently leaving it out.
+pub(crate) fn refuse_lm_head_lora(model: &dyn CausalLm, mode: Mode) -> Result<()> {
+    if model.lm_head().lora.is_some() && mode.adapters {
+        candle_core::bail!(
+            "LoRA on lm_head is not supported: remove lm_head from lora.target_modules"
+        );
+    }
+    Ok(())
 }

@@ -1,6 +1,6 @@
 //! PPO for RLHF, one loop you can read top to bottom: prompts → one sampled completion each (our
 //! own engine, behaviour log-probs recorded at sampling time) → scores (the caller's
-//! [`GrpoEnv`]: a reward model at the last token and/or reward functions) with TRL's
+//! [`Env`]: a reward model at the last token and/or reward functions) with TRL's
 //! `missing_eos_penalty` → reference log-probs (adapters off) and values (no graph) →
 //! KL-penalised per-token rewards, GAE advantages and returns ([`crate::ppo_loss::rollout`]) →
 //! `num_ppo_epochs` passes over the rollout batch, reshuffled each time and cut into
@@ -43,26 +43,26 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
-use ferrotune_ckpt::{prune, Checkpoint, RunDir};
-use ferrotune_data::{Collated, Cursor, Loader, Shuffler};
-use ferrotune_generate::{generate, Finish, GenerateOptions, Generation, SamplingParams};
+use ferrotune_ckpt::{Checkpoint, RunDir};
+use ferrotune_data::{Collated, Loader, Shuffler};
+use ferrotune_generate::{Finish, GenerateOptions, Generation, SamplingParams};
 use ferrotune_models::CausalLm;
-use ferrotune_nn::{ops, splitmix64, Mode};
+use ferrotune_nn::{ops, Mode};
 use serde::{Deserialize, Serialize};
 
-use crate::grpo::{
-    mean_std, micro_batch, rows_tensor, to_rows, weighted_totals, CompletionRecord, GrpoEnv, Split,
-};
-use crate::optim::AdamW;
+use crate::error::{Result, TrainError};
+use crate::loss::refuse_lm_head_lora;
 use crate::plan::LoopPlan;
 use crate::ppo_loss::{
     explained_variance, ppo_loss, rollout, PpoConfig, PpoLossInputs, PpoLossStats, RolloutInputs,
 };
-use crate::sft::{
-    apply_update, batch_tensors, eval_hook, resume_from, save_with, Observer, Result, TrainError,
-    Trainable,
+use crate::rollout::{
+    mean_std, micro_batch, report_failures, rows_tensor, sample, to_rows, CompletionRecord, Env,
+    Split,
 };
-use crate::step::{GradAccumulator, NonFiniteGuard};
+use crate::trainer::{
+    batch_tensors, derive_seed, eval_hook, log_metrics, LoopCore, Observer, Trainable, Trainer,
+};
 
 /// The value head's file in a checkpoint folder.
 pub const VALUE_HEAD_FILE: &str = "value_head.safetensors";
@@ -165,8 +165,8 @@ impl PpoPlan {
         self.mini_batch_size() * self.num_mini_batches
     }
     /// Checks that say why a plan cannot run.
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        for (name, v) in [
+    pub fn validate(&self) -> Result<()> {
+        for (key, v) in [
             ("run.batch_size", self.run.batch_size),
             ("run.gradient_accumulation_steps", self.run.grad_accum),
             ("ppo.num_mini_batches", self.num_mini_batches),
@@ -174,33 +174,40 @@ impl PpoPlan {
             ("ppo.max_completion_len", self.max_completion_len),
         ] {
             if v == 0 {
-                return Err(format!("{name} must be at least 1"));
+                return Err(TrainError::invalid(
+                    key,
+                    format!("{key} must be at least 1"),
+                ));
             }
         }
         if self.rollouts_per_step() < 2 {
-            return Err(
+            return Err(TrainError::invalid(
+                "run.batch_size",
                 "a rollout batch needs at least 2 completions: advantages are whitened \
-                 over the batch (raise run.batch_size)"
-                    .into(),
-            );
+                 over the batch (raise run.batch_size)",
+            ));
         }
         if !(self.sampling.temperature > 0.0 && self.sampling.temperature.is_finite()) {
-            return Err("ppo.temperature must be positive (PPO needs sampled completions)".into());
+            return Err(TrainError::invalid(
+                "ppo.temperature",
+                "ppo.temperature must be positive (PPO needs sampled completions)",
+            ));
         }
         if self.missing_eos_penalty.is_some_and(|p| !p.is_finite()) {
-            return Err("ppo.missing_eos_penalty must be a finite number".into());
+            return Err(TrainError::invalid(
+                "ppo.missing_eos_penalty",
+                "ppo.missing_eos_penalty must be a finite number",
+            ));
         }
-        self.loss.validate().map_err(|e| e.to_string())
+        Ok(self.loss.validate()?)
     }
 }
 
 /// What the loop saves besides weights, value head and optimizer moments.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PpoState {
-    pub step: usize,
-    pub cursor: Cursor,
-    pub guard: NonFiniteGuard,
-    pub seed: u64,
+    #[serde(flatten)]
+    pub core: LoopCore,
     /// Completions sampled so far (TRL's `episode`).
     pub episodes: u64,
 }
@@ -234,7 +241,7 @@ struct MicroBatch {
 impl MicroBatch {
     /// Completions `idx` of the rollout.
     fn new(
-        env: &dyn GrpoEnv,
+        env: &dyn Env,
         items: &[usize],
         gens: &[Generation],
         idx: &[usize],
@@ -271,10 +278,8 @@ fn policy_forward(
     mode: Mode,
     device: &Device,
 ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-    if want_lp && model.lm_head().lora.is_some() && mode.adapters {
-        return Err(TrainError::Plan(
-            "LoRA on lm_head is not supported: remove lm_head from lora.target_modules".into(),
-        ));
+    if want_lp {
+        refuse_lm_head_lora(model, mode)?;
     }
     let (c, width) = (&mb.c, mb.width);
     let batch = batch_tensors(c, device)?;
@@ -344,30 +349,25 @@ pub fn train_ppo(
     model: &dyn CausalLm,
     trainable: &Trainable,
     head: &ValueHead,
-    env: &mut dyn GrpoEnv,
+    env: &mut dyn Env,
     plan: &PpoPlan,
     run: &RunDir,
     resume: Option<&Checkpoint>,
     obs: &mut dyn Observer,
     device: &Device,
 ) -> Result<PpoSummary> {
-    plan.validate().map_err(TrainError::Plan)?;
+    plan.validate()?;
     let n_train = env.len(Split::Train);
     if n_train == 0 {
-        return Err(TrainError::Plan("no training prompts".into()));
+        return Err(TrainError::NoPrompts);
     }
-    let mut params = trainable.params().to_vec();
-    params.extend(head.params());
-    let mut opt = AdamW::new(params.clone(), plan.run.adamw)?;
+    let mut t = Trainer::with_extra_params(model, trainable, head.params(), &plan.run, run)?;
     let mut state = PpoState {
-        step: 0,
-        cursor: Cursor::default(),
-        guard: NonFiniteGuard::new(plan.run.max_nonfinite_steps),
-        seed: plan.run.seed,
+        core: LoopCore::new(&plan.run),
         episodes: 0,
     };
     if let Some(ck) = resume {
-        state = resume_from(ck, trainable, model, &mut opt, obs, |s: &PpoState| s.step)?;
+        state = t.resume(ck, obs)?;
         let file = ck.dir.join(VALUE_HEAD_FILE);
         let saved = ck
             .extra_tensors(VALUE_HEAD_FILE)?
@@ -377,34 +377,25 @@ pub fn train_ppo(
             })?;
         head.restore(&saved, &file)?;
     }
-    let mut loader = Loader::resume(
-        n_train,
-        Shuffler::new(plan.run.seed, plan.run.shuffle),
-        state.cursor,
-    )?;
+    let mut loader = Loader::resume(n_train, plan.run.shuffler(), state.core.cursor)?;
     let labels = env.reward_labels();
-    let weights = env.reward_weights();
     let temp = plan.sampling.temperature;
+    let seed = plan.run.seed;
     let mut summary = PpoSummary {
-        steps: state.step,
+        steps: state.core.step,
         ..Default::default()
     };
-    let mut acc = GradAccumulator::new(&params);
     let t_run = Instant::now();
     let episodes_at_start = state.episodes;
-    while state.step < plan.run.total_steps {
+    while state.core.step < plan.run.total_steps {
         let t_step = Instant::now();
-        let step = state.step as u64;
-        // 1. Rollouts: one completion per prompt, sampled by our engine.
+        let step = state.core.step as u64;
+        // 1. Rollouts: one completion per prompt, sampled by our engine, scored by the env.
         let n = plan.rollouts_per_step();
         let items = loader.next_batch(n)?;
-        let prompts: Vec<Vec<u32>> = items
-            .iter()
-            .map(|&i| env.prompt_ids(Split::Train, i).to_vec())
-            .collect();
         let opts = GenerateOptions {
             sampling: SamplingParams {
-                seed: splitmix64(plan.run.seed ^ splitmix64(step.wrapping_add(0x5eed))),
+                seed: derive_seed(seed, step.wrapping_add(0x5eed)),
                 ..plan.sampling.clone()
             },
             max_new_tokens: plan.max_completion_len,
@@ -412,26 +403,15 @@ pub fn train_ppo(
             pad_id: plan.run.pad_id,
             mode: Mode::EVAL,
         };
-        let t_gen = Instant::now();
-        let gens = {
-            let envr: &dyn GrpoEnv = env;
-            generate(model, &prompts, &opts, &|_, ids| envr.stop(ids), device)?
-        };
-        let gen_secs = t_gen.elapsed().as_secs_f64();
-        let new_tokens: usize = gens.iter().map(|g| g.ids.len()).sum();
+        let ro = sample(model, env, Split::Train, items, &opts, device)?;
+        let (items, gens) = (&ro.items, &ro.gens);
         state.episodes += n as u64;
 
         // 2. Scores: Σ weight · score per completion; TRL's missing-EOS penalty.
-        let per_reward = env
-            .score(Split::Train, &items, &gens)
-            .map_err(TrainError::Plan)?;
-        let (notes, failed) = env.drain_failures();
-        for note in notes {
-            obs.message(&format!("step {}: {note}", state.step + 1));
-        }
-        let totals = weighted_totals(&per_reward, &weights, n);
-        let unscorable = totals.iter().filter(|t| !t.is_finite()).count();
-        let mut scores: Vec<f64> = totals
+        let failed = report_failures(env, state.core.step + 1, obs);
+        let unscorable = ro.totals.iter().filter(|t| !t.is_finite()).count();
+        let mut scores: Vec<f64> = ro
+            .totals
             .iter()
             .map(|&t| if t.is_finite() { t } else { 0.0 })
             .collect();
@@ -452,7 +432,7 @@ pub fn train_ppo(
         let (mut ref_rows, mut value_rows) = (Vec::new(), Vec::new());
         let all: Vec<usize> = (0..n).collect();
         for chunk in all.chunks(plan.run.batch_size) {
-            let mb = MicroBatch::new(env, &items, &gens, chunk, width, plan.run.pad_id);
+            let mb = MicroBatch::new(env, items, gens, chunk, width, plan.run.pad_id);
             let (_, v) = policy_forward(model, Some(head), &mb, temp, false, Mode::EVAL, device)?;
             let (r, _) = policy_forward(model, None, &mb, temp, true, Mode::REFERENCE, device)?;
             ref_rows.extend(r);
@@ -467,7 +447,7 @@ pub fn train_ppo(
         )?; // (B,)
 
         // 4. KL-penalised rewards, GAE advantages (whitened) and returns.
-        let ro = rollout(
+        let adv = rollout(
             &RolloutInputs {
                 logprobs: &old_lp,
                 ref_logprobs: &ref_lp,
@@ -477,32 +457,26 @@ pub fn train_ppo(
             },
             &plan.loss,
         )?;
-        let ev = explained_variance(&ro.returns, &ro.values, &ro.masks.value).ok();
+        let ev = explained_variance(&adv.returns, &adv.values, &adv.masks.value).ok();
 
         // 5. PPO epochs over shuffled mini-batches; one optimizer step per mini-batch.
         let t_train = Instant::now();
-        let lr = plan.run.schedule.lr_at(state.step, plan.run.learning_rate);
+        let lr = plan.run.lr_at(state.core.step);
         let mut stats: Vec<PpoLossStats> = Vec::new();
         let mut norms: Vec<f64> = Vec::new();
-        let shuffler = Shuffler::new(splitmix64(plan.run.seed ^ splitmix64(step ^ 0x99)), true);
+        let shuffler = Shuffler::new(derive_seed(seed, step ^ 0x99), true);
         for epoch in 0..plan.num_ppo_epochs {
             let order = shuffler.epoch_order(n, epoch as u64);
             for (m, mini) in order.chunks(plan.mini_batch_size()).enumerate() {
                 let n_micro = mini.len().div_ceil(plan.run.batch_size);
                 for (k, micro) in mini.chunks(plan.run.batch_size).enumerate() {
-                    let mb = MicroBatch::new(env, &items, &gens, micro, width, plan.run.pad_id);
-                    let mode = Mode::train_with_seed(splitmix64(
-                        plan.run.seed
-                            ^ splitmix64(
-                                (step << 32)
-                                    | ((epoch as u64) << 20)
-                                    | ((m as u64) << 10)
-                                    | k as u64,
-                            ),
-                    ));
+                    let mb = MicroBatch::new(env, items, gens, micro, width, plan.run.pad_id);
+                    let counter =
+                        (step << 32) | ((epoch as u64) << 20) | ((m as u64) << 10) | k as u64;
+                    let mode = Mode::train_with_seed(derive_seed(seed, counter));
                     let (lp, v) = policy_forward(model, Some(head), &mb, temp, true, mode, device)?;
                     let (Some(lp), Some(v)) = (lp, v) else {
-                        return Err(TrainError::Plan("policy forward lost its outputs".into()));
+                        unreachable!("policy_forward returns both when asked for both")
                     };
                     let idx: Vec<u32> = micro.iter().map(|&j| j as u32).collect();
                     let idx = Tensor::new(idx, device)?;
@@ -511,71 +485,53 @@ pub fn train_ppo(
                         &PpoLossInputs {
                             logprobs: &lp,
                             old_logprobs: &pick(&old_lp)?,
-                            advantages: &pick(&ro.advantages)?,
+                            advantages: &pick(&adv.advantages)?,
                             values: &v,
-                            old_values: &pick(&ro.values)?,
-                            returns: &pick(&ro.returns)?,
-                            response_mask: &pick(&ro.masks.response)?,
-                            value_mask: &pick(&ro.masks.value)?,
+                            old_values: &pick(&adv.values)?,
+                            returns: &pick(&adv.returns)?,
+                            response_mask: &pick(&adv.masks.response)?,
+                            value_mask: &pick(&adv.masks.value)?,
                         },
                         &plan.loss,
                     )?;
                     // Each micro-batch loss is its own masked mean; dividing by the number of
                     // micro-batches makes the summed gradient the mini-batch's (TRL through
                     // accelerate).
-                    let loss = (out.loss / n_micro as f64)?;
-                    acc.add(&loss.backward()?)?;
+                    t.backward(&(out.loss / n_micro as f64)?)?;
                     stats.push(out.stats);
                 }
-                let (gnorm, applied) = apply_update(
-                    &mut acc,
-                    &params,
-                    &mut opt,
-                    &mut state.guard,
-                    state.step,
-                    plan.run.max_grad_norm,
-                    lr,
-                    obs,
-                )?;
-                norms.push(gnorm);
-                if !applied {
-                    summary.skipped_steps += 1;
-                }
+                norms.push(t.update(&mut state.core, lr, obs)?.grad_norm);
             }
         }
         let train_secs = t_train.elapsed().as_secs_f64();
-        state.step += 1;
-        state.cursor = loader.cursor();
-        summary.steps = state.step;
-        let rs = &ro.stats;
+        state.core.advance(loader.cursor());
+        let step = state.core.step;
+        summary.steps = step;
+        summary.skipped_steps = t.skipped_steps;
+        let rs = &adv.stats;
         summary.first_score.get_or_insert(rs.scores);
         summary.last_score = Some(rs.scores);
         summary.last_kl = Some(rs.kl);
         summary.max_kl = summary.max_kl.max(rs.kl);
 
         // 6. Completions, metrics, eval hook, checkpoint.
-        if plan.log_completions
-            && (state.step.is_multiple_of(plan.run.log_every) || state.step == 1)
-        {
-            let adv = ro.advantages.to_vec2::<f32>()?;
+        if plan.log_completions && (step.is_multiple_of(plan.run.log_every) || step == 1) {
+            let a = adv.advantages.to_vec2::<f32>()?;
             let recs: Vec<CompletionRecord> = (0..n)
                 .map(|i| CompletionRecord {
                     item: items[i],
                     ids: gens[i].ids.clone(),
-                    rewards: per_reward.iter().map(|s| s[i]).collect(),
+                    rewards: ro.scores.iter().map(|s| s[i]).collect(),
                     total: scores[i],
                     // Mean advantage over the row's response tokens.
-                    advantage: adv[i][..lens[i]].iter().map(|&a| a as f64).sum::<f64>()
+                    advantage: a[i][..lens[i]].iter().map(|&a| a as f64).sum::<f64>()
                         / lens[i].max(1) as f64,
                     finish: gens[i].finish,
                 })
                 .collect();
-            env.record(state.step, &recs);
+            env.record(step, &recs);
         }
-        if state.step.is_multiple_of(plan.run.log_every)
-            || state.step == plan.run.total_steps
-            || state.step == 1
-        {
+        if plan.run.is_log_step(step) || step == 1 {
             let mut values: Vec<(String, f64)> = vec![
                 ("objective/scores".into(), rs.scores),
                 ("objective/kl".into(), rs.kl),
@@ -593,26 +549,15 @@ pub fn train_ppo(
                 .filter(|t| plan.eos_ids.contains(t))
                 .count();
             values.push(("val/num_eos_tokens".into(), eos as f64));
-            for (k, label) in labels.iter().enumerate() {
-                let vals: Vec<f64> = per_reward[k].iter().flatten().copied().collect();
-                if !vals.is_empty() {
-                    let (m, s) = mean_std(&vals);
-                    values.push((format!("rewards/{label}/mean"), m));
-                    values.push((format!("rewards/{label}/std"), s));
-                }
-            }
+            values.extend(ro.reward_metrics(&labels).0);
             if failed > 0 {
                 values.push(("rewards/failures".into(), failed as f64));
             }
             if unscorable > 0 {
                 values.push(("rewards/unscorable".into(), unscorable as f64));
             }
-            let lens_f: Vec<f64> = lens.iter().map(|&l| l as f64).collect();
-            values.push(("completions/mean_length".into(), mean_std(&lens_f).0));
-            values.push((
-                "completions/clipped_ratio".into(),
-                truncated.iter().filter(|&&c| c).count() as f64 / n as f64,
-            ));
+            values.push(("completions/mean_length".into(), mean_std(&ro.lengths()).0));
+            values.push(("completions/clipped_ratio".into(), ro.clipped_ratio()));
             values.push(("grad_norm".into(), mean_std(&norms).0));
             values.push(("lr".into(), lr));
             values.push(("episode".into(), state.episodes as f64));
@@ -620,40 +565,19 @@ pub fn train_ppo(
                 "eps".into(),
                 (state.episodes - episodes_at_start) as f64 / t_run.elapsed().as_secs_f64(),
             ));
-            values.push(("tokens_per_s/rollout".into(), new_tokens as f64 / gen_secs));
+            values.push(("tokens_per_s/rollout".into(), ro.tokens_per_s()));
             values.push(("train_seconds".into(), train_secs));
             values.push(("step_seconds".into(), t_step.elapsed().as_secs_f64()));
-            let refs: Vec<(&str, f64)> = values.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-            obs.metrics(state.step, &refs);
+            log_metrics(obs, step, &values);
         }
-        if plan.run.eval_every > 0
-            && (state.step.is_multiple_of(plan.run.eval_every)
-                || state.step == plan.run.total_steps)
-            && eval_hook(obs, state.step, model)?
-        {
+        if plan.run.is_eval_step(step) && eval_hook(obs, step, model)? {
             summary.stopped_early = true;
             break;
         }
-        let save_now = (plan.run.save_every > 0 && state.step.is_multiple_of(plan.run.save_every))
-            || state.step == plan.run.total_steps;
-        if save_now {
-            let trainer_state =
-                serde_json::to_value(&state).map_err(|e| TrainError::Plan(e.to_string()))?;
+        if plan.run.is_save_step(step) {
             let head_tensors = head.tensors()?;
-            let path = save_with(
-                trainable,
-                model,
-                &opt,
-                state.step,
-                &trainer_state,
-                run,
-                &[(VALUE_HEAD_FILE, &head_tensors)],
-            )?;
-            obs.message(&format!("saved {}", path.display()));
-            summary.last_checkpoint = Some(path);
-            if plan.run.keep_last > 0 {
-                prune(run, plan.run.keep_last)?;
-            }
+            let extra = [(VALUE_HEAD_FILE, head_tensors.as_slice())];
+            summary.last_checkpoint = Some(t.save_with(step, &state, &extra, obs)?);
         }
     }
     Ok(summary)

@@ -22,24 +22,18 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
-use ferrotune_ckpt::{
-    export_reward_model, prune, restore_reward_adapter, save_checkpoint, Checkpoint,
-    CheckpointParts, RunDir, Weights,
-};
-use ferrotune_data::{Cursor, Loader, Shuffler};
+use candle_core::{DType, Device, Tensor};
+use ferrotune_ckpt::{export_reward_model, Checkpoint, RunDir};
+use ferrotune_data::Loader;
 use ferrotune_models::{Batch, RewardModel};
-use ferrotune_nn::{splitmix64, LoraConfig, Mode};
+use ferrotune_nn::Mode;
 use serde::{Deserialize, Serialize};
 
-use crate::optim::AdamW;
+use crate::error::{Result, TrainError};
 use crate::plan::LoopPlan;
 use crate::pref_loss::reward_model_loss;
-use crate::sft::{apply_update, Observer, Result, TrainError};
-use crate::step::{GradAccumulator, NonFiniteGuard};
-
-/// The optimizer's name for the head (the LoRA parameters go by their PEFT keys).
-pub const SCORE_PARAM: &str = "score.weight";
+pub use crate::trainer::SCORE_PARAM;
+use crate::trainer::{log_metrics, LoopCore, Observer, Trainable, Trainer};
 
 /// Folder of the run where the merged reward model is written at the end.
 pub const EXPORT_DIR: &str = "reward_model";
@@ -52,41 +46,6 @@ pub struct RmPair {
     pub rejected: Vec<u32>,
     /// TRL's optional `margin` column: the loss is −logσ(r_c − r_r − margin).
     pub margin: Option<f64>,
-}
-
-/// What is trained: the reward model's adapters and head, and how checkpoints name the base.
-pub struct RmTrainable<'a> {
-    pub rm: &'a RewardModel,
-    pub lora: &'a LoraConfig,
-    /// `base_model_name_or_path` in the checkpoints' `adapter_config.json`.
-    pub base_name: String,
-}
-
-impl RmTrainable<'_> {
-    /// The LoRA A/B matrices under their PEFT keys, then the head.
-    pub fn params(&self) -> Vec<(String, Var)> {
-        let mut params: Vec<(String, Var)> = self
-            .rm
-            .body
-            .linear_slots()
-            .iter()
-            .filter_map(|s| s.lora.as_ref().map(|a| (s.path.clone(), a)))
-            .flat_map(|(p, a)| {
-                [
-                    (
-                        ferrotune_models::adapter::peft_key(&p, "lora_A"),
-                        a.a.clone(),
-                    ),
-                    (
-                        ferrotune_models::adapter::peft_key(&p, "lora_B"),
-                        a.b.clone(),
-                    ),
-                ]
-            })
-            .collect();
-        params.push((SCORE_PARAM.into(), self.rm.score.clone()));
-        params
-    }
 }
 
 /// The resolved schedule (from the config, with totals computed).
@@ -103,10 +62,8 @@ pub struct RmPlan {
 /// What the loop saves besides weights and optimizer moments.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RmState {
-    pub step: usize,
-    pub cursor: Cursor,
-    pub guard: NonFiniteGuard,
-    pub seed: u64,
+    #[serde(flatten)]
+    pub core: LoopCore,
     pub pairs_seen: u64,
     /// Real (non-pad) tokens scored so far (TRL's `num_tokens`).
     pub num_tokens: u64,
@@ -215,7 +172,7 @@ pub fn pair_scores(
         .chain(pairs.iter().map(|p| p.rejected.clone()))
         .collect();
     if seqs.iter().any(Vec::is_empty) {
-        return Err(TrainError::Plan(
+        return Err(TrainError::Input(
             "a preference pair has an empty side; the reward model scores at least one token"
                 .into(),
         ));
@@ -241,7 +198,7 @@ fn micro_loss(
     let margin = match pairs.iter().map(|p| p.margin).collect::<Option<Vec<f64>>>() {
         Some(m) => Some(Tensor::from_vec(m, pairs.len(), device)?),
         None if pairs.iter().any(|p| p.margin.is_some()) => {
-            return Err(TrainError::Plan(
+            return Err(TrainError::Input(
                 "some pairs have a margin and some do not; give every pair one or none".into(),
             ))
         }
@@ -280,7 +237,7 @@ pub fn eval_pairs(
 /// Train the reward model from step 0, or from `resume`, up to `plan.run.total_steps`.
 #[allow(clippy::too_many_arguments)]
 pub fn train_reward_model(
-    trainable: &RmTrainable,
+    trainable: &Trainable,
     train: &[RmPair],
     eval: &[RmPair],
     plan: &RmPlan,
@@ -289,45 +246,45 @@ pub fn train_reward_model(
     obs: &mut dyn Observer,
     device: &Device,
 ) -> Result<RmSummary> {
-    let rm = trainable.rm;
-    let params = trainable.params();
-    if params.len() < 2 {
-        return Err(TrainError::Plan(
+    let Trainable::Reward { rm, .. } = trainable else {
+        return Err(TrainError::Unsupported(
+            "a reward-model run trains a reward model's adapters and head",
+        ));
+    };
+    if trainable.params().len() < 2 {
+        return Err(TrainError::invalid(
+            "lora",
             "the reward model has no LoRA adapters; LoRA on the body is required (the head \
-             alone cannot learn which tokens matter)"
-                .into(),
+             alone cannot learn which tokens matter)",
         ));
     }
-    let mut opt = AdamW::new(params.clone(), plan.run.adamw)?;
+    let run_dir = run;
+    let run = &plan.run;
+    let mut t = Trainer::new(rm.body.as_ref(), trainable, run, run_dir)?;
     let mut state = RmState {
-        step: 0,
-        cursor: Cursor::default(),
-        guard: NonFiniteGuard::new(plan.run.max_nonfinite_steps),
-        seed: plan.run.seed,
+        core: LoopCore::new(run),
         pairs_seen: 0,
         num_tokens: 0,
     };
     if let Some(ck) = resume {
-        state = resume_rm(ck, rm, &mut opt, obs)?;
+        state = t.resume(ck, obs)?;
     }
     let mut summary = RmSummary {
-        steps: state.step,
+        steps: state.core.step,
         ..Default::default()
     };
     // Eval before training, so the run shows where the fresh head started (fresh runs only: a
     // resumed run's log already has it).
-    if resume.is_none() && plan.run.eval_every > 0 {
+    if resume.is_none() && run.eval_every > 0 {
         summary.first_eval = eval_and_log(rm, eval, plan, device, obs, 0)?;
     }
-    let shuffler = Shuffler::new(plan.run.seed, plan.run.shuffle);
-    let mut loader = Loader::resume(train.len(), shuffler, state.cursor)?;
-    let mut acc = GradAccumulator::new(&params);
-    let start_step = state.step;
-    while state.step < plan.run.total_steps {
+    let mut loader = Loader::resume(train.len(), run.shuffler(), state.core.cursor)?;
+    let start_step = state.core.step;
+    while state.core.step < run.total_steps {
         let t0 = Instant::now();
         // 1. The pairs of this optimizer step, by micro-batch.
-        let micro: Vec<Vec<usize>> = (0..plan.run.grad_accum)
-            .map(|_| Ok(loader.next_batch(plan.run.batch_size)?))
+        let micro: Vec<Vec<usize>> = (0..run.grad_accum)
+            .map(|_| Ok(loader.next_batch(run.batch_size)?))
             .collect::<Result<_>>()?;
         let total_pairs: usize = micro.iter().map(Vec::len).sum();
         // 2. Scores, loss, backward per micro-batch; each micro-batch's mean loss is weighted by
@@ -337,85 +294,53 @@ pub fn train_reward_model(
         let mut step_tokens = 0usize;
         for (k, idx) in micro.iter().enumerate() {
             let pairs: Vec<&RmPair> = idx.iter().map(|&i| &train[i]).collect();
-            let mode = Mode::train_with_seed(splitmix64(
-                plan.run.seed ^ splitmix64(((state.step as u64) << 16) | k as u64),
-            ));
-            let (loss, tokens) = micro_loss(
-                rm,
-                &pairs,
-                plan.center_rewards_coefficient,
-                plan.run.pad_id,
-                mode,
-                device,
-                &mut pairs_acc,
-            )?;
+            let mode = run.train_mode(state.core.step, k);
+            let center = plan.center_rewards_coefficient;
+            let (loss, tokens) =
+                micro_loss(rm, &pairs, center, run.pad_id, mode, device, &mut pairs_acc)?;
             step_tokens += tokens;
-            let loss = (loss * (pairs.len() as f64 / total_pairs.max(1) as f64))?;
-            acc.add(&loss.backward()?)?;
+            t.backward(&(loss * (pairs.len() as f64 / total_pairs.max(1) as f64))?)?;
         }
         // 3. Clip (or just measure), skip non-finite steps, update adapters and head.
-        let lr = plan.run.schedule.lr_at(state.step, plan.run.learning_rate);
-        let (grad_norm, applied) = apply_update(
-            &mut acc,
-            &params,
-            &mut opt,
-            &mut state.guard,
-            state.step,
-            plan.run.max_grad_norm,
-            lr,
-            obs,
-        )?;
-        if !applied {
-            summary.skipped_steps += 1;
-        }
-        state.step += 1;
-        state.cursor = loader.cursor();
+        let lr = run.lr_at(state.core.step);
+        let up = t.update(&mut state.core, lr, obs)?;
+        state.core.advance(loader.cursor());
         state.pairs_seen += total_pairs as u64;
         state.num_tokens += step_tokens as u64;
+        let step = state.core.step;
         let s = pairs_acc.stats();
         summary.first_loss.get_or_insert(s.loss);
         summary.last_loss = Some(s.loss);
-        summary.steps = state.step;
+        summary.steps = step;
+        summary.skipped_steps = t.skipped_steps;
         // 4. Log, eval, save.
-        if state.step.is_multiple_of(plan.run.log_every) || state.step == plan.run.total_steps {
+        if run.is_log_step(step) {
             let secs = t0.elapsed().as_secs_f64();
             let mut m = s.metrics("");
-            m.push(("grad_norm".into(), grad_norm));
+            m.push(("grad_norm".into(), up.grad_norm));
             m.push(("learning_rate".into(), lr));
             m.push(("num_tokens".into(), state.num_tokens as f64));
             m.push(("pairs_per_s".into(), total_pairs as f64 / secs));
             m.push((
                 "epoch".into(),
-                loader.cursor().epoch as f64
-                    + loader.cursor().index as f64 / train.len().max(1) as f64,
+                LoopPlan::epoch(loader.cursor(), train.len()),
             ));
-            let refs: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-            obs.metrics(state.step, &refs);
+            log_metrics(obs, step, &m);
         }
-        if plan.run.eval_every > 0
-            && (state.step.is_multiple_of(plan.run.eval_every)
-                || state.step == plan.run.total_steps)
-        {
-            if let Some(e) = eval_and_log(rm, eval, plan, device, obs, state.step)? {
+        if run.is_eval_step(step) {
+            if let Some(e) = eval_and_log(rm, eval, plan, device, obs, step)? {
                 summary.last_eval = Some(e);
             }
         }
-        let save_now = (plan.run.save_every > 0 && state.step.is_multiple_of(plan.run.save_every))
-            || state.step == plan.run.total_steps;
-        if save_now {
-            let path = save_rm(trainable, &opt, &state, run)?;
-            obs.message(&format!("saved {}", path.display()));
-            summary.last_checkpoint = Some(path);
-            if plan.run.keep_last > 0 {
-                prune(run, plan.run.keep_last)?;
-            }
+        if run.is_save_step(step) {
+            summary.last_checkpoint = Some(t.save(step, &state, obs)?);
         }
     }
     // 5. The merged model, loadable by transformers' AutoModelForSequenceClassification.
     if let Some(dtype) = plan.export_dtype {
-        let out = run.root().join(EXPORT_DIR);
+        let out = run_dir.root().join(EXPORT_DIR);
         // A resumed run that had already finished keeps its export; any other one is stale.
-        if state.step > start_step || !out.exists() {
+        if state.core.step > start_step || !out.exists() {
             remove_stale(&out)?;
             export_reward_model(rm, &out, dtype)?;
             obs.message(&format!("exported the reward model to {}", out.display()));
@@ -427,55 +352,12 @@ pub fn train_reward_model(
 
 fn remove_stale(out: &Path) -> Result<()> {
     if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|e| TrainError::State {
+        std::fs::remove_dir_all(out).map_err(|e| TrainError::Io {
             path: out.display().to_string(),
             msg: format!("cannot remove the previous export: {e}"),
         })?;
     }
     Ok(())
-}
-
-/// Save a checkpoint: a PEFT `SEQ_CLS` adapter folder (LoRA + head), optimizer, state.
-fn save_rm(trainable: &RmTrainable, opt: &AdamW, state: &RmState, run: &RunDir) -> Result<PathBuf> {
-    let optimizer = opt.state_tensors()?;
-    let trainer_state = serde_json::to_value(state).map_err(|e| TrainError::Plan(e.to_string()))?;
-    let parts = CheckpointParts {
-        weights: Weights::RewardAdapter {
-            rm: trainable.rm,
-            lora: trainable.lora,
-            base_name: &trainable.base_name,
-        },
-        optimizer: &optimizer,
-        trainer_state: &trainer_state,
-    };
-    Ok(save_checkpoint(run, state.step as u64, &parts)?)
-}
-
-/// Restore state, adapters + head and optimizer moments from a checkpoint.
-fn resume_rm(
-    ck: &Checkpoint,
-    rm: &RewardModel,
-    opt: &mut AdamW,
-    obs: &mut dyn Observer,
-) -> Result<RmState> {
-    let state: RmState =
-        serde_json::from_value(ck.trainer_state.clone()).map_err(|e| TrainError::State {
-            path: ck.dir.display().to_string(),
-            msg: e.to_string(),
-        })?;
-    let dir = ck.adapter_dir().ok_or_else(|| TrainError::State {
-        path: ck.dir.display().to_string(),
-        msg: "not a LoRA checkpoint: a reward-model run saves its adapters and head".into(),
-    })?;
-    restore_reward_adapter(rm, dir)?;
-    let moments = ck.optimizer.iter().cloned().collect();
-    opt.load_state(&moments)?;
-    obs.message(&format!(
-        "resumed from {} (step {})",
-        ck.dir.display(),
-        state.step
-    ));
-    Ok(state)
 }
 
 /// Evaluates on `eval` (None when it is empty) and logs the stats under `eval/` at `step`.
@@ -491,9 +373,7 @@ fn eval_and_log(
     let (batch, pad) = (plan.run.batch_size, plan.run.pad_id);
     let stats = eval_pairs(rm, eval, center, batch, pad, device)?;
     if let Some(s) = &stats {
-        let m = s.metrics("eval/");
-        let refs: Vec<(&str, f64)> = m.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        obs.metrics(step, &refs);
+        log_metrics(obs, step, &s.metrics("eval/"));
     }
     Ok(stats)
 }

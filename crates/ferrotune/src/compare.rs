@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use ferrotune_models::LoadOptions;
 use ferrotune_rewards::{RewardSet, RewardSpec};
-use ferrotune_train::grpo::RewardRole;
+use ferrotune_train::rollout::RewardRole;
 use serde::Serialize;
 
 use crate::config::RunConfig;

@@ -375,6 +375,17 @@ impl PpoSection {
     }
 }
 
+/// The training method of a run: which section of the config is there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Sft,
+    Grpo,
+    Dpo,
+    Ppo,
+    Distill,
+    RewardModel,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
@@ -690,6 +701,23 @@ impl RunConfig {
         }
         cfg.validate(path)?;
         Ok(cfg)
+    }
+
+    /// The training method this config runs (`validate` checks there is exactly one section).
+    pub fn method(&self) -> Method {
+        if self.reward_model.is_some() {
+            Method::RewardModel
+        } else if self.distill.is_some() {
+            Method::Distill
+        } else if self.dpo.is_some() {
+            Method::Dpo
+        } else if self.ppo.is_some() {
+            Method::Ppo
+        } else if self.grpo.is_some() {
+            Method::Grpo
+        } else {
+            Method::Sft
+        }
     }
 
     /// Cross-field checks, each saying why.

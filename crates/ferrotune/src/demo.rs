@@ -17,7 +17,7 @@ use ferrotune_data::{
 use ferrotune_models::LoadOptions;
 use ferrotune_report::{write_summary_html, Section};
 use ferrotune_rewards::{RewardSet, RewardSpec};
-use ferrotune_train::grpo::RewardRole;
+use ferrotune_train::rollout::RewardRole;
 
 use crate::config::RunConfig;
 use crate::grpo_run::{load_prompts, role_of};

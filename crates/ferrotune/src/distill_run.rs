@@ -15,21 +15,18 @@ use ferrotune_data::{
 use ferrotune_generate::{generate, GenerateOptions, SamplingParams};
 use ferrotune_models::LoadOptions;
 use ferrotune_nn::Mode;
-use ferrotune_report::{plot_metrics, Progress};
+use ferrotune_report::Progress;
 use ferrotune_tokenize::Tokenizer;
 use ferrotune_train::distill::{
     teacher_topk_rows, train_distill, CachedTeacher, DistillItem, DistillPlan, DistillSummary,
     TeacherSource,
 };
 use ferrotune_train::distill_loss::JsdConfig;
-use ferrotune_train::sft::Trainable;
+use ferrotune_train::trainer::Trainable;
 
 use crate::config::{DistillSection, RunConfig};
 use crate::lm::{load_tokenizer, parse_device, parse_dtype, Lm};
-use crate::sft_run::{
-    load_frozen, load_model, loop_plan, open_run, regression_gate, start_log, trainable,
-    CliObserver,
-};
+use crate::session::{load_frozen, run_device, Headline, Session};
 use crate::teacher_cache::{self, CacheHeader};
 
 /// `ferrotune distill ...`
@@ -165,7 +162,8 @@ fn expected_header(
 }
 
 fn load_teacher(cfg: &RunConfig, d: &DistillSection, student_tok: &Tokenizer) -> Result<Lm> {
-    load_frozen(cfg, "distill.teacher", &d.teacher, student_tok)
+    let device = run_device(cfg)?;
+    load_frozen(cfg, &device, "distill.teacher", &d.teacher, student_tok)
 }
 
 /// `ferrotune distill cache-teacher`: returns the file written.
@@ -225,14 +223,14 @@ pub fn run_distill(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<Dis
     let Some(d) = &cfg.distill else {
         bail!("not a distillation config (no [distill] section)");
     };
-    let (run, checkpoint) = open_run(cfg, resume, overwrite)?;
-    let (lm, lora) = load_model(cfg)?;
-    let trainable = trainable(cfg, &lm, &lora)?;
+    let session = Session::open(cfg, resume, overwrite)?;
+    let trainable = session.trainable()?;
+    let lm = &session.lm;
     // The teacher: its cached rows (checked against this run), or the model itself, loaded
     // (and its tokenizer checked) before the data is read, so a mismatch fails fast.
     let live: Option<Lm> = match &d.teacher_cache {
         Some(_) => None,
-        None => Some(load_teacher(cfg, d, &lm.tokenizer)?),
+        None => Some(session.load_frozen("distill.teacher", &d.teacher)?),
     };
     let (items, n_train) = all_items(&lm.tokenizer, cfg)?;
     let cached: Option<CachedTeacher>;
@@ -270,16 +268,8 @@ pub fn run_distill(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<Dis
         train = t;
         eval = e;
     }
-    let per_step = cfg.run.batch_size * cfg.run.gradient_accumulation_steps;
-    let total_steps = if cfg.run.max_steps > 0 {
-        cfg.run.max_steps
-    } else {
-        ((cfg.run.num_train_epochs * train.len() as f64) / per_step as f64)
-            .ceil()
-            .max(1.0) as usize
-    };
     let plan = DistillPlan {
-        run: loop_plan(cfg, total_steps, lm.pad_id())?,
+        run: session.loop_plan(train.len())?,
         loss: JsdConfig {
             beta: d.beta,
             temperature: d.loss_temperature,
@@ -293,14 +283,8 @@ pub fn run_distill(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<Dis
         max_seq_len: cfg.data.max_seq_len,
         eos_ids: lm.eos_ids(),
     };
-    let (log, resumed_step) = start_log(cfg, &run, checkpoint.as_ref())?;
-    let mut obs = CliObserver {
-        log,
-        gate: regression_gate(cfg, &lm)?,
-        progress: Progress::auto(total_steps as u64)
-            .with_log_every(cfg.run.log_every as u64)
-            .resumed_from(resumed_step),
-    };
+    let total_steps = plan.run.total_steps;
+    let mut obs = session.observer(&plan.run, Headline::All)?;
     eprintln!(
         "distill (beta {}, lmbda {}, {}): {} train / {} eval examples, {} steps of {} examples, {} trainable parameters",
         d.beta,
@@ -313,12 +297,8 @@ pub fn run_distill(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<Dis
         train.len(),
         eval.len(),
         total_steps,
-        per_step,
-        trainable
-            .params()
-            .iter()
-            .map(|(_, v)| v.elem_count())
-            .sum::<usize>()
+        cfg.run.batch_size * cfg.run.gradient_accumulation_steps,
+        trainable.num_params()
     );
     let summary = train_distill(
         lm.model.as_ref(),
@@ -327,14 +307,13 @@ pub fn run_distill(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<Dis
         &train,
         &eval,
         &plan,
-        &run,
-        checkpoint.as_ref(),
+        &session.run,
+        session.checkpoint.as_ref(),
         &mut obs,
-        &lm.device,
+        &session.device,
     )?;
-    obs.progress.finish();
-    if let Err(e) = plot_metrics(
-        run.root(),
+    obs.finish(
+        &session.run,
         &[
             "loss",
             "distill_loss",
@@ -342,11 +321,9 @@ pub fn run_distill(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<Dis
             "eval/forward_kl",
             "grad_norm",
         ],
-    ) {
-        eprintln!("warning: plots not written: {e}");
-    }
+    );
     if !summary.stopped_early && summary.steps == total_steps {
-        let out = export_student(cfg, &lm, &trainable, run.root())?;
+        let out = export_student(cfg, lm, &trainable, session.run.root())?;
         eprintln!("wrote the distilled student to {}", out.display());
     }
     Ok(summary)

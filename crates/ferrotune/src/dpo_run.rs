@@ -11,16 +11,12 @@ use ferrotune_data::{
     preference_examples, read_rows, split_items, tokenize_preferences_all, DataError, EvalSize,
     PrefPair,
 };
-use ferrotune_report::{plot_metrics, Progress};
 use ferrotune_train::dpo::{train_dpo, DpoPlan, DpoSummary, Reference};
 use ferrotune_train::pref_loss::DpoConfig;
 
 use crate::config::{DpoSection, RunConfig};
 use crate::lm::Lm;
-use crate::sft_run::{
-    load_frozen, load_model, loop_plan, open_run, regression_gate, start_log, trainable,
-    CliObserver,
-};
+use crate::session::{Headline, Session};
 
 /// Read and tokenize one preference file; errors name the file and the row.
 fn load_pairs(lm: &Lm, path: &Path, d: &DpoSection) -> Result<Vec<PrefPair>> {
@@ -89,12 +85,12 @@ pub fn run_dpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<DpoSumm
             .map_err(|e| anyhow::anyhow!("dpo.loss_type: {e}"))?,
         label_smoothing: d.label_smoothing,
     };
-    let (run, checkpoint) = open_run(cfg, resume, overwrite)?;
-    let (lm, lora) = load_model(cfg)?;
-    let trainable = trainable(cfg, &lm, &lora)?;
+    let session = Session::open(cfg, resume, overwrite)?;
+    let trainable = session.trainable()?;
+    let lm = &session.lm;
     // The reference next: a tokenizer mismatch fails before any data is read.
     let ref_lm = match &d.ref_model {
-        Some(p) => Some(load_frozen(cfg, "dpo.ref_model", p, &lm.tokenizer)?),
+        Some(p) => Some(session.load_frozen("dpo.ref_model", p)?),
         None => None,
     };
     let (reference, reference_name) = match (&ref_lm, &d.ref_model) {
@@ -110,10 +106,10 @@ pub fn run_dpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<DpoSumm
             ),
         ),
     };
-    let mut train = load_pairs(&lm, &cfg.data.train, d)?;
+    let mut train = load_pairs(lm, &cfg.data.train, d)?;
     let mut eval = Vec::new();
     if let Some(e) = &cfg.data.eval {
-        eval = load_pairs(&lm, e, d)?;
+        eval = load_pairs(lm, e, d)?;
     } else if cfg.data.eval_fraction > 0.0 {
         let (t, e) = split_items(
             train,
@@ -123,40 +119,21 @@ pub fn run_dpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<DpoSumm
         train = t;
         eval = e;
     }
-    let per_step = cfg.run.batch_size * cfg.run.gradient_accumulation_steps;
-    let total_steps = if cfg.run.max_steps > 0 {
-        cfg.run.max_steps
-    } else {
-        ((cfg.run.num_train_epochs * train.len() as f64) / per_step as f64)
-            .ceil()
-            .max(1.0) as usize
-    };
     let plan = DpoPlan {
-        run: loop_plan(cfg, total_steps, lm.pad_id())?,
+        run: session.loop_plan(train.len())?,
         loss,
         precompute_ref_log_probs: d.precompute_ref_log_probs,
     };
-    let (log, resumed_step) = start_log(cfg, &run, checkpoint.as_ref())?;
-    let mut obs = CliObserver {
-        log,
-        gate: regression_gate(cfg, &lm)?,
-        progress: Progress::auto(total_steps as u64)
-            .with_log_every(cfg.run.log_every as u64)
-            .resumed_from(resumed_step),
-    };
+    let mut obs = session.observer(&plan.run, Headline::All)?;
     eprintln!(
         "dpo ({}, beta {}): {} train / {} eval pairs, {} steps of {} pairs, {} trainable parameters",
         d.loss_type,
         d.beta,
         train.len(),
         eval.len(),
-        total_steps,
-        per_step,
-        trainable
-            .params()
-            .iter()
-            .map(|(_, v)| v.elem_count())
-            .sum::<usize>()
+        plan.run.total_steps,
+        cfg.run.batch_size * cfg.run.gradient_accumulation_steps,
+        trainable.num_params()
     );
     let summary = train_dpo(
         lm.model.as_ref(),
@@ -166,14 +143,13 @@ pub fn run_dpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<DpoSumm
         &train,
         &eval,
         &plan,
-        &run,
-        checkpoint.as_ref(),
+        &session.run,
+        session.checkpoint.as_ref(),
         &mut obs,
-        &lm.device,
+        &session.device,
     )?;
-    obs.progress.finish();
-    if let Err(e) = plot_metrics(
-        run.root(),
+    obs.finish(
+        &session.run,
         &[
             "loss",
             "rewards/margins",
@@ -181,8 +157,6 @@ pub fn run_dpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<DpoSumm
             "eval/rewards/accuracies",
             "grad_norm",
         ],
-    ) {
-        eprintln!("warning: plots not written: {e}");
-    }
+    );
     Ok(summary)
 }

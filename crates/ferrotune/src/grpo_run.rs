@@ -10,19 +10,17 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use ferrotune_data::{prompt_examples, read_rows, split, EvalSize, Example, Segment};
 use ferrotune_generate::{Finish, Generation, SamplingParams};
-use ferrotune_report::{open_step_log, plot_metrics, Progress};
+use ferrotune_report::plot_metrics;
 use ferrotune_rewards::{RewardSet, RewardSpec, Sample};
 use ferrotune_tokenize::Tokenizer;
-use ferrotune_train::grpo::{
-    train_grpo, CompletionRecord, GrpoEnv, GrpoPlan, GrpoSummary, RewardRole, Split,
-};
+use ferrotune_train::grpo::{train_grpo, GrpoPlan, GrpoSummary};
 use ferrotune_train::grpo_loss::{LossType, ScaleRewards};
-use ferrotune_train::sft::Observer;
+use ferrotune_train::rollout::{CompletionRecord, Env, RewardRole, Split};
 use serde_json::{json, Map, Value};
 
 use crate::config::{GrpoSection, RunConfig};
 use crate::lm::Lm;
-use crate::sft_run::{load_model, loop_plan, open_run, start_log, trainable, CliObserver};
+use crate::session::{epoch_steps, loop_plan, run_device, Headline, Session};
 
 /// A prompt ready to generate from.
 #[derive(Debug, Clone)]
@@ -150,7 +148,7 @@ impl TextEnv<'_> {
     }
 }
 
-impl GrpoEnv for TextEnv<'_> {
+impl Env for TextEnv<'_> {
     fn len(&self, split: Split) -> usize {
         self.items(split).len()
     }
@@ -245,65 +243,14 @@ impl GrpoEnv for TextEnv<'_> {
 }
 
 /// The progress line shows a few headline numbers; metrics.jsonl gets all of them.
-struct GrpoObserver {
-    inner: CliObserver,
-    health: Option<std::fs::File>,
-}
-
-const HEADLINE: &[&str] = &[
-    "reward",
-    "kl",
-    "completions/mean_length",
-    "loss",
-    "tokens_per_s/rollout",
-    "eval/reward",
+const HEADLINE: &[(&str, &str)] = &[
+    ("reward", "reward"),
+    ("kl", "kl"),
+    ("completions/mean_length", "len"),
+    ("loss", "loss"),
+    ("tokens_per_s/rollout", "gen_tok/s"),
+    ("eval/reward", "eval/reward"),
 ];
-
-impl Observer for GrpoObserver {
-    fn metrics(&mut self, step: usize, values: &[(&str, f64)]) {
-        if let Err(e) = self.inner.log.log(step as u64, values) {
-            self.inner
-                .progress
-                .println(&format!("warning: cannot write metrics: {e}"));
-        }
-        let head: Vec<(&str, f64)> = values
-            .iter()
-            .filter(|(k, _)| HEADLINE.contains(k))
-            .map(|(k, v)| {
-                let short = match *k {
-                    "completions/mean_length" => "len",
-                    "tokens_per_s/rollout" => "gen_tok/s",
-                    other => other,
-                };
-                (short, *v)
-            })
-            .collect();
-        if !head.is_empty() {
-            self.inner.progress.update(step as u64, &head);
-        }
-    }
-    fn on_eval(
-        &mut self,
-        step: usize,
-        model: &dyn ferrotune_models::CausalLm,
-    ) -> std::result::Result<ferrotune_train::sft::EvalVerdict, String> {
-        self.inner.gate_check(step, model)
-    }
-    fn message(&mut self, msg: &str) {
-        self.inner.progress.println(msg);
-    }
-    fn finding(&mut self, f: &ferrotune_train::health::Finding) {
-        if let Some(file) = self.health.as_mut() {
-            // One record per finding, keyed by step like metrics.jsonl (resume cuts it back).
-            if let Err(e) = writeln!(file, "{}", json!(f)) {
-                self.inner
-                    .progress
-                    .println(&format!("warning: cannot write health.jsonl: {e}"));
-            }
-        }
-        self.inner.progress.println(&f.to_string());
-    }
-}
 
 /// Plan of a GRPO run from the config.
 pub fn grpo_plan(cfg: &RunConfig, g: &GrpoSection, lm: &Lm, n_prompts: usize) -> Result<GrpoPlan> {
@@ -312,10 +259,7 @@ pub fn grpo_plan(cfg: &RunConfig, g: &GrpoSection, lm: &Lm, n_prompts: usize) ->
     let total_steps = if cfg.run.max_steps > 0 {
         cfg.run.max_steps
     } else {
-        let rounds = (cfg.run.num_train_epochs * n_prompts as f64 / prompts_per_step as f64)
-            .ceil()
-            .max(1.0) as usize;
-        rounds * g.num_iterations
+        epoch_steps(cfg, n_prompts, prompts_per_step) * g.num_iterations
     };
     let loss_type: LossType = g
         .loss_type
@@ -374,16 +318,71 @@ pub fn run_grpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<GrpoSu
         .context("the config has no [grpo] section")?;
     let specs = reward_specs(g)?;
     // `model` entries load a reward model (onto the run's device); the rest are the registry's.
-    let device = crate::lm::parse_device(&cfg.model.device)?;
+    let device = run_device(cfg)?;
     let rewards = crate::model_reward::reward_set(&specs, &device, "grpo.rewards")?;
     let roles: Vec<RewardRole> = specs.iter().map(|s| role_of(&s.name)).collect();
-    let (run, checkpoint) = open_run(cfg, resume, overwrite)?;
-    let (lm, lora) = load_model(cfg)?;
-    let trainable = trainable(cfg, &lm, &lora)?;
-    let mut train = load_prompts(&lm.tokenizer, &cfg.data.train, g.max_prompt_len)?;
+    let session = Session::open_on(cfg, device, resume, overwrite)?;
+    let trainable = session.trainable()?;
+    let lm = &session.lm;
+    let (train, eval) = prompt_split(cfg, lm, g.max_prompt_len)?;
+    let plan = grpo_plan(cfg, g, lm, train.len())?;
+    plan.validate()?;
+    let mut obs = session.observer(&plan.run, Headline::Only(HEADLINE))?;
+    let mut env = TextEnv {
+        tokenizer: &lm.tokenizer,
+        train,
+        eval,
+        rewards,
+        roles,
+        stop: g.stop.clone(),
+        completions: if g.log_completions {
+            Some(session.side_log("completions.jsonl")?)
+        } else {
+            None
+        },
+        failures: Vec::new(),
+        failed: 0,
+    };
+    obs.health = Some(session.side_log("health.jsonl")?);
+    eprintln!(
+        "grpo: {} train / {} eval prompts, {} steps of {} prompts x {} completions, loss {}, beta {}, {} trainable parameters",
+        env.train.len(),
+        env.eval.len(),
+        plan.run.total_steps,
+        plan.prompts_per_step(),
+        plan.num_generations,
+        g.loss_type,
+        g.beta,
+        trainable.num_params()
+    );
+    let summary = train_grpo(
+        lm.model.as_ref(),
+        &trainable,
+        &mut env,
+        &plan,
+        &session.run,
+        session.checkpoint.as_ref(),
+        &mut obs,
+        &session.device,
+    )?;
+    obs.progress.finish();
+    if let Err(e) = grpo_plots(session.run.root()) {
+        eprintln!("warning: plots not written: {e}");
+    }
+    Ok(summary)
+}
+
+/// The train and eval prompts of `cfg`: `data.eval`, else a `data.eval_fraction` split of the
+/// train file; refuses an empty train set.
+pub fn prompt_split(
+    cfg: &RunConfig,
+    lm: &Lm,
+    max_prompt_len: usize,
+) -> Result<(Vec<PromptItem>, Vec<PromptItem>)> {
+    let mut train = load_prompts(&lm.tokenizer, &cfg.data.train, max_prompt_len)?;
     let mut eval = Vec::new();
     if let Some(e) = &cfg.data.eval {
-        eval = load_prompts(&lm.tokenizer, e, g.max_prompt_len)?;
+        eval = load_prompts(&lm.tokenizer, e, max_prompt_len)?;
     } else if cfg.data.eval_fraction > 0.0 {
         let s = split(
             train.len(),
@@ -397,64 +396,5 @@ pub fn run_grpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<GrpoSu
     if train.is_empty() {
         bail!("{}: no training prompts", cfg.data.train.display());
     }
-    let plan = grpo_plan(cfg, g, &lm, train.len())?;
-    plan.validate().map_err(|e| anyhow::anyhow!(e))?;
-    let (log, resumed_step) = start_log(cfg, &run, checkpoint.as_ref())?;
-    let resumed = checkpoint.as_ref().map(|_| resumed_step);
-    let open_append = |name: &str| open_step_log(run.root(), name, resumed);
-    let mut env = TextEnv {
-        tokenizer: &lm.tokenizer,
-        train,
-        eval,
-        rewards,
-        roles,
-        stop: g.stop.clone(),
-        completions: if g.log_completions {
-            Some(open_append("completions.jsonl")?)
-        } else {
-            None
-        },
-        failures: Vec::new(),
-        failed: 0,
-    };
-    let mut obs = GrpoObserver {
-        inner: CliObserver {
-            log,
-            gate: crate::sft_run::regression_gate(cfg, &lm)?,
-            progress: Progress::auto(plan.run.total_steps as u64)
-                .with_log_every(cfg.run.log_every as u64)
-                .resumed_from(resumed_step),
-        },
-        health: Some(open_append("health.jsonl")?),
-    };
-    eprintln!(
-        "grpo: {} train / {} eval prompts, {} steps of {} prompts x {} completions, loss {}, beta {}, {} trainable parameters",
-        env.train.len(),
-        env.eval.len(),
-        plan.run.total_steps,
-        plan.prompts_per_step(),
-        plan.num_generations,
-        g.loss_type,
-        g.beta,
-        trainable
-            .params()
-            .iter()
-            .map(|(_, v)| v.elem_count())
-            .sum::<usize>()
-    );
-    let summary = train_grpo(
-        lm.model.as_ref(),
-        &trainable,
-        &mut env,
-        &plan,
-        &run,
-        checkpoint.as_ref(),
-        &mut obs,
-        &lm.device,
-    )?;
-    obs.inner.progress.finish();
-    if let Err(e) = grpo_plots(run.root()) {
-        eprintln!("warning: plots not written: {e}");
-    }
-    Ok(summary)
+    Ok((train, eval))
 }

@@ -15,6 +15,7 @@ pub mod model_reward;
 pub mod ppo_run;
 pub mod pretrain_run;
 pub mod rm_run;
+pub mod session;
 pub mod sft_run;
 pub mod speculative_run;
 pub mod task_eval;

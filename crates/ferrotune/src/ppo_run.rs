@@ -6,20 +6,17 @@
 //! `ppo.rewards` functions. The value head is made here (zero, on the model's device) and lives
 //! in `ferrotune_train::ppo`; plots are drawn at the end. This file only connects rooms.
 
-use anyhow::{bail, Context, Result};
-use ferrotune_data::{split, EvalSize};
+use anyhow::{Context, Result};
 use ferrotune_generate::SamplingParams;
-use ferrotune_report::{open_step_log, plot_metrics, Progress};
 use ferrotune_rewards::RewardSpec;
-use ferrotune_train::grpo::RewardRole;
 use ferrotune_train::ppo::{train_ppo, PpoPlan, PpoSummary, ValueHead};
-use ferrotune_train::sft::Observer;
+use ferrotune_train::rollout::RewardRole;
 use serde::Deserialize;
 
 use crate::config::{PpoSection, RunConfig};
-use crate::grpo_run::{load_prompts, role_of, TextEnv};
+use crate::grpo_run::{prompt_split, role_of, TextEnv};
 use crate::lm::Lm;
-use crate::sft_run::{load_model, loop_plan, open_run, start_log, trainable, CliObserver};
+use crate::session::{epoch_steps, loop_plan, run_device, Headline, Session};
 
 /// The label of the `ppo.reward_model_path` entry in logs (`rewards/reward_model/mean`).
 pub const REWARD_MODEL_LABEL: &str = "reward_model";
@@ -48,10 +45,6 @@ pub fn ppo_reward_specs(p: &PpoSection) -> Result<Vec<RewardSpec>> {
 
 /// The progress line shows a few headline numbers under short names; metrics.jsonl and
 /// TensorBoard get all of them.
-struct PpoObserver {
-    inner: CliObserver,
-}
-
 const HEADLINE: &[(&str, &str)] = &[
     ("objective/scores", "score"),
     ("objective/kl", "kl"),
@@ -61,51 +54,13 @@ const HEADLINE: &[(&str, &str)] = &[
     ("completions/mean_length", "len"),
 ];
 
-impl Observer for PpoObserver {
-    fn metrics(&mut self, step: usize, values: &[(&str, f64)]) {
-        if let Err(e) = self.inner.log.log(step as u64, values) {
-            self.inner
-                .progress
-                .println(&format!("warning: cannot write metrics: {e}"));
-        }
-        let head: Vec<(&str, f64)> = HEADLINE
-            .iter()
-            .filter_map(|(k, short)| {
-                values
-                    .iter()
-                    .find(|(name, _)| name == k)
-                    .map(|(_, v)| (*short, *v))
-            })
-            .collect();
-        // Eval-hook metrics (the regression gate) have no headline: show them as they are.
-        let head = if head.is_empty() {
-            values.to_vec()
-        } else {
-            head
-        };
-        self.inner.progress.update(step as u64, &head);
-    }
-    fn message(&mut self, msg: &str) {
-        self.inner.progress.println(msg);
-    }
-    fn on_eval(
-        &mut self,
-        step: usize,
-        model: &dyn ferrotune_models::CausalLm,
-    ) -> std::result::Result<ferrotune_train::sft::EvalVerdict, String> {
-        self.inner.gate_check(step, model)
-    }
-}
-
 /// Plan of a PPO run from the config.
 pub fn ppo_plan(cfg: &RunConfig, p: &PpoSection, lm: &Lm, n_prompts: usize) -> Result<PpoPlan> {
     let per_step = cfg.run.batch_size * cfg.run.gradient_accumulation_steps * p.num_mini_batches;
     let total_steps = if cfg.run.max_steps > 0 {
         cfg.run.max_steps
     } else {
-        (cfg.run.num_train_epochs * n_prompts as f64 / per_step as f64)
-            .ceil()
-            .max(1.0) as usize
+        epoch_steps(cfg, n_prompts, per_step)
     };
     let loss = p.loss_config().map_err(|e| anyhow::anyhow!("ppo: {e}"))?;
     Ok(PpoPlan {
@@ -133,36 +88,19 @@ pub fn run_ppo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<PpoSumm
         .as_ref()
         .context("the config has no [ppo] section")?;
     let specs = ppo_reward_specs(p)?;
-    let device = crate::lm::parse_device(&cfg.model.device)?;
+    let device = run_device(cfg)?;
     let rewards = crate::model_reward::reward_set(&specs, &device, "ppo.rewards")?;
     let roles: Vec<RewardRole> = specs.iter().map(|s| role_of(&s.name)).collect();
-    let (run, checkpoint) = open_run(cfg, resume, overwrite)?;
-    let (lm, lora) = load_model(cfg)?;
-    let trainable = trainable(cfg, &lm, &lora)?;
-    let mut train = load_prompts(&lm.tokenizer, &cfg.data.train, p.max_prompt_len)?;
-    let mut eval = Vec::new();
-    if let Some(e) = &cfg.data.eval {
-        eval = load_prompts(&lm.tokenizer, e, p.max_prompt_len)?;
-    } else if cfg.data.eval_fraction > 0.0 {
-        let s = split(
-            train.len(),
-            EvalSize::Fraction(cfg.data.eval_fraction),
-            cfg.run.seed,
-        )?;
-        let all = std::mem::take(&mut train);
-        train = s.train.iter().map(|&i| all[i].clone()).collect();
-        eval = s.eval.iter().map(|&i| all[i].clone()).collect();
-    }
-    if train.is_empty() {
-        bail!("{}: no training prompts", cfg.data.train.display());
-    }
-    let plan = ppo_plan(cfg, p, &lm, train.len())?;
-    plan.validate().map_err(|e| anyhow::anyhow!(e))?;
-    let head = ValueHead::zeros(lm.model.config().hidden_size, &lm.device)?;
-    let (log, resumed_step) = start_log(cfg, &run, checkpoint.as_ref())?;
-    let resumed = checkpoint.as_ref().map(|_| resumed_step);
+    let session = Session::open_on(cfg, device, resume, overwrite)?;
+    let trainable = session.trainable()?;
+    let lm = &session.lm;
+    let (train, eval) = prompt_split(cfg, lm, p.max_prompt_len)?;
+    let plan = ppo_plan(cfg, p, lm, train.len())?;
+    plan.validate()?;
+    let head = ValueHead::zeros(lm.model.config().hidden_size, &session.device)?;
+    let mut obs = session.observer(&plan.run, Headline::Only(HEADLINE))?;
     let completions = if p.log_completions {
-        Some(open_step_log(run.root(), "completions.jsonl", resumed)?)
+        Some(session.side_log("completions.jsonl")?)
     } else {
         None
     };
@@ -177,15 +115,6 @@ pub fn run_ppo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<PpoSumm
         failures: Vec::new(),
         failed: 0,
     };
-    let mut obs = PpoObserver {
-        inner: CliObserver {
-            log,
-            gate: crate::sft_run::regression_gate(cfg, &lm)?,
-            progress: Progress::auto(plan.run.total_steps as u64)
-                .with_log_every(cfg.run.log_every as u64)
-                .resumed_from(resumed_step),
-        },
-    };
     eprintln!(
         "ppo: {} train prompts, {} steps of {} rollouts ({} epochs x {} mini-batches), rewards [{}], kl_coef {}, {} trainable parameters + value head",
         env.train.len(),
@@ -195,11 +124,7 @@ pub fn run_ppo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<PpoSumm
         plan.num_mini_batches,
         env.rewards.labels().join(", "),
         p.kl_coef,
-        trainable
-            .params()
-            .iter()
-            .map(|(_, v)| v.elem_count())
-            .sum::<usize>()
+        trainable.num_params()
     );
     let summary = train_ppo(
         lm.model.as_ref(),
@@ -207,14 +132,13 @@ pub fn run_ppo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<PpoSumm
         &head,
         &mut env,
         &plan,
-        &run,
-        checkpoint.as_ref(),
+        &session.run,
+        session.checkpoint.as_ref(),
         &mut obs,
-        &lm.device,
+        &session.device,
     )?;
-    obs.inner.progress.finish();
-    if let Err(e) = plot_metrics(
-        run.root(),
+    obs.finish(
+        &session.run,
         &[
             "objective/scores",
             "objective/kl",
@@ -224,8 +148,6 @@ pub fn run_ppo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<PpoSumm
             "val/explained_variance",
             "completions/mean_length",
         ],
-    ) {
-        eprintln!("warning: plots not written: {e}");
-    }
+    );
     Ok(summary)
 }

@@ -26,7 +26,8 @@ use ferrotune_tokenize::Tokenizer;
 use ferrotune_train::optim::AdamWConfig;
 use ferrotune_train::plan::LoopPlan;
 use ferrotune_train::schedule::{Schedule, ScheduleKind, Warmup};
-use ferrotune_train::sft::{train_sft, Observer, SftPlan, SftSummary, Trainable};
+use ferrotune_train::sft::{train_sft, SftPlan, SftSummary};
+use ferrotune_train::trainer::{Observer, Trainable};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{apply_set, ConfigError};

@@ -13,13 +13,13 @@ use ferrotune_data::{
     preference_examples, read_rows, split_items, tokenize_preferences_all, DataError, EvalSize,
 };
 use ferrotune_models::{LoadOptions, RewardModel};
-use ferrotune_report::{plot_metrics, Progress};
 use ferrotune_tokenize::Tokenizer;
-use ferrotune_train::reward_train::{train_reward_model, RmPair, RmPlan, RmSummary, RmTrainable};
+use ferrotune_train::reward_train::{train_reward_model, RmPair, RmPlan, RmSummary};
+use ferrotune_train::trainer::Trainable;
 
 use crate::config::{RewardModelSection, RunConfig};
 use crate::lm::{load_tokenizer, parse_device, parse_dtype};
-use crate::sft_run::{loop_plan, lora_config, open_run, start_log, CliObserver};
+use crate::session::{loop_plan, lora_config, open_run, total_steps, CliObserver, Headline};
 
 /// The pad id TRL gives a reward model: the tokenizer's pad token, else its EOS.
 pub fn reward_pad_id(tok: &Tokenizer, rm: &RewardModel) -> Option<u32> {
@@ -152,44 +152,29 @@ pub fn run_reward_model(cfg: &RunConfig, resume: bool, overwrite: bool) -> Resul
             cfg.model.path.display()
         );
     };
-    let per_step = cfg.run.batch_size * cfg.run.gradient_accumulation_steps;
-    let total_steps = if cfg.run.max_steps > 0 {
-        cfg.run.max_steps
-    } else {
-        ((cfg.run.num_train_epochs * train.len() as f64) / per_step as f64)
-            .ceil()
-            .max(1.0) as usize
-    };
+    let total_steps = total_steps(cfg, train.len());
     let plan = RmPlan {
         run: loop_plan(cfg, total_steps, pad_id)?,
         center_rewards_coefficient: r.center_rewards_coefficient,
         export_dtype: Some(dtype),
     };
-    let trainable = RmTrainable {
-        rm: &rm,
-        lora: &lora,
-        base_name: cfg.model.path.display().to_string(),
-    };
-    let (log, resumed_step) = start_log(cfg, &run, checkpoint.as_ref())?;
-    let mut obs = CliObserver {
-        log,
-        gate: None,
-        progress: Progress::auto(total_steps as u64)
-            .with_log_every(cfg.run.log_every as u64)
-            .resumed_from(resumed_step),
-    };
+    let trainable = Trainable::reward_model(&rm, &lora, cfg.model.path.display().to_string());
+    let mut obs = CliObserver::start(
+        cfg,
+        &run,
+        checkpoint.as_ref(),
+        &plan.run,
+        None,
+        Headline::All,
+    )?;
     eprintln!(
         "reward model ({}): {} train / {} eval pairs, {} steps of {} pairs, {} trainable parameters (head included)",
         rm.architecture(),
         train.len(),
         eval.len(),
         total_steps,
-        per_step,
-        trainable
-            .params()
-            .iter()
-            .map(|(_, v)| v.elem_count())
-            .sum::<usize>()
+        cfg.run.batch_size * cfg.run.gradient_accumulation_steps,
+        trainable.num_params()
     );
     let summary = train_reward_model(
         &trainable,
@@ -201,12 +186,7 @@ pub fn run_reward_model(cfg: &RunConfig, resume: bool, overwrite: bool) -> Resul
         &mut obs,
         &device,
     )?;
-    obs.progress.finish();
-    if let Err(e) = plot_metrics(
-        run.root(),
-        &["loss", "accuracy", "margin", "eval/accuracy", "grad_norm"],
-    ) {
-        eprintln!("warning: plots not written: {e}");
-    }
+    let keys = ["loss", "accuracy", "margin", "eval/accuracy", "grad_norm"];
+    obs.finish(&run, &keys);
     Ok(summary)
 }

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use ferrotune_generate::{generate, Finish, GenerateOptions, SamplingParams};
 use ferrotune_nn::Mode;
 use ferrotune_rewards::{RewardSet, Sample};
-use ferrotune_train::grpo::RewardRole;
+use ferrotune_train::rollout::RewardRole;
 use serde::Serialize;
 
 use crate::eval::{perplexity, Perplexity};

@@ -349,7 +349,9 @@ fn first_step_losses_equal_trls_gkd_loss() {
 
 /// Both losses are divided by the step's scored tokens over all micro-batches, so batch 1 ×
 /// accumulation 8 makes the same update as batch 8 × accumulation 1 (up to float summation
-/// order; the same bound as SFT's test).
+/// order). The weight bound is 2e-5, not SFT's 1e-5: on an AVX-512 machine (2026-12-07) the
+/// largest difference was 1.02e-5 on a weight that moved 4.5e-3, with the same bytes from the
+/// builds before and after the trainer-core change, so it is the kernels' summation order.
 #[test]
 fn accumulation_equals_a_bigger_batch() {
     let tmp = tempfile::tempdir().unwrap();
@@ -376,7 +378,7 @@ fn accumulation_equals_a_bigger_batch() {
         let moved = max_abs_diff(v, &init[k]);
         let d = max_abs_diff(v, &y[k]);
         assert!(
-            moved > 1e-4 && d < 1e-5,
+            moved > 1e-4 && d < 2e-5,
             "{k}: moved {moved}, differs by {d}"
         );
     }

@@ -455,7 +455,8 @@ fn lora_training_leaves_the_base_bit_identical() {
     use ferrotune_train::optim::AdamWConfig;
     use ferrotune_train::plan::LoopPlan;
     use ferrotune_train::schedule::Schedule;
-    use ferrotune_train::sft::{train_sft, Observer, SftPlan, Trainable};
+    use ferrotune_train::sft::{train_sft, SftPlan};
+    use ferrotune_train::trainer::{Observer, Trainable};
 
     struct Quiet;
     impl Observer for Quiet {

@@ -1,0 +1,260 @@
+//! One rollout, for every method that samples from the policy (GRPO, PPO): the environment a
+//! caller supplies ([`Env`]: prompts, stop rules, reward functions), [`sample`] (prompts →
+//! completions by our own engine with behaviour log-probs → scores → weighted totals), and what
+//! rollouts are measured and batched with (reward and length metrics, micro-batches of prompt +
+//! completion, per-token rows).
+//!
+//! Owns: sampling and scoring a batch, and the shapes the losses read it in. Does not own: text
+//! or reward functions (the env), advantages or losses (the methods).
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use ferrotune_data::{collate_right, Tokenized};
+use ferrotune_generate::{generate, Finish, GenerateOptions, Generation};
+use ferrotune_models::CausalLm;
+
+use crate::error::{Result, TrainError};
+pub use crate::health::RewardRole;
+use crate::trainer::Observer;
+
+/// Which prompt set an item comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Eval,
+}
+
+/// The text side of GRPO, supplied by the caller: prompts as ids, stop rules, and scoring of
+/// decoded completions with the reward functions.
+pub trait Env {
+    /// Number of prompts in `split`.
+    fn len(&self, split: Split) -> usize;
+    /// Prompt ids of item `index` of `split` (already truncated to the prompt budget).
+    fn prompt_ids(&self, split: Split, index: usize) -> &[u32];
+    /// One label per reward function (log keys), in scoring order.
+    fn reward_labels(&self) -> Vec<String>;
+    /// Weights of the reward functions (total = Σ weight · score over applicable scores).
+    fn reward_weights(&self) -> Vec<f64>;
+    /// Which labels measure correctness and which format (for the health checks).
+    fn reward_roles(&self) -> Vec<RewardRole> {
+        vec![RewardRole::Other; self.reward_labels().len()]
+    }
+    /// Scores of each completion by each reward: `[reward][completion]`; None = not applicable.
+    fn score(
+        &mut self,
+        split: Split,
+        items: &[usize],
+        gens: &[Generation],
+    ) -> std::result::Result<Vec<Vec<Option<f64>>>, String>;
+    /// A caller's stop rule on the ids generated so far (e.g. a stop string); false = none.
+    fn stop(&self, _ids: &[u32]) -> bool {
+        false
+    }
+    /// A sample of this step's completions, to be written to `completions.jsonl`.
+    fn record(&mut self, _step: usize, _rows: &[CompletionRecord]) {}
+    /// Problems met while scoring since the last call (e.g. a user scorer that crashed), as
+    /// lines for the user, and how many samples could not be judged.
+    fn drain_failures(&mut self) -> (Vec<String>, usize) {
+        (Vec::new(), 0)
+    }
+}
+
+/// One completion of a step, as logged.
+#[derive(Debug, Clone)]
+pub struct CompletionRecord {
+    pub item: usize,
+    pub ids: Vec<u32>,
+    pub rewards: Vec<Option<f64>>,
+    pub total: f64,
+    pub advantage: f64,
+    pub finish: Finish,
+}
+
+/// Sequences (prompt + completion) of completions `range` and their completion masks.
+pub(crate) fn micro_batch(
+    env: &dyn Env,
+    split: Split,
+    items: &[usize],
+    gens: &[Generation],
+    pad_id: u32,
+) -> (ferrotune_data::Collated, Vec<usize>) {
+    let seqs: Vec<Tokenized> = items
+        .iter()
+        .zip(gens)
+        .map(|(&it, g)| {
+            let p = env.prompt_ids(split, it);
+            let mut ids = p.to_vec();
+            ids.extend_from_slice(&g.ids);
+            let mut loss_mask = vec![0u8; p.len()];
+            loss_mask.extend(std::iter::repeat_n(1u8, g.ids.len()));
+            Tokenized {
+                ids,
+                loss_mask,
+                truncated: false,
+                tokens_dropped: 0,
+            }
+        })
+        .collect();
+    let refs: Vec<&Tokenized> = seqs.iter().collect();
+    (
+        collate_right(&refs, pad_id),
+        gens.iter().map(|g| g.ids.len()).collect(),
+    )
+}
+
+/// Flat row-major per-token values (N,) → (B, Tc) right-padded with zeros.
+pub(crate) fn to_rows(flat: &Tensor, lens: &[usize], width: usize) -> candle_core::Result<Tensor> {
+    let mut rows = Vec::with_capacity(lens.len());
+    let mut off = 0;
+    for &l in lens {
+        let row = if l == 0 {
+            Tensor::zeros(width, DType::F32, flat.device())?
+        } else {
+            flat.narrow(0, off, l)?.pad_with_zeros(0, 0, width - l)?
+        };
+        rows.push(row.unsqueeze(0)?); // (1, Tc)
+        off += l;
+    }
+    Tensor::cat(&rows, 0) // (B, Tc)
+}
+
+/// (B, Tc) tensor of per-row values padded with zeros.
+pub(crate) fn rows_tensor(
+    rows: &[Vec<f32>],
+    width: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let mut flat = Vec::with_capacity(rows.len() * width);
+    for r in rows {
+        flat.extend_from_slice(r);
+        flat.extend(std::iter::repeat_n(0.0f32, width - r.len()));
+    }
+    Tensor::from_vec(flat, (rows.len(), width), device)
+}
+
+/// Mean and (population) std of the finite values.
+pub(crate) fn mean_std(xs: &[f64]) -> (f64, f64) {
+    let xs: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+    if xs.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let m = xs.iter().sum::<f64>() / xs.len() as f64;
+    let v = xs.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / xs.len() as f64;
+    (m, v.sqrt())
+}
+
+/// Total reward per completion: Σ weight · score over the applicable scores; NaN when no
+/// reward function applies (TRL: such a completion is left out of the group statistics and
+/// gets advantage 0).
+pub fn weighted_totals(per_reward: &[Vec<Option<f64>>], weights: &[f64], n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|i| {
+            let applicable: Vec<f64> = per_reward
+                .iter()
+                .zip(weights)
+                .filter_map(|(s, w)| s[i].map(|v| v * w))
+                .collect();
+            if applicable.is_empty() {
+                f64::NAN
+            } else {
+                applicable.iter().sum()
+            }
+        })
+        .collect()
+}
+
+/// Completions of `items` (prompt indices of `split`, repeated for a group) sampled with `opts`,
+/// scored by every reward function of the env.
+pub struct Rollout {
+    pub items: Vec<usize>,
+    pub gens: Vec<Generation>,
+    /// Scores `[reward][completion]`; None = not applicable.
+    pub scores: Vec<Vec<Option<f64>>>,
+    /// Σ weight · score per completion ([`weighted_totals`]).
+    pub totals: Vec<f64>,
+    /// Tokens generated, and the seconds generation took.
+    pub new_tokens: usize,
+    pub gen_secs: f64,
+}
+
+/// Sample one completion per entry of `items` (prompts of `split`) and score them.
+pub fn sample(
+    model: &dyn CausalLm,
+    env: &mut dyn Env,
+    split: Split,
+    items: Vec<usize>,
+    opts: &GenerateOptions,
+    device: &Device,
+) -> Result<Rollout> {
+    let prompts: Vec<Vec<u32>> = items
+        .iter()
+        .map(|&i| env.prompt_ids(split, i).to_vec())
+        .collect();
+    let t_gen = Instant::now();
+    let gens = {
+        let envr: &dyn Env = env;
+        generate(model, &prompts, opts, &|_, ids| envr.stop(ids), device)?
+    };
+    let gen_secs = t_gen.elapsed().as_secs_f64();
+    let new_tokens = gens.iter().map(|g| g.ids.len()).sum();
+    let scores = env.score(split, &items, &gens).map_err(TrainError::Env)?;
+    let totals = weighted_totals(&scores, &env.reward_weights(), gens.len());
+    Ok(Rollout {
+        items,
+        gens,
+        scores,
+        totals,
+        new_tokens,
+        gen_secs,
+    })
+}
+
+impl Rollout {
+    /// Per reward function: `rewards/<label>/mean` and `/std` over the completions it scored
+    /// (none for a reward that scored nothing), and every mean (NaN where none was scored).
+    pub fn reward_metrics(&self, labels: &[String]) -> (Vec<(String, f64)>, Vec<f64>) {
+        let mut metrics = Vec::new();
+        let mut means = Vec::with_capacity(labels.len());
+        for (k, label) in labels.iter().enumerate() {
+            let vals: Vec<f64> = self.scores[k].iter().flatten().copied().collect();
+            let (m, s) = mean_std(&vals);
+            means.push(m);
+            if !vals.is_empty() {
+                metrics.push((format!("rewards/{label}/mean"), m));
+                metrics.push((format!("rewards/{label}/std"), s));
+            }
+        }
+        (metrics, means)
+    }
+
+    /// Completion lengths in tokens.
+    pub fn lengths(&self) -> Vec<f64> {
+        self.gens.iter().map(|g| g.ids.len() as f64).collect()
+    }
+
+    /// Fraction of completions cut at the length limit.
+    pub fn clipped_ratio(&self) -> f64 {
+        let cut = self
+            .gens
+            .iter()
+            .filter(|g| g.finish == Finish::Length)
+            .count();
+        cut as f64 / self.gens.len() as f64
+    }
+
+    /// `tokens_per_s/rollout`.
+    pub fn tokens_per_s(&self) -> f64 {
+        self.new_tokens as f64 / self.gen_secs
+    }
+}
+
+/// Tell the observer what went wrong while scoring since the last call (lines prefixed with the
+/// 1-based `step`); returns how many samples could not be judged.
+pub fn report_failures(env: &mut dyn Env, step: usize, obs: &mut dyn Observer) -> usize {
+    let (notes, failed) = env.drain_failures();
+    for n in notes {
+        obs.message(&format!("step {step}: {n}"));
+    }
+    failed
+}
