@@ -1,7 +1,8 @@
 //! Differentiable ops of the hot path, each a candle custom op with an explicit backward.
 //!
-//! Owns: the math of linear, RMSNorm/LayerNorm, RoPE, causal GQA attention, SwiGLU and the
-//! chunked vocabulary log-prob, forward and backward. Does not own: parameters, layer
+//! Owns: the math of linear, RMSNorm/LayerNorm, RoPE, causal GQA attention, SwiGLU, the
+//! chunked vocabulary log-prob and the distillation divergence ([`divergence`]), forward and
+//! backward. Does not own: parameters, layer
 //! structure or model families.
 //!
 //! Contract shared by every op here: a gradient is computed for an argument only when that
@@ -20,6 +21,7 @@ mod attention;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod divergence;
 mod linear;
 mod logprobs;
 mod lora_linear;
