@@ -91,6 +91,14 @@ pub enum ScaleRewards {
 }
 
 impl LossType {
+    /// Every value, in the order the config help lists them.
+    pub const ALL: [LossType; 4] = [
+        LossType::Grpo,
+        LossType::DrGrpo,
+        LossType::Dapo,
+        LossType::Bnpo,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             LossType::Grpo => "grpo",
@@ -121,6 +129,10 @@ impl fmt::Display for LossType {
 }
 
 impl ScaleRewards {
+    /// Every value, in the order the config help lists them.
+    pub const ALL: [ScaleRewards; 3] =
+        [ScaleRewards::Group, ScaleRewards::Batch, ScaleRewards::None];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ScaleRewards::Group => "group",

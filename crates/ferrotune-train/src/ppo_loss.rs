@@ -85,6 +85,9 @@ pub enum KlEstimator {
 }
 
 impl KlEstimator {
+    /// Every value, in the order the config help lists them.
+    pub const ALL: [KlEstimator; 2] = [KlEstimator::K1, KlEstimator::K3];
+
     pub fn as_str(self) -> &'static str {
         match self {
             KlEstimator::K1 => "k1",

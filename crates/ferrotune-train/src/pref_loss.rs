@@ -77,6 +77,9 @@ pub enum DpoLossType {
 }
 
 impl DpoLossType {
+    /// Every value, in the order the config help lists them.
+    pub const ALL: [DpoLossType; 3] = [DpoLossType::Sigmoid, DpoLossType::Ipo, DpoLossType::Hinge];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DpoLossType::Sigmoid => "sigmoid",

@@ -46,6 +46,14 @@ pub enum ScheduleKind {
 }
 
 impl ScheduleKind {
+    /// Every value, in the order the config help lists them.
+    pub const ALL: [ScheduleKind; 4] = [
+        ScheduleKind::Constant,
+        ScheduleKind::ConstantWithWarmup,
+        ScheduleKind::Linear,
+        ScheduleKind::Cosine,
+    ];
+
     /// The Hugging Face name.
     pub fn name(self) -> &'static str {
         match self {
@@ -63,15 +71,10 @@ impl std::str::FromStr for ScheduleKind {
     /// Parses Hugging Face's `lr_scheduler_type` names; anything else is refused, not
     /// defaulted, so a typo cannot silently change the schedule.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [
-            ScheduleKind::Constant,
-            ScheduleKind::ConstantWithWarmup,
-            ScheduleKind::Linear,
-            ScheduleKind::Cosine,
-        ]
-        .into_iter()
-        .find(|k| k.name() == s)
-        .ok_or_else(|| ScheduleError::UnknownKind(s.to_string()))
+        ScheduleKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| ScheduleError::UnknownKind(s.to_string()))
     }
 }
 

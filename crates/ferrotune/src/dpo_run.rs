@@ -79,10 +79,7 @@ pub fn run_dpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<DpoSumm
     };
     let loss = DpoConfig {
         beta: d.beta,
-        loss_type: d
-            .loss_type
-            .parse()
-            .map_err(|e| anyhow::anyhow!("dpo.loss_type: {e}"))?,
+        loss_type: d.loss_type,
         label_smoothing: d.label_smoothing,
     };
     let session = Session::open(cfg, resume, overwrite)?;

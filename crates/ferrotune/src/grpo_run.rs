@@ -14,7 +14,6 @@ use ferrotune_report::plot_metrics;
 use ferrotune_rewards::{RewardSet, RewardSpec, Sample};
 use ferrotune_tokenize::Tokenizer;
 use ferrotune_train::grpo::{train_grpo, GrpoPlan, GrpoSummary};
-use ferrotune_train::grpo_loss::{LossType, ScaleRewards};
 use ferrotune_train::rollout::{CompletionRecord, Env, RewardRole, Split};
 use serde_json::{json, Map, Value};
 
@@ -261,14 +260,6 @@ pub fn grpo_plan(cfg: &RunConfig, g: &GrpoSection, lm: &Lm, n_prompts: usize) ->
     } else {
         epoch_steps(cfg, n_prompts, prompts_per_step) * g.num_iterations
     };
-    let loss_type: LossType = g
-        .loss_type
-        .parse()
-        .map_err(|e| anyhow::anyhow!("grpo.loss_type: {e}"))?;
-    let scale_rewards: ScaleRewards = g
-        .scale_rewards
-        .parse()
-        .map_err(|e| anyhow::anyhow!("grpo.scale_rewards: {e}"))?;
     Ok(GrpoPlan {
         run: loop_plan(cfg, total_steps, lm.pad_id())?,
         num_generations: g.num_generations,
@@ -280,8 +271,8 @@ pub fn grpo_plan(cfg: &RunConfig, g: &GrpoSection, lm: &Lm, n_prompts: usize) ->
             top_p: (g.top_p < 1.0).then_some(g.top_p),
             seed: cfg.run.seed,
         },
-        loss_type,
-        scale_rewards,
+        loss_type: g.loss_type,
+        scale_rewards: g.scale_rewards,
         epsilon: g.epsilon,
         epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),
         beta: g.beta,

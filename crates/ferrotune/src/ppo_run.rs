@@ -62,7 +62,7 @@ pub fn ppo_plan(cfg: &RunConfig, p: &PpoSection, lm: &Lm, n_prompts: usize) -> R
     } else {
         epoch_steps(cfg, n_prompts, per_step)
     };
-    let loss = p.loss_config().map_err(|e| anyhow::anyhow!("ppo: {e}"))?;
+    let loss = p.loss_config();
     Ok(PpoPlan {
         run: loop_plan(cfg, total_steps, lm.pad_id())?,
         num_mini_batches: p.num_mini_batches,

@@ -19,7 +19,7 @@ use ferrotune_report::{open_step_log, plot_metrics, Progress, RunLog};
 use ferrotune_tokenize::Tokenizer;
 use ferrotune_train::optim::AdamWConfig;
 use ferrotune_train::plan::LoopPlan;
-use ferrotune_train::schedule::{Schedule, ScheduleKind, Warmup};
+use ferrotune_train::schedule::{Schedule, Warmup};
 use ferrotune_train::trainer::{EvalVerdict, Observer, Trainable};
 
 use crate::config::{LoraSection, RunConfig};
@@ -458,11 +458,7 @@ pub(crate) fn start_log(
 
 /// The learning-rate schedule of `cfg` over `total_steps`.
 pub(crate) fn schedule(cfg: &RunConfig, total_steps: usize) -> Result<Schedule> {
-    let kind: ScheduleKind = cfg
-        .optim
-        .lr_scheduler_type
-        .parse()
-        .map_err(|e| anyhow::anyhow!("optim.lr_scheduler_type: {e}"))?;
+    let kind = cfg.optim.lr_scheduler_type;
     let warmup = if cfg.optim.warmup_ratio > 0.0 {
         Warmup::Ratio(cfg.optim.warmup_ratio)
     } else {
