@@ -317,7 +317,6 @@ pub fn run_grpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<GrpoSu
     let lm = &session.lm;
     let (train, eval) = prompt_split(cfg, lm, g.max_prompt_len)?;
     let plan = grpo_plan(cfg, g, lm, train.len())?;
-    plan.validate()?;
     let mut obs = session.observer(&plan.run, Headline::Only(HEADLINE))?;
     let mut env = TextEnv {
         tokenizer: &lm.tokenizer,

@@ -96,7 +96,6 @@ pub fn run_ppo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<PpoSumm
     let lm = &session.lm;
     let (train, eval) = prompt_split(cfg, lm, p.max_prompt_len)?;
     let plan = ppo_plan(cfg, p, lm, train.len())?;
-    plan.validate()?;
     let head = ValueHead::zeros(lm.model.config().hidden_size, &session.device)?;
     let mut obs = session.observer(&plan.run, Headline::Only(HEADLINE))?;
     let completions = if p.log_completions {

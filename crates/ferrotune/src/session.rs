@@ -22,7 +22,7 @@ use ferrotune_train::plan::LoopPlan;
 use ferrotune_train::schedule::{Schedule, Warmup};
 use ferrotune_train::trainer::{EvalVerdict, Observer, Trainable};
 
-use crate::config::{LoraSection, RunConfig};
+use crate::config::{LoraSection, OptimSection, RunConfig};
 use crate::lm::{parse_device, parse_dtype, Lm};
 
 /// A training run as its runner sees it: the config, the run folder, the checkpoint to resume
@@ -387,8 +387,8 @@ pub(crate) fn loop_plan(cfg: &RunConfig, total_steps: usize, pad_id: u32) -> Res
         batch_size: cfg.run.batch_size,
         grad_accum: cfg.run.gradient_accumulation_steps,
         learning_rate: cfg.optim.learning_rate,
-        schedule: schedule(cfg, total_steps)?,
-        adamw: adamw(cfg),
+        schedule: schedule(&cfg.optim, total_steps)?,
+        adamw: adamw(&cfg.optim),
         max_grad_norm: cfg.optim.max_grad_norm,
         log_every: cfg.run.log_every,
         save_every: cfg.run.save_every,
@@ -457,23 +457,24 @@ pub(crate) fn start_log(
 }
 
 /// The learning-rate schedule of `cfg` over `total_steps`.
-pub(crate) fn schedule(cfg: &RunConfig, total_steps: usize) -> Result<Schedule> {
-    let kind = cfg.optim.lr_scheduler_type;
-    let warmup = if cfg.optim.warmup_ratio > 0.0 {
-        Warmup::Ratio(cfg.optim.warmup_ratio)
+pub(crate) fn schedule(o: &OptimSection, total_steps: usize) -> Result<Schedule> {
+    let kind = o.lr_scheduler_type;
+    let warmup = if o.warmup_ratio > 0.0 {
+        Warmup::Ratio(o.warmup_ratio)
     } else {
-        Warmup::Steps(cfg.optim.warmup_steps)
+        Warmup::Steps(o.warmup_steps)
     };
     let schedule = Schedule::new(kind, warmup, total_steps)
         .map_err(|e| anyhow::anyhow!("optim.lr_scheduler_type: {e}"))?;
     Ok(schedule)
 }
 
-pub(crate) fn adamw(cfg: &RunConfig) -> AdamWConfig {
+/// AdamW from the `[optim]` section.
+pub(crate) fn adamw(o: &OptimSection) -> AdamWConfig {
     AdamWConfig {
-        betas: (cfg.optim.adam_beta1, cfg.optim.adam_beta2),
-        eps: cfg.optim.adam_epsilon,
-        weight_decay: cfg.optim.weight_decay,
+        betas: (o.adam_beta1, o.adam_beta2),
+        eps: o.adam_epsilon,
+        weight_decay: o.weight_decay,
     }
 }
 

@@ -14,12 +14,15 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 mod explain;
+mod pretrain;
 mod sections;
 #[cfg(test)]
 mod tests;
 mod validate;
+pub(crate) use validate::{check_choices, Refusal};
 
 pub use explain::{explain, KEYS};
+pub use pretrain::*;
 pub use sections::*;
 
 #[derive(Debug, thiserror::Error)]
@@ -75,17 +78,7 @@ impl RunConfig {
     /// Read a TOML file, apply overrides, deserialize (unknown keys are errors) and validate.
     /// Relative paths in the file are resolved against the file's folder.
     pub fn load(path: &Path, sets: &[String]) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            msg: one_line(&e.to_string()),
-        })?;
-        for s in sets {
-            apply_set(&mut table, s)?;
-        }
+        let table = read_table(path, sets)?;
         Self::from_table(table, path)
     }
 
@@ -99,8 +92,7 @@ impl RunConfig {
         })?;
         // Relative paths are relative to the config file; the resolved config (written to the
         // run folder) holds absolute ones, so `--resume` reads the same files from anywhere.
-        let base = std::path::absolute(path.parent().unwrap_or(Path::new(".")))
-            .unwrap_or_else(|_| PathBuf::from("."));
+        let base = base_of(path);
         for p in [
             &mut cfg.model.path,
             &mut cfg.data.train,
@@ -173,7 +165,7 @@ pub fn resolve_reward_paths(rewards: &mut [toml::Table], base: &Path) {
 }
 
 /// Lexically remove `.` and `..` components (no file system access).
-fn normalize(p: &Path) -> PathBuf {
+pub(crate) fn normalize(p: &Path) -> PathBuf {
     let mut out = PathBuf::new();
     for c in p.components() {
         match c {
@@ -187,6 +179,29 @@ fn normalize(p: &Path) -> PathBuf {
     out
 }
 
-fn one_line(s: &str) -> String {
+pub(crate) fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// A config file as a TOML table with the `--set key=value` overrides applied (shared by run
+/// and pretrain configs).
+pub fn read_table(path: &Path, sets: &[String]) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        msg: one_line(&e.to_string()),
+    })?;
+    for s in sets {
+        apply_set(&mut table, s)?;
+    }
+    Ok(table)
+}
+
+/// The folder relative paths of config file `path` are resolved against (absolute).
+pub(crate) fn base_of(path: &Path) -> PathBuf {
+    std::path::absolute(path.parent().unwrap_or(Path::new(".")))
+        .unwrap_or_else(|_| PathBuf::from("."))
 }

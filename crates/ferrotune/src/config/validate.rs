@@ -11,14 +11,14 @@ use super::*;
 
 /// A refused value: its key and why.
 #[derive(Debug)]
-pub(super) struct Refusal {
+pub(crate) struct Refusal {
     pub key: String,
     pub msg: String,
 }
 
 impl Refusal {
     /// The refusal as the error of config file `path`.
-    pub(super) fn at(self, path: &Path) -> ConfigError {
+    pub(crate) fn at(self, path: &Path) -> ConfigError {
         ConfigError::Invalid {
             path: path.to_path_buf(),
             field: self.key,
@@ -31,7 +31,7 @@ type Check = Result<(), Refusal>;
 
 /// The keys whose value is one of a fixed set of names (`sections::choices`), on the raw TOML:
 /// a wrong name is refused here with its key, before deserialising would refuse it without one.
-pub(super) fn check_choices(raw: &toml::Table) -> Check {
+pub(crate) fn check_choices(raw: &toml::Table) -> Check {
     for (key, names, why) in choices() {
         let (section, leaf) = key.split_once('.').unwrap_or((key, ""));
         let Some(v) = raw.get(section).and_then(|s| s.get(leaf)) else {
@@ -257,7 +257,7 @@ impl RunSection {
 
 impl OptimSection {
     /// `[optim]` on its own.
-    pub(super) fn check(&self) -> Check {
+    pub(crate) fn check(&self) -> Check {
         let o = self;
         if !(o.learning_rate > 0.0 && o.learning_rate.is_finite()) {
             return refuse("optim.learning_rate", "must be a positive number".into());
