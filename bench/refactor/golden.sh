@@ -55,6 +55,8 @@ for c in grpo-tiny ppo-tiny; do
   "$BIN" train --resume "$OUT/runs/$c-resumed" --set run.max_steps=40 > "$OUT/$c-resumed.log" 2>&1 || { echo "$c-resumed FAILED"; tail -5 "$OUT/$c-resumed.log"; }
   fingerprint "$c-resumed" "$OUT/runs/$c-resumed"
 done
+# Each run's one-line result (`done: ...`), the run folder written as OUT.
+cat "$OUT"/*.log | grep '^done:' | sed "s#$OUT#OUT#g" | sha256sum | cut -c1-16 | sed 's/^/done-lines /'
 "$BIN" demo --quick --seed 0 --out "$OUT/demo" > "$OUT/demo.log" 2>&1 || echo "demo FAILED"
 # The demo's before/after table (its last lines), timing lines left out.
 grep -E '^(stage|base|sft |grpo step)' "$OUT/demo.log" | sha256sum | cut -c1-16 | sed 's/^/demo-table /'

@@ -27,7 +27,6 @@ use std::borrow::Cow;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use ferrotune_ckpt::{Checkpoint, RunDir};
 use ferrotune_data::{collate_right, Collated, Loader, Sequence, Tokenized};
 use ferrotune_generate::{generate, GenerateOptions, SamplingParams};
 use ferrotune_models::CausalLm;
@@ -40,7 +39,8 @@ pub use crate::distill_teacher::{teacher_topk_rows, topk_logprobs, CachedTeacher
 use crate::error::{Result, TrainError};
 use crate::plan::LoopPlan;
 use crate::trainer::{
-    batch_tensors, derive_seed, eval_hook, LoopCore, Observer, Trainable, Trainer,
+    batch_tensors, derive_seed, eval_hook, FirstLast, LoopCore, Observer, Outcome, RunCtx,
+    Trainable, Trainer,
 };
 
 /// One training example and its key in the teacher cache (its index among the tokenized
@@ -109,18 +109,13 @@ pub struct DistillEval {
 /// The outcome of a run.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DistillSummary {
-    pub steps: usize,
-    pub first_loss: Option<f64>,
-    pub last_loss: Option<f64>,
-    pub first_distill_loss: Option<f64>,
-    pub last_distill_loss: Option<f64>,
+    pub run: Outcome,
+    pub loss: FirstLast,
+    pub distill_loss: FirstLast,
     /// Eval before the first step (fresh runs with an eval set) and at the last eval point.
     pub first_eval: Option<DistillEval>,
     pub last_eval: Option<DistillEval>,
     pub on_policy_batches: usize,
-    pub skipped_steps: usize,
-    pub last_checkpoint: Option<std::path::PathBuf>,
-    pub stopped_early: bool,
 }
 
 /// Per micro-batch values, already divided by the step's token count.
@@ -329,11 +324,14 @@ pub fn train_distill(
     train: &[DistillItem],
     eval: &[DistillItem],
     plan: &DistillPlan,
-    run: &RunDir,
-    resume: Option<&Checkpoint>,
-    obs: &mut dyn Observer,
-    device: &Device,
+    ctx: RunCtx,
 ) -> Result<DistillSummary> {
+    let RunCtx {
+        run,
+        resume,
+        obs,
+        device,
+    } = ctx;
     plan.loss.validate()?;
     let live = match teacher {
         TeacherSource::Live { model, .. } => Some(model),
@@ -357,7 +355,7 @@ pub fn train_distill(
         state = t.resume(ck, obs)?;
     }
     let mut summary = DistillSummary {
-        steps: state.core.step,
+        run: Outcome::at(state.core.step),
         ..Default::default()
     };
     if resume.is_none() && run.eval_every > 0 {
@@ -434,13 +432,10 @@ pub fn train_distill(
         state.core.advance(loader.cursor());
         state.tokens_seen += total_tokens as u64;
         let step = state.core.step;
-        summary.first_loss.get_or_insert(loss_sum);
-        summary.first_distill_loss.get_or_insert(distill_sum);
-        summary.last_loss = Some(loss_sum);
-        summary.last_distill_loss = Some(distill_sum);
+        summary.loss.see(loss_sum);
+        summary.distill_loss.see(distill_sum);
         summary.on_policy_batches += on_policy;
-        summary.steps = step;
-        summary.skipped_steps = t.skipped_steps;
+        summary.run.step_done(step, &t);
         // 4. Log, eval, save.
         if run.is_log_step(step) {
             let secs = t0.elapsed().as_secs_f64();
@@ -465,12 +460,12 @@ pub fn train_distill(
                 summary.last_eval = Some(e);
             }
             if eval_hook(obs, step, student)? {
-                summary.stopped_early = true;
+                summary.run.stopped_early = true;
                 break;
             }
         }
         if run.is_save_step(step) {
-            summary.last_checkpoint = Some(t.save(step, &state, obs)?);
+            summary.run.last_checkpoint = Some(t.save(step, &state, obs)?);
         }
     }
     Ok(summary)

@@ -25,7 +25,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use ferrotune_ckpt::{Checkpoint, RunDir};
+use ferrotune_ckpt::RunDir;
 use ferrotune_data::{collate_right, tokenized_fingerprint, Loader, PrefPair, Tokenized};
 use ferrotune_models::CausalLm;
 use ferrotune_nn::Mode;
@@ -36,7 +36,8 @@ use crate::loss::scored_logprobs;
 use crate::plan::LoopPlan;
 use crate::pref_loss::{dpo_loss, DpoConfig, DpoInputs};
 use crate::trainer::{
-    batch_tensors, eval_hook, log_metrics, LoopCore, Observer, Trainable, Trainer,
+    batch_tensors, eval_hook, log_metrics, FirstLast, LoopCore, Observer, Outcome, RunCtx,
+    Trainable, Trainer,
 };
 
 /// The resolved DPO schedule (from the config, with totals computed).
@@ -149,16 +150,11 @@ impl PairAcc {
 /// The outcome of a run.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct DpoSummary {
-    pub steps: usize,
-    pub first_loss: Option<f64>,
-    pub last_loss: Option<f64>,
+    pub run: Outcome,
+    pub loss: FirstLast,
     /// Eval before the first step (fresh runs with an eval set) and at the last eval point.
     pub first_eval: Option<PairStats>,
     pub last_eval: Option<PairStats>,
-    pub skipped_steps: usize,
-    pub last_checkpoint: Option<std::path::PathBuf>,
-    /// The eval hook stopped the run (regression gate).
-    pub stopped_early: bool,
 }
 
 /// Summed completion log-probs (B,) and completion token counts of `seqs`, in one right-padded
@@ -404,11 +400,14 @@ pub fn train_dpo(
     train: &[PrefPair],
     eval: &[PrefPair],
     plan: &DpoPlan,
-    run: &RunDir,
-    resume: Option<&Checkpoint>,
-    obs: &mut dyn Observer,
-    device: &Device,
+    ctx: RunCtx,
 ) -> Result<DpoSummary> {
+    let RunCtx {
+        run,
+        resume,
+        obs,
+        device,
+    } = ctx;
     if matches!(reference, Reference::AdaptersOff) && !matches!(trainable, Trainable::Lora { .. }) {
         return Err(TrainError::invalid(
             "dpo.ref_model",
@@ -428,7 +427,7 @@ pub fn train_dpo(
         state = t.resume(ck, obs)?;
     }
     let mut summary = DpoSummary {
-        steps: state.core.step,
+        run: Outcome::at(state.core.step),
         ..Default::default()
     };
     // The reference never changes, so its log-probs can be computed once.
@@ -503,10 +502,8 @@ pub fn train_dpo(
         state.pairs_seen += total_pairs as u64;
         let step = state.core.step;
         let s = pairs_acc.stats();
-        summary.first_loss.get_or_insert(s.loss);
-        summary.last_loss = Some(s.loss);
-        summary.steps = step;
-        summary.skipped_steps = t.skipped_steps;
+        summary.loss.see(s.loss);
+        summary.run.step_done(step, &t);
         // 4. Log, eval, save.
         if run.is_log_step(step) {
             let secs = t0.elapsed().as_secs_f64();
@@ -526,12 +523,12 @@ pub fn train_dpo(
                 summary.last_eval = Some(e);
             }
             if eval_hook(obs, step, model)? {
-                summary.stopped_early = true;
+                summary.run.stopped_early = true;
                 break;
             }
         }
         if run.is_save_step(step) {
-            summary.last_checkpoint = Some(t.save(step, &state, obs)?);
+            summary.run.last_checkpoint = Some(t.save(step, &state, obs)?);
         }
     }
     Ok(summary)

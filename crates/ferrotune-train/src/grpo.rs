@@ -16,7 +16,6 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use ferrotune_ckpt::{Checkpoint, RunDir};
 use ferrotune_data::{Collated, Loader};
 use ferrotune_generate::{Finish, GenerateOptions, Generation, SamplingParams};
 use ferrotune_models::CausalLm;
@@ -35,7 +34,8 @@ use crate::rollout::{
     RewardRole, Split,
 };
 use crate::trainer::{
-    batch_tensors, derive_seed, log_metrics, LoopCore, Observer, Trainable, Trainer,
+    batch_tensors, derive_seed, log_metrics, FirstLast, LoopCore, Observer, Outcome, RunCtx,
+    Trainable, Trainer,
 };
 
 /// The resolved GRPO schedule.
@@ -118,20 +118,14 @@ pub struct GrpoState {
 /// The outcome of a run.
 #[derive(Debug, Clone, Default)]
 pub struct GrpoSummary {
-    pub steps: usize,
+    pub run: Outcome,
     /// Mean total reward of the first and last generation batches.
-    pub first_reward: Option<f64>,
-    pub last_reward: Option<f64>,
+    pub reward: FirstLast,
     /// Mean total reward of the first and last eval (greedy) passes.
-    pub first_eval_reward: Option<f64>,
-    pub last_eval_reward: Option<f64>,
+    pub eval_reward: FirstLast,
     /// Largest |ratio − 1| seen on a first iteration (sampler vs trainer log-probs).
     pub max_first_ratio_dev: f64,
-    pub skipped_steps: usize,
-    pub last_checkpoint: Option<std::path::PathBuf>,
     pub findings: Vec<crate::health::Finding>,
-    /// The eval hook stopped the run (regression gate).
-    pub stopped_early: bool,
 }
 
 /// One generation batch: the scored rollout, its advantages, and what every μ iteration reuses
@@ -198,8 +192,7 @@ fn log_eval(
     device: &Device,
 ) -> Result<()> {
     if let Some((total, per)) = eval_rewards(model, env, plan, device)? {
-        summary.first_eval_reward.get_or_insert(total);
-        summary.last_eval_reward = Some(total);
+        summary.eval_reward.see(total);
         let mut values = vec![("eval/reward".to_string(), total)];
         for (l, m) in env.reward_labels().iter().zip(&per) {
             if m.is_finite() {
@@ -237,11 +230,14 @@ pub fn train_grpo(
     trainable: &Trainable,
     env: &mut dyn Env,
     plan: &GrpoPlan,
-    run: &RunDir,
-    resume: Option<&Checkpoint>,
-    obs: &mut dyn Observer,
-    device: &Device,
+    ctx: RunCtx,
 ) -> Result<GrpoSummary> {
+    let RunCtx {
+        run,
+        resume,
+        obs,
+        device,
+    } = ctx;
     plan.validate()?;
     let n_train = env.len(Split::Train);
     if n_train == 0 {
@@ -266,7 +262,7 @@ pub fn train_grpo(
     let roles = env.reward_roles();
     let g = plan.num_generations;
     let mut summary = GrpoSummary {
-        steps: state.core.step,
+        run: Outcome::at(state.core.step),
         ..Default::default()
     };
     let mut batch: Option<Batch> = None;
@@ -373,8 +369,7 @@ pub fn train_grpo(
             if let Some(l) = len_wrong {
                 rollout_metrics.push(("completions/mean_length_wrong".into(), l));
             }
-            summary.first_reward.get_or_insert(r_mean);
-            summary.last_reward = Some(r_mean);
+            summary.reward.see(r_mean);
             health.push_rollout(HealthStats {
                 step: state.core.step + 1,
                 reward_mean: r_mean,
@@ -498,8 +493,7 @@ pub fn train_grpo(
         }
         state.core.advance(loader.cursor());
         let step = state.core.step;
-        summary.steps = step;
-        summary.skipped_steps = t.skipped_steps;
+        summary.run.step_done(step, &t);
         let kl = (kl_n > 0).then(|| kl_sum / kl_n as f64);
         // 3. Log, health, eval, save.
         if let Some(kl) = kl {
@@ -538,7 +532,7 @@ pub fn train_grpo(
             state.health = Some(health.clone());
             let saved = t.save(step, &state, obs);
             state.health = None;
-            summary.last_checkpoint = Some(saved?);
+            summary.run.last_checkpoint = Some(saved?);
         }
     }
     Ok(summary)

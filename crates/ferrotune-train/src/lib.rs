@@ -26,3 +26,4 @@ pub mod schedule;
 pub mod sft;
 pub mod step;
 pub mod trainer;
+pub mod value_head;

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use ferrotune_ckpt::{export_reward_model, Checkpoint, RunDir};
+use ferrotune_ckpt::export_reward_model;
 use ferrotune_data::Loader;
 use ferrotune_models::{Batch, RewardModel};
 use ferrotune_nn::Mode;
@@ -33,7 +33,9 @@ use crate::error::{Result, TrainError};
 use crate::plan::LoopPlan;
 use crate::pref_loss::reward_model_loss;
 pub use crate::trainer::SCORE_PARAM;
-use crate::trainer::{log_metrics, LoopCore, Observer, Trainable, Trainer};
+use crate::trainer::{
+    log_metrics, FirstLast, LoopCore, Observer, Outcome, RunCtx, Trainable, Trainer,
+};
 
 /// Folder of the run where the merged reward model is written at the end.
 pub const EXPORT_DIR: &str = "reward_model";
@@ -144,14 +146,11 @@ impl PairAcc {
 /// The outcome of a run.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RmSummary {
-    pub steps: usize,
-    pub first_loss: Option<f64>,
-    pub last_loss: Option<f64>,
+    pub run: Outcome,
+    pub loss: FirstLast,
     /// Eval before the first step (fresh runs with an eval set) and at the last eval point.
     pub first_eval: Option<RmStats>,
     pub last_eval: Option<RmStats>,
-    pub skipped_steps: usize,
-    pub last_checkpoint: Option<PathBuf>,
     /// The merged `…ForSequenceClassification` folder written at the end.
     pub export: Option<PathBuf>,
 }
@@ -241,11 +240,14 @@ pub fn train_reward_model(
     train: &[RmPair],
     eval: &[RmPair],
     plan: &RmPlan,
-    run: &RunDir,
-    resume: Option<&Checkpoint>,
-    obs: &mut dyn Observer,
-    device: &Device,
+    ctx: RunCtx,
 ) -> Result<RmSummary> {
+    let RunCtx {
+        run,
+        resume,
+        obs,
+        device,
+    } = ctx;
     let Trainable::Reward { rm, .. } = trainable else {
         return Err(TrainError::Unsupported(
             "a reward-model run trains a reward model's adapters and head",
@@ -270,7 +272,7 @@ pub fn train_reward_model(
         state = t.resume(ck, obs)?;
     }
     let mut summary = RmSummary {
-        steps: state.core.step,
+        run: Outcome::at(state.core.step),
         ..Default::default()
     };
     // Eval before training, so the run shows where the fresh head started (fresh runs only: a
@@ -309,10 +311,8 @@ pub fn train_reward_model(
         state.num_tokens += step_tokens as u64;
         let step = state.core.step;
         let s = pairs_acc.stats();
-        summary.first_loss.get_or_insert(s.loss);
-        summary.last_loss = Some(s.loss);
-        summary.steps = step;
-        summary.skipped_steps = t.skipped_steps;
+        summary.loss.see(s.loss);
+        summary.run.step_done(step, &t);
         // 4. Log, eval, save.
         if run.is_log_step(step) {
             let secs = t0.elapsed().as_secs_f64();
@@ -333,7 +333,7 @@ pub fn train_reward_model(
             }
         }
         if run.is_save_step(step) {
-            summary.last_checkpoint = Some(t.save(step, &state, obs)?);
+            summary.run.last_checkpoint = Some(t.save(step, &state, obs)?);
         }
     }
     // 5. The merged model, loadable by transformers' AutoModelForSequenceClassification.

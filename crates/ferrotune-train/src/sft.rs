@@ -7,7 +7,6 @@
 use std::time::Instant;
 
 use candle_core::Device;
-use ferrotune_ckpt::{Checkpoint, RunDir};
 use ferrotune_data::{collate_right, Collated, Loader, Sequence};
 use ferrotune_models::CausalLm;
 use ferrotune_nn::Mode;
@@ -16,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::loss::nll_sum;
 use crate::plan::LoopPlan;
-use crate::trainer::{batch_tensors, eval_hook, LoopCore, Observer, Trainable, Trainer};
+use crate::trainer::{
+    batch_tensors, eval_hook, FirstLast, LoopCore, Outcome, RunCtx, Trainable, Trainer,
+};
 
 /// The resolved schedule of a run (from the config, with totals computed).
 #[derive(Debug, Clone)]
@@ -34,16 +35,12 @@ pub struct TrainerState {
 }
 
 /// The outcome of a run.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct SftSummary {
-    pub steps: usize,
-    pub first_loss: Option<f64>,
-    pub last_loss: Option<f64>,
+    pub run: Outcome,
+    /// Train loss of the first and last steps of this run.
+    pub loss: FirstLast,
     pub last_eval_loss: Option<f64>,
-    pub skipped_steps: usize,
-    pub last_checkpoint: Option<std::path::PathBuf>,
-    /// The eval hook stopped the run (regression gate).
-    pub stopped_early: bool,
 }
 
 /// Mean token NLL of `examples` (no update), in batches of `batch_size`.
@@ -74,11 +71,14 @@ pub fn train_sft<S: Sequence>(
     train: &[S],
     eval: &[S],
     plan: &SftPlan,
-    run: &RunDir,
-    resume: Option<&Checkpoint>,
-    obs: &mut dyn Observer,
-    device: &Device,
+    ctx: RunCtx,
 ) -> Result<SftSummary> {
+    let RunCtx {
+        run,
+        resume,
+        obs,
+        device,
+    } = ctx;
     let plan = &plan.run;
     let mut t = Trainer::new(model, trainable, plan, run)?;
     let mut state = TrainerState {
@@ -90,13 +90,9 @@ pub fn train_sft<S: Sequence>(
     }
     let mut loader = Loader::resume(train.len(), plan.shuffler(), state.core.cursor)?;
     let mut summary = SftSummary {
-        steps: state.core.step,
-        first_loss: None,
-        last_loss: None,
+        run: Outcome::at(state.core.step),
+        loss: FirstLast::default(),
         last_eval_loss: None,
-        skipped_steps: 0,
-        last_checkpoint: None,
-        stopped_early: false,
     };
     while state.core.step < plan.total_steps {
         let t0 = Instant::now();
@@ -130,10 +126,8 @@ pub fn train_sft<S: Sequence>(
         state.tokens_seen += total_tokens as u64;
         let step = state.core.step;
         let loss = nll_total / total_tokens.max(1) as f64;
-        summary.first_loss.get_or_insert(loss);
-        summary.last_loss = Some(loss);
-        summary.steps = step;
-        summary.skipped_steps = t.skipped_steps;
+        summary.loss.see(loss);
+        summary.run.step_done(step, &t);
         // 4. Log, eval, save.
         if plan.is_log_step(step) {
             let secs = t0.elapsed().as_secs_f64();
@@ -155,12 +149,12 @@ pub fn train_sft<S: Sequence>(
                 obs.metrics(step, &[("eval_loss", e)]);
             }
             if eval_hook(obs, step, model)? {
-                summary.stopped_early = true;
+                summary.run.stopped_early = true;
                 break;
             }
         }
         if plan.is_save_step(step) {
-            summary.last_checkpoint = Some(t.save(step, &state, obs)?);
+            summary.run.last_checkpoint = Some(t.save(step, &state, obs)?);
         }
     }
     Ok(summary)

@@ -230,6 +230,56 @@ pub struct Trainer<'a> {
     pub skipped_steps: usize,
 }
 
+/// Where a run happens, as every method's loop takes it: the run folder, the checkpoint to
+/// resume from, the observer and the device.
+pub struct RunCtx<'a> {
+    pub run: &'a RunDir,
+    pub resume: Option<&'a Checkpoint>,
+    pub obs: &'a mut dyn Observer,
+    pub device: &'a Device,
+}
+
+/// What every run's summary holds: how far it got and where it left its weights.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outcome {
+    /// Optimizer steps done (those before a resume included).
+    pub steps: usize,
+    /// Updates skipped for non-finite gradients in this run.
+    pub skipped_steps: usize,
+    pub last_checkpoint: Option<PathBuf>,
+    /// The eval hook stopped the run (regression gate).
+    pub stopped_early: bool,
+}
+
+impl Outcome {
+    /// Starting at `step` (0, or the checkpoint's).
+    pub fn at(step: usize) -> Self {
+        Outcome {
+            steps: step,
+            ..Default::default()
+        }
+    }
+    /// After optimizer step `step` of trainer `t`.
+    pub fn step_done(&mut self, step: usize, t: &Trainer) {
+        self.steps = step;
+        self.skipped_steps = t.skipped_steps;
+    }
+}
+
+/// The first and the last value of a number measured once per step or eval.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FirstLast<T = f64> {
+    pub first: Option<T>,
+    pub last: Option<T>,
+}
+
+impl<T: Copy> FirstLast<T> {
+    pub fn see(&mut self, x: T) {
+        self.first.get_or_insert(x);
+        self.last = Some(x);
+    }
+}
+
 /// What one optimizer update did.
 #[derive(Debug, Clone, Copy)]
 pub struct Update {

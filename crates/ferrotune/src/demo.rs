@@ -326,7 +326,7 @@ log_every = 10
         ),
     )?;
     let sft = crate::sft_run::run_sft(&sft_cfg, false, false)?;
-    let sft_ckpt = sft.last_checkpoint.context("SFT wrote no checkpoint")?;
+    let sft_ckpt = sft.run.last_checkpoint.context("SFT wrote no checkpoint")?;
     let merged = out.join("sft-merged");
     ferrotune_ckpt::export_merged(&model, Some(&sft_ckpt), &merged, candle_core::DType::F32)?;
     table.push(evaluate(
@@ -460,8 +460,8 @@ rewards = [
             heading: "Run".into(),
             rows: vec![
                 ("wall time".into(), format!("{:.0} s", summary.seconds)),
-                ("SFT steps".into(), sft.steps.to_string()),
-                ("GRPO steps".into(), grpo.steps.to_string()),
+                ("SFT steps".into(), sft.run.steps.to_string()),
+                ("GRPO steps".into(), grpo.run.steps.to_string()),
                 (
                     "max |ratio - 1| (sampler vs trainer)".into(),
                     format!("{:.1e}", grpo.max_first_ratio_dev),

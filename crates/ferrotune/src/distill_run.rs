@@ -9,9 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use ferrotune_data::{
-    read_rows, sft_examples, split_items, tokenize_sft_all, EvalSize, SftOptions, Tokenized,
-};
+use ferrotune_data::{read_rows, sft_examples, tokenize_sft_all, SftOptions, Tokenized};
 use ferrotune_generate::{generate, GenerateOptions, SamplingParams};
 use ferrotune_models::LoadOptions;
 use ferrotune_nn::Mode;
@@ -26,7 +24,7 @@ use ferrotune_train::trainer::Trainable;
 
 use crate::config::{DistillSection, RunConfig};
 use crate::lm::{load_tokenizer, parse_device, parse_dtype, Lm};
-use crate::session::{load_frozen, run_device, Headline, Session};
+use crate::session::{held_out, load_frozen, run_device, Headline, Session};
 use crate::teacher_cache::{self, CacheHeader};
 
 /// `ferrotune distill ...`
@@ -258,16 +256,8 @@ pub fn run_distill(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<Dis
         }
     };
     let mut train = items;
-    let mut eval = train.split_off(n_train);
-    if cfg.data.eval.is_none() && cfg.data.eval_fraction > 0.0 {
-        let (t, e) = split_items(
-            train,
-            EvalSize::Fraction(cfg.data.eval_fraction),
-            cfg.run.seed,
-        )?;
-        train = t;
-        eval = e;
-    }
+    let eval = train.split_off(n_train);
+    let (train, eval) = held_out(cfg, train, eval)?;
     let plan = DistillPlan {
         run: session.loop_plan(train.len())?,
         loss: JsdConfig {
@@ -307,10 +297,7 @@ pub fn run_distill(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<Dis
         &train,
         &eval,
         &plan,
-        &session.run,
-        session.checkpoint.as_ref(),
-        &mut obs,
-        &session.device,
+        session.ctx(&mut obs),
     )?;
     obs.finish(
         &session.run,
@@ -322,7 +309,7 @@ pub fn run_distill(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<Dis
             "grad_norm",
         ],
     );
-    if !summary.stopped_early && summary.steps == total_steps {
+    if !summary.run.stopped_early && summary.run.steps == total_steps {
         let out = export_student(cfg, lm, &trainable, session.run.root())?;
         eprintln!("wrote the distilled student to {}", out.display());
     }

@@ -8,15 +8,14 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 use ferrotune_data::{
-    preference_examples, read_rows, split_items, tokenize_preferences_all, DataError, EvalSize,
-    PrefPair,
+    preference_examples, read_rows, tokenize_preferences_all, DataError, PrefPair,
 };
 use ferrotune_train::dpo::{train_dpo, DpoPlan, DpoSummary, Reference};
 use ferrotune_train::pref_loss::DpoConfig;
 
 use crate::config::{DpoSection, RunConfig};
 use crate::lm::Lm;
-use crate::session::{Headline, Session};
+use crate::session::{train_and_eval, Headline, Session};
 
 /// Read and tokenize one preference file; errors name the file and the row.
 fn load_pairs(lm: &Lm, path: &Path, d: &DpoSection) -> Result<Vec<PrefPair>> {
@@ -103,19 +102,7 @@ pub fn run_dpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<DpoSumm
             ),
         ),
     };
-    let mut train = load_pairs(lm, &cfg.data.train, d)?;
-    let mut eval = Vec::new();
-    if let Some(e) = &cfg.data.eval {
-        eval = load_pairs(lm, e, d)?;
-    } else if cfg.data.eval_fraction > 0.0 {
-        let (t, e) = split_items(
-            train,
-            EvalSize::Fraction(cfg.data.eval_fraction),
-            cfg.run.seed,
-        )?;
-        train = t;
-        eval = e;
-    }
+    let (train, eval) = train_and_eval(cfg, |path| load_pairs(lm, path, d))?;
     let plan = DpoPlan {
         run: session.loop_plan(train.len())?,
         loss,
@@ -140,10 +127,7 @@ pub fn run_dpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<DpoSumm
         &train,
         &eval,
         &plan,
-        &session.run,
-        session.checkpoint.as_ref(),
-        &mut obs,
-        &session.device,
+        session.ctx(&mut obs),
     )?;
     obs.finish(
         &session.run,

@@ -350,10 +350,7 @@ pub fn run_grpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<GrpoSu
         &trainable,
         &mut env,
         &plan,
-        &session.run,
-        session.checkpoint.as_ref(),
-        &mut obs,
-        &session.device,
+        session.ctx(&mut obs),
     )?;
     obs.progress.finish();
     if let Err(e) = grpo_plots(session.run.root()) {

@@ -131,10 +131,7 @@ pub fn run_ppo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<PpoSumm
         &head,
         &mut env,
         &plan,
-        &session.run,
-        session.checkpoint.as_ref(),
-        &mut obs,
-        &session.device,
+        session.ctx(&mut obs),
     )?;
     obs.finish(
         &session.run,

@@ -24,7 +24,7 @@ use ferrotune_tokenize::train::{train_tokenizer, BpeTrainOptions, ENDOFTEXT, IM_
 use ferrotune_tokenize::Tokenizer;
 use ferrotune_train::plan::LoopPlan;
 use ferrotune_train::sft::{train_sft, SftPlan, SftSummary};
-use ferrotune_train::trainer::{Observer, Trainable};
+use ferrotune_train::trainer::{Observer, RunCtx, Trainable};
 
 pub use crate::config::PretrainConfig;
 use crate::corpus;
@@ -314,10 +314,12 @@ pub fn pretrain(cfg: &PretrainConfig, quiet: bool) -> Result<PretrainSummary> {
         &train,
         &eval,
         &plan,
-        &run,
-        None,
-        &mut obs,
-        &device,
+        RunCtx {
+            run: &run,
+            resume: None,
+            obs: &mut obs,
+            device: &device,
+        },
     )?;
     obs.progress.finish();
     if let Err(e) = plot_metrics(run.root(), &["loss", "eval_loss", "lr", "grad_norm"]) {

@@ -9,17 +9,17 @@
 use std::path::Path;
 
 use anyhow::{bail, Result};
-use ferrotune_data::{
-    preference_examples, read_rows, split_items, tokenize_preferences_all, DataError, EvalSize,
-};
+use ferrotune_data::{preference_examples, read_rows, tokenize_preferences_all, DataError};
 use ferrotune_models::{LoadOptions, RewardModel};
 use ferrotune_tokenize::Tokenizer;
 use ferrotune_train::reward_train::{train_reward_model, RmPair, RmPlan, RmSummary};
-use ferrotune_train::trainer::Trainable;
+use ferrotune_train::trainer::{RunCtx, Trainable};
 
 use crate::config::{RewardModelSection, RunConfig};
 use crate::lm::{load_tokenizer, parse_device, parse_dtype};
-use crate::session::{loop_plan, lora_config, open_run, total_steps, CliObserver, Headline};
+use crate::session::{
+    loop_plan, lora_config, open_run, total_steps, train_and_eval, CliObserver, Headline,
+};
 
 /// The pad id TRL gives a reward model: the tokenizer's pad token, else its EOS.
 pub fn reward_pad_id(tok: &Tokenizer, rm: &RewardModel) -> Option<u32> {
@@ -114,19 +114,7 @@ pub fn run_reward_model(cfg: &RunConfig, resume: bool, overwrite: bool) -> Resul
     let lora = lora_config(l);
     // Data first: a bad row fails before the run folder is created.
     let tok = load_tokenizer(&cfg.model.path)?;
-    let mut train = load_pairs(&tok, &cfg.data.train, r)?;
-    let mut eval = Vec::new();
-    if let Some(e) = &cfg.data.eval {
-        eval = load_pairs(&tok, e, r)?;
-    } else if cfg.data.eval_fraction > 0.0 {
-        let (t, e) = split_items(
-            train,
-            EvalSize::Fraction(cfg.data.eval_fraction),
-            cfg.run.seed,
-        )?;
-        train = t;
-        eval = e;
-    }
+    let (train, eval) = train_and_eval(cfg, |path| load_pairs(&tok, path, r))?;
     // Within a file margins are all or none (load_pairs); across the two files too.
     let has_margin = |v: &[RmPair]| v.first().map(|p| p.margin.is_some());
     if let (Some(a), Some(b)) = (has_margin(&train), has_margin(&eval)) {
@@ -181,10 +169,12 @@ pub fn run_reward_model(cfg: &RunConfig, resume: bool, overwrite: bool) -> Resul
         &train,
         &eval,
         &plan,
-        &run,
-        checkpoint.as_ref(),
-        &mut obs,
-        &device,
+        RunCtx {
+            run: &run,
+            resume: checkpoint.as_ref(),
+            obs: &mut obs,
+            device: &device,
+        },
     )?;
     let keys = ["loss", "accuracy", "margin", "eval/accuracy", "grad_norm"];
     obs.finish(&run, &keys);

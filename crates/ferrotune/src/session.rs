@@ -13,6 +13,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use ferrotune_ckpt::{latest_complete, load_checkpoint, Checkpoint, OnExisting, RunDir};
+use ferrotune_data::{split_items, EvalSize};
 use ferrotune_models::LoadOptions;
 use ferrotune_nn::{LoraConfig, TargetModules};
 use ferrotune_report::{open_step_log, plot_metrics, Progress, RunLog};
@@ -20,7 +21,7 @@ use ferrotune_tokenize::Tokenizer;
 use ferrotune_train::optim::AdamWConfig;
 use ferrotune_train::plan::LoopPlan;
 use ferrotune_train::schedule::{Schedule, Warmup};
-use ferrotune_train::trainer::{EvalVerdict, Observer, Trainable};
+use ferrotune_train::trainer::{EvalVerdict, Observer, RunCtx, Trainable};
 
 use crate::config::{LoraSection, OptimSection, RunConfig};
 use crate::lm::{parse_device, parse_dtype, Lm};
@@ -102,6 +103,16 @@ impl<'c> Session<'c> {
         Ok(obs)
     }
 
+    /// Where the trainer runs: this run's folder, checkpoint and device, reporting to `obs`.
+    pub fn ctx<'a>(&'a self, obs: &'a mut dyn Observer) -> RunCtx<'a> {
+        RunCtx {
+            run: &self.run,
+            resume: self.checkpoint.as_ref(),
+            obs,
+            device: &self.device,
+        }
+    }
+
     /// A side log of the run folder (`completions.jsonl`, `health.jsonl`), cut back to the
     /// checkpoint's step on resume.
     pub fn side_log(&self, name: &str) -> Result<std::fs::File> {
@@ -133,6 +144,31 @@ pub fn epoch_steps(cfg: &RunConfig, n: usize, per_step: usize) -> usize {
     ((cfg.run.num_train_epochs * n as f64) / per_step as f64)
         .ceil()
         .max(1.0) as usize
+}
+
+/// The train and eval sets of `cfg`: `data.train` and `data.eval` read with `load`, or (with
+/// no `data.eval`) a `data.eval_fraction` of the train set held out.
+pub fn train_and_eval<T>(
+    cfg: &RunConfig,
+    mut load: impl FnMut(&Path) -> Result<Vec<T>>,
+) -> Result<(Vec<T>, Vec<T>)> {
+    let train = load(&cfg.data.train)?;
+    let eval = match &cfg.data.eval {
+        Some(e) => load(e)?,
+        None => Vec::new(),
+    };
+    held_out(cfg, train, eval)
+}
+
+/// `eval` as it is, or (with no `data.eval`) a `data.eval_fraction` of `train` held out, by
+/// the run's seed.
+pub fn held_out<T>(cfg: &RunConfig, train: Vec<T>, eval: Vec<T>) -> Result<(Vec<T>, Vec<T>)> {
+    if cfg.data.eval.is_none() && cfg.data.eval_fraction > 0.0 {
+        let frac = EvalSize::Fraction(cfg.data.eval_fraction);
+        Ok(split_items(train, frac, cfg.run.seed)?)
+    } else {
+        Ok((train, eval))
+    }
 }
 
 /// Which metrics the progress line shows.

@@ -7,15 +7,15 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 use ferrotune_data::{
-    pack, read_rows, sft_examples, split_items, tokenize_sft_all, EvalSize, Example, Segment,
-    Sequence, SftOptions, Tokenized,
+    pack, read_rows, sft_examples, tokenize_sft_all, Example, Segment, Sequence, SftOptions,
+    Tokenized,
 };
 use ferrotune_train::sft::{train_sft, SftPlan, SftSummary};
 use ferrotune_train::trainer::Trainable;
 
 use crate::config::RunConfig;
 use crate::lm::Lm;
-use crate::session::{Headline, Session};
+use crate::session::{train_and_eval, Headline, Session};
 
 /// Read and tokenize one data file for SFT.
 fn load_sft_data(lm: &Lm, path: &Path, cfg: &RunConfig) -> Result<(Vec<Tokenized>, String)> {
@@ -86,22 +86,11 @@ pub fn run_sft(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<SftSumm
     let session = Session::open(cfg, resume, overwrite)?;
     let trainable = session.trainable()?;
     let lm = &session.lm;
-    let (mut train, note) = load_sft_data(lm, &cfg.data.train, cfg)?;
-    eprintln!("{note}");
-    let mut eval = Vec::new();
-    if let Some(e) = &cfg.data.eval {
-        let (items, note) = load_sft_data(lm, e, cfg)?;
+    let (train, eval) = train_and_eval(cfg, |path| {
+        let (items, note) = load_sft_data(lm, path, cfg)?;
         eprintln!("{note}");
-        eval = items;
-    } else if cfg.data.eval_fraction > 0.0 {
-        let (t, e) = split_items(
-            train,
-            EvalSize::Fraction(cfg.data.eval_fraction),
-            cfg.run.seed,
-        )?;
-        train = t;
-        eval = e;
-    }
+        Ok(items)
+    })?;
     if cfg.data.packing {
         let (t, e) = (
             pack(&train, cfg.data.max_seq_len)?,
@@ -143,10 +132,7 @@ fn train_with<S: Sequence>(
         train,
         eval,
         &plan,
-        &session.run,
-        session.checkpoint.as_ref(),
-        &mut obs,
-        &session.device,
+        session.ctx(&mut obs),
     )?;
     obs.finish(&session.run, &["loss", "eval_loss", "lr", "grad_norm"]);
     Ok(summary)

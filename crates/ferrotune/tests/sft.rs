@@ -540,10 +540,12 @@ fn lora_training_leaves_the_base_bit_identical() {
         &set.items,
         &empty,
         &plan,
-        &run,
-        None,
-        &mut Quiet,
-        &candle_core::Device::Cpu,
+        ferrotune_train::trainer::RunCtx {
+            run: &run,
+            resume: None,
+            obs: &mut Quiet,
+            device: &candle_core::Device::Cpu,
+        },
     )
     .unwrap();
     let after = snapshot(lm.model.as_ref());

@@ -9,6 +9,7 @@ use ferrotune_train::grpo::GrpoSummary;
 use ferrotune_train::ppo::PpoSummary;
 use ferrotune_train::reward_train::RmSummary;
 use ferrotune_train::sft::SftSummary;
+use ferrotune_train::trainer::{FirstLast, Outcome};
 
 use super::args::TrainArgs;
 
@@ -17,13 +18,39 @@ fn num(x: Option<f64>, digits: usize) -> String {
     x.map(|v| format!("{v:.digits$}")).unwrap_or("-".into())
 }
 
-/// `, checkpoint PATH` when one was written.
-fn checkpoint(p: &Option<std::path::PathBuf>) -> String {
-    p.as_ref()
-        .map(|p| format!(", checkpoint {}", p.display()))
-        .unwrap_or_default()
+/// `first -> last` of a per-step number.
+fn change(x: &FirstLast, digits: usize) -> String {
+    format!("{} -> {}", num(x.first, digits), num(x.last, digits))
 }
 
+/// `done: N steps, <what>, checkpoint PATH`: every method's one-line result.
+fn done(run: &Outcome, what: String) -> String {
+    let ck = run
+        .last_checkpoint
+        .as_ref()
+        .map(|p| format!(", checkpoint {}", p.display()))
+        .unwrap_or_default();
+    format!("done: {} steps, {what}{ck}", run.steps)
+}
+
+/// `, eval <name> first -> last[, <extra>]` when the run evaluated.
+fn eval_change<E>(
+    first: &Option<E>,
+    last: &Option<E>,
+    name: &str,
+    f: impl Fn(&E) -> f64,
+) -> String {
+    match last {
+        Some(e) => format!(
+            ", eval {name} {} -> {:.3}",
+            first
+                .as_ref()
+                .map_or("-".into(), |x| format!("{:.3}", f(x))),
+            f(e)
+        ),
+        None => String::new(),
+    }
+}
 pub fn train(a: TrainArgs) -> Result<()> {
     let TrainArgs {
         config,
@@ -67,108 +94,92 @@ pub fn train(a: TrainArgs) -> Result<()> {
 }
 
 fn sft_line(s: &SftSummary) -> String {
-    format!(
-        "done: {} steps, loss {} -> {}{}{}",
-        s.steps,
-        num(s.first_loss, 4),
-        num(s.last_loss, 4),
-        s.last_eval_loss
-            .map(|l| format!(", eval loss {l:.4}"))
-            .unwrap_or_default(),
-        checkpoint(&s.last_checkpoint)
-    )
+    let eval = s
+        .last_eval_loss
+        .map(|l| format!(", eval loss {l:.4}"))
+        .unwrap_or_default();
+    done(&s.run, format!("loss {}{eval}", change(&s.loss, 4)))
 }
 
 fn grpo_line(s: &GrpoSummary) -> String {
-    format!(
-        "done: {} steps, mean reward {} -> {}{}, max |ratio - 1| on first iterations {:.1e}, {} health findings{}",
-        s.steps,
-        num(s.first_reward, 3),
-        num(s.last_reward, 3),
-        s.last_eval_reward
-            .map(|e| format!(", eval reward {} -> {e:.3}", num(s.first_eval_reward, 3)))
-            .unwrap_or_default(),
-        s.max_first_ratio_dev,
-        s.findings.len(),
-        checkpoint(&s.last_checkpoint)
+    let eval = s
+        .eval_reward
+        .last
+        .map(|e| format!(", eval reward {} -> {e:.3}", num(s.eval_reward.first, 3)))
+        .unwrap_or_default();
+    done(
+        &s.run,
+        format!(
+            "mean reward {}{eval}, max |ratio - 1| on first iterations {:.1e}, {} health findings",
+            change(&s.reward, 3),
+            s.max_first_ratio_dev,
+            s.findings.len()
+        ),
     )
 }
 
 fn dpo_line(s: &DpoSummary) -> String {
-    format!(
-        "done: {} steps, loss {} -> {}{}{}",
-        s.steps,
-        num(s.first_loss, 4),
-        num(s.last_loss, 4),
-        s.last_eval
-            .as_ref()
-            .map(|e| format!(
-                ", eval reward accuracy {} -> {:.3}, eval margin {:.4}",
-                s.first_eval
-                    .as_ref()
-                    .map_or("-".into(), |f| format!("{:.3}", f.rewards_accuracies)),
-                e.rewards_accuracies,
-                e.rewards_margins
-            ))
-            .unwrap_or_default(),
-        checkpoint(&s.last_checkpoint)
-    )
+    let acc = eval_change(&s.first_eval, &s.last_eval, "reward accuracy", |e| {
+        e.rewards_accuracies
+    });
+    let margin = s
+        .last_eval
+        .as_ref()
+        .map(|e| format!(", eval margin {:.4}", e.rewards_margins))
+        .unwrap_or_default();
+    done(&s.run, format!("loss {}{acc}{margin}", change(&s.loss, 4)))
 }
 
 fn ppo_line(s: &PpoSummary) -> String {
-    format!(
-        "done: {} steps, mean score {} -> {}, KL {} (max {:.3}){}",
-        s.steps,
-        num(s.first_score, 3),
-        num(s.last_score, 3),
-        num(s.last_kl, 3),
-        s.max_kl,
-        checkpoint(&s.last_checkpoint)
+    done(
+        &s.run,
+        format!(
+            "mean score {}, KL {} (max {:.3})",
+            change(&s.score, 3),
+            num(s.last_kl, 3),
+            s.max_kl
+        ),
     )
 }
 
 fn distill_line(s: &DistillSummary) -> String {
-    format!(
-        "done: {} steps, loss {} -> {}, distill loss {} -> {}{}, {} on-policy micro-batches{}",
-        s.steps,
-        num(s.first_loss, 4),
-        num(s.last_loss, 4),
-        num(s.first_distill_loss, 4),
-        num(s.last_distill_loss, 4),
-        s.last_eval
-            .map(|e| format!(
+    let kl = s
+        .last_eval
+        .map(|e| {
+            format!(
                 ", eval forward KL {} -> {:.4}",
                 num(s.first_eval.map(|x| x.forward_kl), 4),
                 e.forward_kl
-            ))
-            .unwrap_or_default(),
-        s.on_policy_batches,
-        checkpoint(&s.last_checkpoint)
+            )
+        })
+        .unwrap_or_default();
+    done(
+        &s.run,
+        format!(
+            "loss {}, distill loss {}{kl}, {} on-policy micro-batches",
+            change(&s.loss, 4),
+            change(&s.distill_loss, 4),
+            s.on_policy_batches
+        ),
     )
 }
 
 fn rm_line(s: &RmSummary) -> String {
+    let acc = eval_change(&s.first_eval, &s.last_eval, "accuracy", |e| e.accuracy);
+    let margin = s
+        .last_eval
+        .as_ref()
+        .map(|e| format!(", eval margin {:.4}", e.margin))
+        .unwrap_or_default();
+    let export = s
+        .export
+        .as_ref()
+        .map(|p| format!(", reward model {}", p.display()))
+        .unwrap_or_default();
+    // The reward model's folder comes after the checkpoint, as before.
     format!(
-        "done: {} steps, loss {} -> {}{}{}{}",
-        s.steps,
-        num(s.first_loss, 4),
-        num(s.last_loss, 4),
-        s.last_eval
-            .as_ref()
-            .map(|e| format!(
-                ", eval accuracy {} -> {:.3}, eval margin {:.4}",
-                s.first_eval
-                    .as_ref()
-                    .map_or("-".into(), |f| format!("{:.3}", f.accuracy)),
-                e.accuracy,
-                e.margin
-            ))
-            .unwrap_or_default(),
-        checkpoint(&s.last_checkpoint),
-        s.export
-            .as_ref()
-            .map(|p| format!(", reward model {}", p.display()))
-            .unwrap_or_default()
+        "{}{export}",
+        done(&s.run, format!("loss {}{acc}{margin}", change(&s.loss, 4)))
     )
 }
 
@@ -178,10 +189,10 @@ pub fn pretrain(config: &std::path::Path, sets: &[String]) -> Result<()> {
     let s = ferrotune::pretrain_run::pretrain(&cfg, false)?;
     println!(
         "done: {} steps in {:.0}s, loss {} -> {}{}, wrote {}",
-        s.sft.steps,
+        s.sft.run.steps,
         s.seconds,
-        num(s.sft.first_loss, 4),
-        num(s.sft.last_loss, 4),
+        num(s.sft.loss.first, 4),
+        num(s.sft.loss.last, 4),
         s.sft
             .last_eval_loss
             .map(|l| format!(", eval loss {l:.4}"))
