@@ -18,7 +18,15 @@ for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda_ops":
         print(m["executable"])' | tail -n 1)
+# The CLI library's unit tests, with the one-device test of a run (session.rs) compiled in.
+lib_bin=$(cargo test --release --features cuda -p ferrotune --lib --no-run --message-format=json 2>/dev/null \
+  | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["lib"]:
+        print(m["executable"])' | tail -n 1)
 mkdir -p .carry
 gzip -c "$CARGO_TARGET_DIR/release/ferrotune" > .carry/ferrotune.gz
+[ -n "$lib_bin" ] && gzip -c "$lib_bin" > .carry/ferrotune_lib_tests.gz
 gzip -c "$test_bin" > .carry/cuda_ops.gz
 ls -l .carry

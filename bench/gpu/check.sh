@@ -23,6 +23,7 @@ unpack() { # .carry/NAME.gz -> /tmp/NAME
 }
 unpack ferrotune
 unpack cuda_ops
+unpack ferrotune_lib_tests
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/env.txt" 2>&1
 
 echo "== kernel tests ($SECONDS s)"
@@ -32,6 +33,13 @@ if [ -x /tmp/cuda_ops ]; then
   grep -E "test result|panicked|FAILED|error" "$OUT/kernels.log" | head -20
 else
   echo "no .carry/cuda_ops.gz" | tee "$OUT/kernels.log"
+fi
+
+echo "== one device per run ($SECONDS s)"
+if [ -x /tmp/ferrotune_lib_tests ]; then
+  # Run from crates/ferrotune: the test finds configs/ and fixtures/ from its manifest dir.
+  (cd crates/ferrotune && timeout 120 /tmp/ferrotune_lib_tests a_run_puts_every_tensor_on_one_device) >> "$OUT/kernels.log" 2>&1
+  grep -E "test result|panicked" "$OUT/kernels.log" | tail -2
 fi
 
 echo "== GRPO step, GPU vs CPU ($SECONDS s)"

@@ -39,8 +39,7 @@ pub use crate::distill_teacher::{teacher_topk_rows, topk_logprobs, CachedTeacher
 use crate::error::{Result, TrainError};
 use crate::plan::LoopPlan;
 use crate::trainer::{
-    batch_tensors, derive_seed, eval_hook, FirstLast, LoopCore, Observer, Outcome, RunCtx,
-    Trainable, Trainer,
+    batch_tensors, derive_seed, FirstLast, LoopCore, Observer, Outcome, RunCtx, Trainable, Trainer,
 };
 
 /// One training example and its key in the teacher cache (its index among the tokenized
@@ -326,12 +325,7 @@ pub fn train_distill(
     plan: &DistillPlan,
     ctx: RunCtx,
 ) -> Result<DistillSummary> {
-    let RunCtx {
-        run,
-        resume,
-        obs,
-        device,
-    } = ctx;
+    let (run, resume, obs, device) = ctx.parts();
     plan.loss.validate()?;
     let live = match teacher {
         TeacherSource::Live { model, .. } => Some(model),
@@ -347,13 +341,11 @@ pub fn train_distill(
     let run_dir = run;
     let run = &plan.run;
     let mut t = Trainer::new(student, trainable, run, run_dir)?;
-    let mut state = DistillState {
+    let fresh = DistillState {
         core: LoopCore::new(run),
         tokens_seen: 0,
     };
-    if let Some(ck) = resume {
-        state = t.resume(ck, obs)?;
-    }
+    let mut state = t.start(resume, fresh, obs)?;
     let mut summary = DistillSummary {
         run: Outcome::at(state.core.step),
         ..Default::default()
@@ -459,13 +451,9 @@ pub fn train_distill(
                 log_eval(obs, step, &e);
                 summary.last_eval = Some(e);
             }
-            if eval_hook(obs, step, student)? {
-                summary.run.stopped_early = true;
-                break;
-            }
         }
-        if run.is_save_step(step) {
-            summary.run.last_checkpoint = Some(t.save(step, &state, obs)?);
+        if t.finish_step(step, &state, &mut summary.run, obs)? {
+            break;
         }
     }
     Ok(summary)

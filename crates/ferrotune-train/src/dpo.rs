@@ -36,7 +36,7 @@ use crate::loss::scored_logprobs;
 use crate::plan::LoopPlan;
 use crate::pref_loss::{dpo_loss, DpoConfig, DpoInputs};
 use crate::trainer::{
-    batch_tensors, eval_hook, log_metrics, FirstLast, LoopCore, Observer, Outcome, RunCtx,
+    batch_tensors, log_metrics, prefixed, FirstLast, LoopCore, Observer, Outcome, RunCtx,
     Trainable, Trainer,
 };
 
@@ -75,18 +75,18 @@ pub struct PairStats {
 
 impl PairStats {
     fn metrics(&self, prefix: &str) -> Vec<(String, f64)> {
-        [
-            ("loss", self.loss),
-            ("rewards/chosen", self.rewards_chosen),
-            ("rewards/rejected", self.rewards_rejected),
-            ("rewards/accuracies", self.rewards_accuracies),
-            ("rewards/margins", self.rewards_margins),
-            ("logps/chosen", self.logps_chosen),
-            ("logps/rejected", self.logps_rejected),
-        ]
-        .into_iter()
-        .map(|(k, v)| (format!("{prefix}{k}"), v))
-        .collect()
+        prefixed(
+            prefix,
+            &[
+                ("loss", self.loss),
+                ("rewards/chosen", self.rewards_chosen),
+                ("rewards/rejected", self.rewards_rejected),
+                ("rewards/accuracies", self.rewards_accuracies),
+                ("rewards/margins", self.rewards_margins),
+                ("logps/chosen", self.logps_chosen),
+                ("logps/rejected", self.logps_rejected),
+            ],
+        )
     }
 }
 
@@ -402,12 +402,7 @@ pub fn train_dpo(
     plan: &DpoPlan,
     ctx: RunCtx,
 ) -> Result<DpoSummary> {
-    let RunCtx {
-        run,
-        resume,
-        obs,
-        device,
-    } = ctx;
+    let (run, resume, obs, device) = ctx.parts();
     if matches!(reference, Reference::AdaptersOff) && !matches!(trainable, Trainable::Lora { .. }) {
         return Err(TrainError::invalid(
             "dpo.ref_model",
@@ -419,13 +414,11 @@ pub fn train_dpo(
     let run_dir = run;
     let run = &plan.run;
     let mut t = Trainer::new(model, trainable, run, run_dir)?;
-    let mut state = DpoState {
+    let fresh = DpoState {
         core: LoopCore::new(run),
         pairs_seen: 0,
     };
-    if let Some(ck) = resume {
-        state = t.resume(ck, obs)?;
-    }
+    let mut state = t.start(resume, fresh, obs)?;
     let mut summary = DpoSummary {
         run: Outcome::at(state.core.step),
         ..Default::default()
@@ -522,13 +515,9 @@ pub fn train_dpo(
                 log_eval(obs, step, &e);
                 summary.last_eval = Some(e);
             }
-            if eval_hook(obs, step, model)? {
-                summary.run.stopped_early = true;
-                break;
-            }
         }
-        if run.is_save_step(step) {
-            summary.run.last_checkpoint = Some(t.save(step, &state, obs)?);
+        if t.finish_step(step, &state, &mut summary.run, obs)? {
+            break;
         }
     }
     Ok(summary)

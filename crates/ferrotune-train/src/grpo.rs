@@ -232,26 +232,19 @@ pub fn train_grpo(
     plan: &GrpoPlan,
     ctx: RunCtx,
 ) -> Result<GrpoSummary> {
-    let RunCtx {
-        run,
-        resume,
-        obs,
-        device,
-    } = ctx;
+    let (run, resume, obs, device) = ctx.parts();
     plan.validate()?;
     let n_train = env.len(Split::Train);
     if n_train == 0 {
         return Err(TrainError::NoPrompts);
     }
     let mut t = Trainer::new(model, trainable, &plan.run, run)?;
-    let mut state = GrpoState {
+    let fresh = GrpoState {
         core: LoopCore::new(&plan.run),
         rollout_tokens: 0,
         health: None,
     };
-    if let Some(ck) = resume {
-        state = t.resume(ck, obs)?;
-    }
+    let mut state = t.start(resume, fresh, obs)?;
     let mut health = state
         .health
         .take()

@@ -31,9 +31,7 @@
 //! back, so it matches a float64 reference to ~1e-7 at these sizes. The tensors are (B, T), so
 //! the cost is nil next to the forward pass that made the log-probs.
 
-use std::fmt;
-use std::str::FromStr;
-
+use crate::names::config_names;
 use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -78,6 +76,13 @@ pub enum LossType {
     Bnpo,
 }
 
+config_names!(LossType, GrpoLossError, GrpoLossError::LossType, {
+    Grpo => "grpo",
+    DrGrpo => "dr_grpo",
+    Dapo => "dapo",
+    Bnpo => "bnpo",
+});
+
 /// How advantages are scaled (TRL's `scale_rewards`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -90,75 +95,11 @@ pub enum ScaleRewards {
     None,
 }
 
-impl LossType {
-    /// Every value, in the order the config help lists them.
-    pub const ALL: [LossType; 4] = [
-        LossType::Grpo,
-        LossType::DrGrpo,
-        LossType::Dapo,
-        LossType::Bnpo,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LossType::Grpo => "grpo",
-            LossType::DrGrpo => "dr_grpo",
-            LossType::Dapo => "dapo",
-            LossType::Bnpo => "bnpo",
-        }
-    }
-}
-
-impl FromStr for LossType {
-    type Err = GrpoLossError;
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        match s {
-            "grpo" => Ok(LossType::Grpo),
-            "dr_grpo" => Ok(LossType::DrGrpo),
-            "dapo" => Ok(LossType::Dapo),
-            "bnpo" => Ok(LossType::Bnpo),
-            _ => Err(GrpoLossError::LossType(s.to_string())),
-        }
-    }
-}
-
-impl fmt::Display for LossType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl ScaleRewards {
-    /// Every value, in the order the config help lists them.
-    pub const ALL: [ScaleRewards; 3] =
-        [ScaleRewards::Group, ScaleRewards::Batch, ScaleRewards::None];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ScaleRewards::Group => "group",
-            ScaleRewards::Batch => "batch",
-            ScaleRewards::None => "none",
-        }
-    }
-}
-
-impl FromStr for ScaleRewards {
-    type Err = GrpoLossError;
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        match s {
-            "group" => Ok(ScaleRewards::Group),
-            "batch" => Ok(ScaleRewards::Batch),
-            "none" => Ok(ScaleRewards::None),
-            _ => Err(GrpoLossError::ScaleRewards(s.to_string())),
-        }
-    }
-}
-
-impl fmt::Display for ScaleRewards {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+config_names!(ScaleRewards, GrpoLossError, GrpoLossError::ScaleRewards, {
+    Group => "group",
+    Batch => "batch",
+    None => "none",
+});
 
 /// TRL's `nanmean` / `nanstd` (Bessel-corrected; NaN when fewer than two values) over the
 /// non-NaN entries.

@@ -15,6 +15,7 @@ pub mod grpo;
 pub mod grpo_loss;
 pub mod health;
 pub mod loss;
+mod names;
 pub mod optim;
 pub mod plan;
 pub mod ppo;

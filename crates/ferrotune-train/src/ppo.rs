@@ -185,24 +185,19 @@ pub fn train_ppo(
     plan: &PpoPlan,
     ctx: RunCtx,
 ) -> Result<PpoSummary> {
-    let RunCtx {
-        run,
-        resume,
-        obs,
-        device,
-    } = ctx;
+    let (run, resume, obs, device) = ctx.parts();
     plan.validate()?;
     let n_train = env.len(Split::Train);
     if n_train == 0 {
         return Err(TrainError::NoPrompts);
     }
     let mut t = Trainer::with_extra_params(model, trainable, head.params(), &plan.run, run)?;
-    let mut state = PpoState {
+    let fresh = PpoState {
         core: LoopCore::new(&plan.run),
         episodes: 0,
     };
+    let mut state = t.start(resume, fresh, obs)?;
     if let Some(ck) = resume {
-        state = t.resume(ck, obs)?;
         let file = ck.dir.join(VALUE_HEAD_FILE);
         let saved = ck
             .extra_tensors(VALUE_HEAD_FILE)?

@@ -37,9 +37,7 @@
 //! dtype, as in `grpo_loss`. GAE and whitening run on the host: (B, T) is tiny next to the
 //! forward passes that made the inputs.
 
-use std::fmt;
-use std::str::FromStr;
-
+use crate::names::config_names;
 use candle_core::{DType, Device, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -84,34 +82,10 @@ pub enum KlEstimator {
     K3,
 }
 
-impl KlEstimator {
-    /// Every value, in the order the config help lists them.
-    pub const ALL: [KlEstimator; 2] = [KlEstimator::K1, KlEstimator::K3];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KlEstimator::K1 => "k1",
-            KlEstimator::K3 => "k3",
-        }
-    }
-}
-
-impl FromStr for KlEstimator {
-    type Err = PpoLossError;
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        match s {
-            "k1" => Ok(KlEstimator::K1),
-            "k3" => Ok(KlEstimator::K3),
-            _ => Err(PpoLossError::KlEstimator(s.to_string())),
-        }
-    }
-}
-
-impl fmt::Display for KlEstimator {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+config_names!(KlEstimator, PpoLossError, PpoLossError::KlEstimator, {
+    K1 => "k1",
+    K3 => "k3",
+});
 
 /// PPO hyper-parameters (TRL `PPOConfig` names and defaults).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -37,9 +37,7 @@
 //! Inputs are f32 (or any float); the math runs in f64 and the loss is cast back, as in
 //! `grpo_loss`. The tensors are (B,), so the cost is nil.
 
-use std::fmt;
-use std::str::FromStr;
-
+use crate::names::config_names;
 use candle_core::{DType, Result, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -76,36 +74,11 @@ pub enum DpoLossType {
     Hinge,
 }
 
-impl DpoLossType {
-    /// Every value, in the order the config help lists them.
-    pub const ALL: [DpoLossType; 3] = [DpoLossType::Sigmoid, DpoLossType::Ipo, DpoLossType::Hinge];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DpoLossType::Sigmoid => "sigmoid",
-            DpoLossType::Ipo => "ipo",
-            DpoLossType::Hinge => "hinge",
-        }
-    }
-}
-
-impl FromStr for DpoLossType {
-    type Err = PrefLossError;
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        match s {
-            "sigmoid" => Ok(DpoLossType::Sigmoid),
-            "ipo" => Ok(DpoLossType::Ipo),
-            "hinge" => Ok(DpoLossType::Hinge),
-            _ => Err(PrefLossError::LossType(s.to_string())),
-        }
-    }
-}
-
-impl fmt::Display for DpoLossType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+config_names!(DpoLossType, PrefLossError, PrefLossError::LossType, {
+    Sigmoid => "sigmoid",
+    Ipo => "ipo",
+    Hinge => "hinge",
+});
 
 /// DPO hyper-parameters (TRL `DPOConfig` names).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

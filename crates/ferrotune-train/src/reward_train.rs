@@ -34,7 +34,7 @@ use crate::plan::LoopPlan;
 use crate::pref_loss::reward_model_loss;
 pub use crate::trainer::SCORE_PARAM;
 use crate::trainer::{
-    log_metrics, FirstLast, LoopCore, Observer, Outcome, RunCtx, Trainable, Trainer,
+    log_metrics, prefixed, FirstLast, LoopCore, Observer, Outcome, RunCtx, Trainable, Trainer,
 };
 
 /// Folder of the run where the merged reward model is written at the end.
@@ -87,19 +87,19 @@ pub struct RmStats {
 
 impl RmStats {
     fn metrics(&self, prefix: &str) -> Vec<(String, f64)> {
-        [
-            ("loss", self.loss),
-            ("accuracy", self.accuracy),
-            ("margin", self.margin),
-            ("rewards/chosen", self.rewards_chosen),
-            ("rewards/rejected", self.rewards_rejected),
-            ("min_reward", self.min_reward),
-            ("mean_reward", self.mean_reward),
-            ("max_reward", self.max_reward),
-        ]
-        .into_iter()
-        .map(|(k, v)| (format!("{prefix}{k}"), v))
-        .collect()
+        prefixed(
+            prefix,
+            &[
+                ("loss", self.loss),
+                ("accuracy", self.accuracy),
+                ("margin", self.margin),
+                ("rewards/chosen", self.rewards_chosen),
+                ("rewards/rejected", self.rewards_rejected),
+                ("min_reward", self.min_reward),
+                ("mean_reward", self.mean_reward),
+                ("max_reward", self.max_reward),
+            ],
+        )
     }
 }
 
@@ -242,12 +242,7 @@ pub fn train_reward_model(
     plan: &RmPlan,
     ctx: RunCtx,
 ) -> Result<RmSummary> {
-    let RunCtx {
-        run,
-        resume,
-        obs,
-        device,
-    } = ctx;
+    let (run, resume, obs, device) = ctx.parts();
     let Trainable::Reward { rm, .. } = trainable else {
         return Err(TrainError::Unsupported(
             "a reward-model run trains a reward model's adapters and head",
@@ -263,14 +258,12 @@ pub fn train_reward_model(
     let run_dir = run;
     let run = &plan.run;
     let mut t = Trainer::new(rm.body.as_ref(), trainable, run, run_dir)?;
-    let mut state = RmState {
+    let fresh = RmState {
         core: LoopCore::new(run),
         pairs_seen: 0,
         num_tokens: 0,
     };
-    if let Some(ck) = resume {
-        state = t.resume(ck, obs)?;
-    }
+    let mut state = t.start(resume, fresh, obs)?;
     let mut summary = RmSummary {
         run: Outcome::at(state.core.step),
         ..Default::default()

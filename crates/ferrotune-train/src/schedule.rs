@@ -11,6 +11,7 @@
 //! step uses `lr_at(0)`, which is 0 under any warmup. (The Trainer *logs* the lr after
 //! `scheduler.step()`, i.e. `lr_at(k + 1)`; we log the lr actually used.)
 
+use crate::names::config_names;
 use serde::{Deserialize, Serialize};
 
 /// What can be wrong with a schedule's settings.
@@ -45,36 +46,17 @@ pub enum ScheduleKind {
     Cosine,
 }
 
+config_names!(ScheduleKind, ScheduleError, ScheduleError::UnknownKind, {
+    Constant => "constant",
+    ConstantWithWarmup => "constant_with_warmup",
+    Linear => "linear",
+    Cosine => "cosine",
+});
+
 impl ScheduleKind {
-    /// Every value, in the order the config help lists them.
-    pub const ALL: [ScheduleKind; 4] = [
-        ScheduleKind::Constant,
-        ScheduleKind::ConstantWithWarmup,
-        ScheduleKind::Linear,
-        ScheduleKind::Cosine,
-    ];
-
-    /// The Hugging Face name.
+    /// The Hugging Face name (= [`ScheduleKind::as_str`]).
     pub fn name(self) -> &'static str {
-        match self {
-            ScheduleKind::Constant => "constant",
-            ScheduleKind::ConstantWithWarmup => "constant_with_warmup",
-            ScheduleKind::Linear => "linear",
-            ScheduleKind::Cosine => "cosine",
-        }
-    }
-}
-
-impl std::str::FromStr for ScheduleKind {
-    type Err = ScheduleError;
-
-    /// Parses Hugging Face's `lr_scheduler_type` names; anything else is refused, not
-    /// defaulted, so a typo cannot silently change the schedule.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        ScheduleKind::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| ScheduleError::UnknownKind(s.to_string()))
+        self.as_str()
     }
 }
 

@@ -15,9 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::Result;
 use crate::loss::nll_sum;
 use crate::plan::LoopPlan;
-use crate::trainer::{
-    batch_tensors, eval_hook, FirstLast, LoopCore, Outcome, RunCtx, Trainable, Trainer,
-};
+use crate::trainer::{batch_tensors, FirstLast, LoopCore, Outcome, RunCtx, Trainable, Trainer};
 
 /// The resolved schedule of a run (from the config, with totals computed).
 #[derive(Debug, Clone)]
@@ -73,21 +71,14 @@ pub fn train_sft<S: Sequence>(
     plan: &SftPlan,
     ctx: RunCtx,
 ) -> Result<SftSummary> {
-    let RunCtx {
-        run,
-        resume,
-        obs,
-        device,
-    } = ctx;
+    let (run, resume, obs, device) = ctx.parts();
     let plan = &plan.run;
     let mut t = Trainer::new(model, trainable, plan, run)?;
-    let mut state = TrainerState {
+    let fresh = TrainerState {
         core: LoopCore::new(plan),
         tokens_seen: 0,
     };
-    if let Some(ck) = resume {
-        state = t.resume(ck, obs)?;
-    }
+    let mut state = t.start(resume, fresh, obs)?;
     let mut loader = Loader::resume(train.len(), plan.shuffler(), state.core.cursor)?;
     let mut summary = SftSummary {
         run: Outcome::at(state.core.step),
@@ -148,13 +139,9 @@ pub fn train_sft<S: Sequence>(
                 summary.last_eval_loss = Some(e);
                 obs.metrics(step, &[("eval_loss", e)]);
             }
-            if eval_hook(obs, step, model)? {
-                summary.run.stopped_early = true;
-                break;
-            }
         }
-        if plan.is_save_step(step) {
-            summary.run.last_checkpoint = Some(t.save(step, &state, obs)?);
+        if t.finish_step(step, &state, &mut summary.run, obs)? {
+            break;
         }
     }
     Ok(summary)

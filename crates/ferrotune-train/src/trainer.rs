@@ -127,6 +127,14 @@ pub fn log_metrics(obs: &mut dyn Observer, step: usize, values: &[(String, f64)]
     obs.metrics(step, &refs);
 }
 
+/// `values` named with `prefix` before each name (`eval/` for an eval pass's metrics).
+pub fn prefixed(prefix: &str, values: &[(&str, f64)]) -> Vec<(String, f64)> {
+    values
+        .iter()
+        .map(|(k, v)| (format!("{prefix}{k}"), *v))
+        .collect()
+}
+
 /// What an eval hook found.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct EvalVerdict {
@@ -237,6 +245,21 @@ pub struct RunCtx<'a> {
     pub resume: Option<&'a Checkpoint>,
     pub obs: &'a mut dyn Observer,
     pub device: &'a Device,
+}
+
+impl<'a> RunCtx<'a> {
+    /// (run folder, checkpoint to resume from, observer, device).
+    #[allow(clippy::type_complexity)]
+    pub fn parts(
+        self,
+    ) -> (
+        &'a RunDir,
+        Option<&'a Checkpoint>,
+        &'a mut dyn Observer,
+        &'a Device,
+    ) {
+        (self.run, self.resume, self.obs, self.device)
+    }
 }
 
 /// What every run's summary holds: how far it got and where it left its weights.
@@ -432,6 +455,40 @@ impl<'a> Trainer<'a> {
             prune(self.run, self.plan.keep_last)?;
         }
         Ok(path)
+    }
+
+    /// The loop state to start from: `fresh`, or the one saved in `resume` (with the weights and
+    /// optimizer moments restored, see [`Trainer::resume`]).
+    pub fn start<S: DeserializeOwned>(
+        &mut self,
+        resume: Option<&Checkpoint>,
+        fresh: S,
+        obs: &mut dyn Observer,
+    ) -> Result<S> {
+        match resume {
+            Some(ck) => self.resume(ck, obs),
+            None => Ok(fresh),
+        }
+    }
+
+    /// The tail of a step after the method's own eval: the observer's eval hook at eval steps
+    /// (true = the run stops, before the regressed state is saved), then a checkpoint at save
+    /// steps; both recorded in `outcome`.
+    pub fn finish_step(
+        &self,
+        step: usize,
+        state: &impl Serialize,
+        outcome: &mut Outcome,
+        obs: &mut dyn Observer,
+    ) -> Result<bool> {
+        if self.plan.is_eval_step(step) && eval_hook(obs, step, self.model)? {
+            outcome.stopped_early = true;
+            return Ok(true);
+        }
+        if self.plan.is_save_step(step) {
+            outcome.last_checkpoint = Some(self.save(step, state, obs)?);
+        }
+        Ok(false)
     }
 
     /// Resume from `ck`: the method's state `S`, the trainable weights and the optimizer

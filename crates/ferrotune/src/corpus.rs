@@ -125,32 +125,16 @@ pub struct CorpusSpec {
     pub files: Vec<std::path::PathBuf>,
 }
 
-fn d_seed() -> u64 {
-    1
-}
-fn d_arith() -> usize {
-    20000
-}
-fn d_chat() -> usize {
-    8000
-}
-fn d_english() -> usize {
-    12000
-}
-fn d_heldout_english() -> usize {
-    200
-}
-fn d_heldout_arith() -> usize {
-    300
-}
-fn d_max_operand() -> i64 {
-    99
-}
-fn d_three_digit() -> f64 {
-    0.1
-}
-fn d_mul() -> f64 {
-    0.1
+serde_defaults! {
+    d_seed: u64 = 1;
+    d_arith: usize = 20000;
+    d_chat: usize = 8000;
+    d_english: usize = 12000;
+    d_heldout_english: usize = 200;
+    d_heldout_arith: usize = 300;
+    d_max_operand: i64 = 99;
+    d_three_digit: f64 = 0.1;
+    d_mul: f64 = 0.1;
 }
 
 impl Default for CorpusSpec {

@@ -1,6 +1,16 @@
 //! The ferrotune library behind the binary: model + tokenizer loading as one unit, and the
 //! evaluation room (perplexity). Trainers and the CLI's plumbing live in their own modules.
 
+/// Serde's `default = "..."` functions, one line each:
+/// `serde_defaults! { d_lr: f64 = 2e-4; }` writes `fn d_lr() -> f64 { 2e-4 }`.
+macro_rules! serde_defaults {
+    ($($name:ident: $ty:ty = $value:expr;)*) => {
+        $(fn $name() -> $ty {
+            $value
+        })*
+    };
+}
+
 pub mod bench;
 pub mod compare;
 pub mod config;

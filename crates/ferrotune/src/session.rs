@@ -521,3 +521,54 @@ fn lm_base_params(lm: &Lm) -> Result<Vec<(String, candle_core::Var)>> {
     }
     Ok(p)
 }
+
+/// One device per run: each CUDA device parsed anew gets its own id, so a run must parse
+/// `model.device` once and hand that device to everything it loads. On CUDA (the `cuda` feature,
+/// run on a GPU machine) this checks that the trained model, its adapters and a second frozen
+/// model (DPO's reference) all share the session's device id; on a CPU build every device is
+/// the same and there is nothing to check.
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_puts_every_tensor_on_one_device() {
+        // The build machine's checkout, or (a test binary carried to a GPU machine, run from
+        // crates/ferrotune) the one two folders up.
+        let root = [
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),
+            Path::new("../..").to_path_buf(),
+        ]
+        .into_iter()
+        .find(|r| r.join("configs/dpo-tiny.toml").is_file())
+        .expect("the repository's configs/ folder");
+        let out = tempfile::tempdir().unwrap();
+        let sets = [
+            "model.device=cuda".to_string(),
+            format!("run.output_dir={}", out.path().join("run").display()),
+        ];
+        let cfg = RunConfig::load(&root.join("configs/dpo-tiny.toml"), &sets).unwrap();
+        let session = Session::open(&cfg, false, false).unwrap();
+        let reference = session
+            .load_frozen("dpo.ref_model", &cfg.model.path)
+            .unwrap();
+        let trainable = session.trainable().unwrap();
+        let mut tensors: Vec<candle_core::Tensor> = trainable
+            .params()
+            .iter()
+            .map(|(_, v)| v.as_tensor().clone())
+            .collect();
+        for lm in [&session.lm, &reference] {
+            tensors.extend(lm.model.linear_slots().iter().map(|s| s.weight.clone()));
+        }
+        assert!(tensors.len() > 4);
+        for t in &tensors {
+            assert!(
+                t.device().same_device(&session.device),
+                "a tensor of the run is on {:?}, the session on {:?}",
+                t.device().location(),
+                session.device.location()
+            );
+        }
+    }
+}

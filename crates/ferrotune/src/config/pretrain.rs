@@ -109,44 +109,20 @@ pub struct PretrainConfig {
     pub run: PretrainRun,
 }
 
-fn d_ctx() -> usize {
-    256
-}
-fn d_theta() -> f64 {
-    10000.0
-}
-fn d_rms_eps() -> f64 {
-    1e-5
-}
-fn d_true() -> bool {
-    true
-}
-fn d_init() -> f64 {
-    0.02
-}
-fn d_vocab() -> usize {
-    1024
-}
-fn d_min_freq() -> u64 {
-    2
-}
-fn d_batch() -> usize {
-    16
-}
-fn d_one() -> usize {
-    1
-}
-fn d_seq() -> usize {
-    128
-}
-fn d_eval_frac() -> f64 {
-    0.01
-}
-fn d_log_every() -> usize {
-    10
-}
-fn d_save_dtype() -> String {
-    "auto".into()
+serde_defaults! {
+    d_ctx: usize = 256;
+    d_theta: f64 = 10000.0;
+    d_rms_eps: f64 = 1e-5;
+    d_true: bool = true;
+    d_init: f64 = 0.02;
+    d_vocab: usize = 1024;
+    d_min_freq: u64 = 2;
+    d_batch: usize = 16;
+    d_one: usize = 1;
+    d_seq: usize = 128;
+    d_eval_frac: f64 = 0.01;
+    d_log_every: usize = 10;
+    d_save_dtype: String = "auto".into();
 }
 fn d_tokenizer() -> TokenizerSection {
     TokenizerSection {

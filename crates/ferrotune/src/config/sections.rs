@@ -298,17 +298,11 @@ pub struct DistillSection {
     pub teacher_cache: Option<PathBuf>,
 }
 
-fn d_half() -> f64 {
-    0.5
-}
-fn d_distill_temperature() -> f64 {
-    0.9
-}
-fn d_one_f64() -> f64 {
-    1.0
-}
-fn d_max_new_tokens() -> usize {
-    128
+serde_defaults! {
+    d_half: f64 = 0.5;
+    d_distill_temperature: f64 = 0.9;
+    d_one_f64: f64 = 1.0;
+    d_max_new_tokens: usize = 128;
 }
 
 /// `[ppo]`: PPO for RLHF (TRL 1.12's `PPOTrainer`, the last TRL with PPO): one completion per
@@ -362,29 +356,15 @@ pub struct PpoSection {
     pub log_completions: bool,
 }
 
-fn d_ppo_epochs() -> usize {
-    4
-}
-fn d_ppo_response_length() -> usize {
-    53
-}
-fn d_ppo_temperature() -> f64 {
-    0.7
-}
-fn d_ppo_kl_coef() -> f64 {
-    0.05
-}
-fn d_ppo_kl_estimator() -> KlEstimator {
-    KlEstimator::K1
-}
-fn d_ppo_gamma() -> f64 {
-    1.0
-}
-fn d_ppo_lam() -> f64 {
-    0.95
-}
-fn d_ppo_vf_coef() -> f64 {
-    0.1
+serde_defaults! {
+    d_ppo_epochs: usize = 4;
+    d_ppo_response_length: usize = 53;
+    d_ppo_temperature: f64 = 0.7;
+    d_ppo_kl_coef: f64 = 0.05;
+    d_ppo_kl_estimator: KlEstimator = KlEstimator::K1;
+    d_ppo_gamma: f64 = 1.0;
+    d_ppo_lam: f64 = 0.95;
+    d_ppo_vf_coef: f64 = 0.1;
 }
 
 impl PpoSection {
@@ -441,96 +421,36 @@ pub struct RunConfig {
     pub eval: Option<EvalSection>,
 }
 
-fn d_dtype() -> String {
-    "f32".into()
-}
-fn d_device() -> String {
-    "cpu".into()
-}
-fn d_r() -> usize {
-    16
-}
-fn d_alpha() -> f64 {
-    32.0
-}
-fn d_targets() -> toml::Value {
-    toml::Value::String("all-linear".into())
-}
-fn d_max_seq_len() -> usize {
-    1024
-}
-fn d_true() -> bool {
-    true
-}
-fn d_lr() -> f64 {
-    2e-4
-}
-fn d_beta1() -> f64 {
-    0.9
-}
-fn d_beta2() -> f64 {
-    0.999
-}
-fn d_eps() -> f64 {
-    1e-8
-}
-fn d_clip() -> f64 {
-    1.0
-}
-fn d_sched() -> ScheduleKind {
-    ScheduleKind::Linear
-}
-fn d_seed() -> u64 {
-    42
-}
-fn d_epochs() -> f64 {
-    1.0
-}
-fn d_batch() -> usize {
-    8
-}
-fn d_one() -> usize {
-    1
-}
-fn d_log_every() -> usize {
-    10
-}
-fn d_nonfinite() -> usize {
-    5
-}
-fn d_num_generations() -> usize {
-    8
-}
-fn d_max_prompt_len() -> usize {
-    512
-}
-fn d_max_completion_len() -> usize {
-    256
-}
-fn d_temperature() -> f64 {
-    1.0
-}
-fn d_top_p() -> f64 {
-    1.0
-}
-fn d_epsilon() -> f64 {
-    0.2
-}
-fn d_scale_rewards() -> ScaleRewards {
-    ScaleRewards::Group
-}
-fn d_loss_type() -> LossType {
-    LossType::Dapo
-}
-fn d_dpo_beta() -> f64 {
-    0.1
-}
-fn d_dpo_loss_type() -> DpoLossType {
-    DpoLossType::Sigmoid
-}
-fn d_truncation_mode() -> TruncationMode {
-    TruncationMode::KeepStart
-}
-fn d_optim() -> OptimSection {
-    toml::from_str("").expect("optim defaults deserialize")
+serde_defaults! {
+    d_dtype: String = "f32".into();
+    d_device: String = "cpu".into();
+    d_r: usize = 16;
+    d_alpha: f64 = 32.0;
+    d_targets: toml::Value = toml::Value::String("all-linear".into());
+    d_max_seq_len: usize = 1024;
+    d_true: bool = true;
+    d_lr: f64 = 2e-4;
+    d_beta1: f64 = 0.9;
+    d_beta2: f64 = 0.999;
+    d_eps: f64 = 1e-8;
+    d_clip: f64 = 1.0;
+    d_sched: ScheduleKind = ScheduleKind::Linear;
+    d_seed: u64 = 42;
+    d_epochs: f64 = 1.0;
+    d_batch: usize = 8;
+    d_one: usize = 1;
+    d_log_every: usize = 10;
+    d_nonfinite: usize = 5;
+    d_num_generations: usize = 8;
+    d_max_prompt_len: usize = 512;
+    d_max_completion_len: usize = 256;
+    d_temperature: f64 = 1.0;
+    d_top_p: f64 = 1.0;
+    d_epsilon: f64 = 0.2;
+    d_scale_rewards: ScaleRewards = ScaleRewards::Group;
+    d_loss_type: LossType = LossType::Dapo;
+    d_dpo_beta: f64 = 0.1;
+    d_dpo_loss_type: DpoLossType = DpoLossType::Sigmoid;
+    d_truncation_mode: TruncationMode = TruncationMode::KeepStart;
+    d_optim: OptimSection = toml::from_str("").expect("optim defaults deserialize");
 }

@@ -1,0 +1,41 @@
+//! Config names of the train crate's option enums (`loss_type`, `scale_rewards`,
+//! `lr_scheduler_type`, ...), each written once: [`config_names!`] gives an enum `ALL`,
+//! `as_str`, `FromStr` (an unknown name is refused with the enum's own error) and `Display`
+//! from one `Variant => "name"` list.
+//!
+//! Owns: the macro. Does not own: the enums (each lives beside the math it selects).
+
+/// `config_names!(Enum, ErrorType, ErrorVariant, { Variant => "name", ... })`.
+macro_rules! config_names {
+    ($ty:ident, $err_ty:ty, $err:path, { $($var:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            /// Every value, in the order the config help lists them.
+            pub const ALL: [$ty; [$($name),+].len()] = [$($ty::$var),+];
+
+            /// The name in a config file (TRL's / Hugging Face's).
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$var => $name),+
+                }
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = $err_ty;
+            fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+                match s {
+                    $($name => Ok($ty::$var),)+
+                    _ => Err($err(s.to_string())),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+pub(crate) use config_names;
