@@ -30,8 +30,8 @@ use crate::health::{HealthMonitor, HealthStats};
 use crate::loss::scored_logprobs;
 use crate::plan::LoopPlan;
 use crate::rollout::{
-    mean_std, micro_batch, report_failures, rows_tensor, sample, to_rows, CompletionRecord, Env,
-    RewardRole, Split,
+    mean_std, micro_batch, report_failures, rows_tensor, sample, to_rows, train_prompts,
+    CompletionRecord, Env, RewardRole, Split,
 };
 use crate::trainer::{
     batch_tensors, derive_seed, log_metrics, FirstLast, LoopCore, Observer, Outcome, RunCtx,
@@ -64,7 +64,7 @@ pub struct GrpoPlan {
 impl GrpoPlan {
     /// Completions per generation batch (= per optimizer step).
     pub fn completions_per_step(&self) -> usize {
-        self.run.batch_size * self.run.grad_accum
+        self.run.per_step()
     }
     /// Prompts per generation batch.
     pub fn prompts_per_step(&self) -> usize {
@@ -234,10 +234,7 @@ pub fn train_grpo(
 ) -> Result<GrpoSummary> {
     let (run, resume, obs, device) = ctx.parts();
     plan.validate()?;
-    let n_train = env.len(Split::Train);
-    if n_train == 0 {
-        return Err(TrainError::NoPrompts);
-    }
+    let n_train = train_prompts(env)?;
     let mut t = Trainer::new(model, trainable, &plan.run, run)?;
     let fresh = GrpoState {
         core: LoopCore::new(&plan.run),

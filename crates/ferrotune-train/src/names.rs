@@ -1,5 +1,5 @@
 //! Config names of the train crate's option enums (`loss_type`, `scale_rewards`,
-//! `lr_scheduler_type`, ...), each written once: [`config_names!`] gives an enum `ALL`,
+//! `lr_scheduler_type`, ...), each written once: [`config_names!`] gives an enum `ALL`, `NAMES`,
 //! `as_str`, `FromStr` (an unknown name is refused with the enum's own error) and `Display`
 //! from one `Variant => "name"` list.
 //!
@@ -11,6 +11,8 @@ macro_rules! config_names {
         impl $ty {
             /// Every value, in the order the config help lists them.
             pub const ALL: [$ty; [$($name),+].len()] = [$($ty::$var),+];
+            /// The config name of each of [`Self::ALL`].
+            pub const NAMES: [&'static str; [$($name),+].len()] = [$($name),+];
 
             /// The name in a config file (TRL's / Hugging Face's).
             pub fn as_str(self) -> &'static str {

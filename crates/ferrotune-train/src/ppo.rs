@@ -54,7 +54,7 @@ use crate::ppo_loss::{
     explained_variance, ppo_loss, rollout, PpoConfig, PpoLossInputs, PpoLossStats, RolloutInputs,
 };
 use crate::rollout::{
-    mean_std, report_failures, rows_tensor, sample, CompletionRecord, Env, Split,
+    mean_std, report_failures, rows_tensor, sample, train_prompts, CompletionRecord, Env, Split,
 };
 use crate::trainer::{
     derive_seed, eval_hook, log_metrics, FirstLast, LoopCore, Outcome, RunCtx, Trainable, Trainer,
@@ -83,11 +83,11 @@ pub struct PpoPlan {
 impl PpoPlan {
     /// Completions per optimizer step.
     pub fn mini_batch_size(&self) -> usize {
-        self.run.batch_size * self.run.grad_accum
+        self.run.per_step()
     }
-    /// Prompts (= completions) per rollout batch.
+    /// Prompts (= completions) per rollout batch: a mini-batch per optimizer step.
     pub fn rollouts_per_step(&self) -> usize {
-        self.mini_batch_size() * self.num_mini_batches
+        self.num_mini_batches * self.mini_batch_size()
     }
     /// Checks that say why a plan cannot run.
     pub fn validate(&self) -> Result<()> {
@@ -187,10 +187,7 @@ pub fn train_ppo(
 ) -> Result<PpoSummary> {
     let (run, resume, obs, device) = ctx.parts();
     plan.validate()?;
-    let n_train = env.len(Split::Train);
-    if n_train == 0 {
-        return Err(TrainError::NoPrompts);
-    }
+    let n_train = train_prompts(env)?;
     let mut t = Trainer::with_extra_params(model, trainable, head.params(), &plan.run, run)?;
     let fresh = PpoState {
         core: LoopCore::new(&plan.run),

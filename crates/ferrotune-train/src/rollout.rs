@@ -164,6 +164,15 @@ pub fn weighted_totals(per_reward: &[Vec<Option<f64>>], weights: &[f64], n: usiz
         .collect()
 }
 
+/// The number of training prompts of `env`; none is an error (an RL run has nothing to
+/// sample from).
+pub fn train_prompts(env: &dyn Env) -> Result<usize> {
+    match env.len(Split::Train) {
+        0 => Err(TrainError::NoPrompts),
+        n => Ok(n),
+    }
+}
+
 /// Completions of `items` (prompt indices of `split`, repeated for a group) sampled with `opts`,
 /// scored by every reward function of the env.
 pub struct Rollout {

@@ -188,6 +188,10 @@ pub fn derive_seed(seed: u64, counter: u64) -> u64 {
 }
 
 impl LoopPlan {
+    /// Examples (pairs, prompts, completions) per optimizer step: batch size × accumulation.
+    pub fn per_step(&self) -> usize {
+        self.batch_size * self.grad_accum
+    }
     /// Learning rate of optimizer step `step` (0-based).
     pub fn lr_at(&self, step: usize) -> f64 {
         self.schedule.lr_at(step, self.learning_rate)
@@ -248,6 +252,20 @@ pub struct RunCtx<'a> {
 }
 
 impl<'a> RunCtx<'a> {
+    pub fn new(
+        run: &'a RunDir,
+        resume: Option<&'a Checkpoint>,
+        obs: &'a mut dyn Observer,
+        device: &'a Device,
+    ) -> Self {
+        RunCtx {
+            run,
+            resume,
+            obs,
+            device,
+        }
+    }
+
     /// (run folder, checkpoint to resume from, observer, device).
     #[allow(clippy::type_complexity)]
     pub fn parts(

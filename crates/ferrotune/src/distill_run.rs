@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use ferrotune_data::{read_rows, sft_examples, tokenize_sft_all, SftOptions, Tokenized};
+use ferrotune_data::{read_rows, Tokenized};
 use ferrotune_generate::{generate, GenerateOptions, SamplingParams};
 use ferrotune_models::LoadOptions;
 use ferrotune_nn::Mode;
@@ -24,7 +24,7 @@ use ferrotune_train::trainer::Trainable;
 
 use crate::config::{DistillSection, RunConfig};
 use crate::lm::{load_tokenizer, parse_device, parse_dtype, Lm};
-use crate::session::{held_out, load_frozen, run_device, Headline, Session};
+use crate::session::{held_out, load_frozen, run_device, sizes, Headline, Session};
 use crate::teacher_cache::{self, CacheHeader};
 
 /// `ferrotune distill ...`
@@ -89,17 +89,7 @@ pub struct GenFromModelArgs {
 
 /// Tokenize one SFT file (errors name the file).
 fn tokenize_file(tok: &Tokenizer, path: &Path, cfg: &RunConfig) -> Result<Vec<Tokenized>> {
-    let rows = read_rows(path)?;
-    if rows.is_empty() {
-        bail!("{}: no rows", path.display());
-    }
-    let examples = sft_examples(&rows, path)?;
-    let opts = SftOptions {
-        completion_only_loss: cfg.data.completion_only_loss,
-        assistant_only_loss: cfg.data.completion_only_loss,
-    };
-    let set = tokenize_sft_all(tok, &examples, cfg.data.max_seq_len, &opts, true)?;
-    let s = set.stats;
+    let (items, s) = crate::sft_run::tokenize_sft_file(tok, path, cfg)?;
     eprintln!(
         "{}: {} examples, {} truncated to {} tokens, {} skipped with no trained token",
         path.display(),
@@ -108,15 +98,7 @@ fn tokenize_file(tok: &Tokenizer, path: &Path, cfg: &RunConfig) -> Result<Vec<To
         cfg.data.max_seq_len,
         s.no_loss
     );
-    if set.items.is_empty() {
-        return Err(crate::sft_run::no_trained_token(
-            path,
-            &examples,
-            &s,
-            cfg.data.max_seq_len,
-        ));
-    }
-    Ok(set.items)
+    Ok(items)
 }
 
 /// Every tokenized example of `data.train` then `data.eval`, keyed in that order (the cache's
@@ -216,6 +198,15 @@ pub fn cache_teacher(cfg: &RunConfig, out: Option<&Path>, batch_size: usize) -> 
     Ok(out)
 }
 
+/// The metrics a distillation run plots at the end.
+const PLOTS: &[&str] = &[
+    "loss",
+    "distill_loss",
+    "eval/distill_loss",
+    "eval/forward_kl",
+    "grad_norm",
+];
+
 /// Run (or resume) a `[distill]` config. `resume` = continue the newest checkpoint.
 pub fn run_distill(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<DistillSummary> {
     let Some(d) = &cfg.distill else {
@@ -275,20 +266,14 @@ pub fn run_distill(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<Dis
     };
     let total_steps = plan.run.total_steps;
     let mut obs = session.observer(&plan.run, Headline::All)?;
+    let teacher_rows = match d.top_k {
+        0 => "full vocabulary".to_string(),
+        k => format!("teacher top-{k}"),
+    };
+    let sizes = sizes("examples", (train.len(), eval.len()), &plan.run, &trainable);
     eprintln!(
-        "distill (beta {}, lmbda {}, {}): {} train / {} eval examples, {} steps of {} examples, {} trainable parameters",
-        d.beta,
-        d.lmbda,
-        if d.top_k == 0 {
-            "full vocabulary".to_string()
-        } else {
-            format!("teacher top-{}", d.top_k)
-        },
-        train.len(),
-        eval.len(),
-        total_steps,
-        cfg.run.batch_size * cfg.run.gradient_accumulation_steps,
-        trainable.num_params()
+        "distill (beta {}, lmbda {}, {teacher_rows}): {sizes}",
+        d.beta, d.lmbda
     );
     let summary = train_distill(
         lm.model.as_ref(),
@@ -299,16 +284,7 @@ pub fn run_distill(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<Dis
         &plan,
         session.ctx(&mut obs),
     )?;
-    obs.finish(
-        &session.run,
-        &[
-            "loss",
-            "distill_loss",
-            "eval/distill_loss",
-            "eval/forward_kl",
-            "grad_norm",
-        ],
-    );
+    obs.finish(&session.run, PLOTS);
     if !summary.run.stopped_early && summary.run.steps == total_steps {
         let out = export_student(cfg, lm, &trainable, session.run.root())?;
         eprintln!("wrote the distilled student to {}", out.display());

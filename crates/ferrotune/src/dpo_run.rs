@@ -15,7 +15,7 @@ use ferrotune_train::pref_loss::DpoConfig;
 
 use crate::config::{DpoSection, RunConfig};
 use crate::lm::Lm;
-use crate::session::{train_and_eval, Headline, Session};
+use crate::session::{sizes, train_and_eval, Headline, Session};
 
 /// Read and tokenize one preference file; errors name the file and the row.
 fn load_pairs(lm: &Lm, path: &Path, d: &DpoSection) -> Result<Vec<PrefPair>> {
@@ -71,6 +71,15 @@ fn load_pairs(lm: &Lm, path: &Path, d: &DpoSection) -> Result<Vec<PrefPair>> {
     Ok(set.items)
 }
 
+/// The metrics a DPO run plots at the end.
+const PLOTS: &[&str] = &[
+    "loss",
+    "rewards/margins",
+    "rewards/accuracies",
+    "eval/rewards/accuracies",
+    "grad_norm",
+];
+
 /// Run (or resume) a DPO config. `resume` = continue the run folder's newest checkpoint.
 pub fn run_dpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<DpoSummary> {
     let Some(d) = &cfg.dpo else {
@@ -109,16 +118,9 @@ pub fn run_dpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<DpoSumm
         precompute_ref_log_probs: d.precompute_ref_log_probs,
     };
     let mut obs = session.observer(&plan.run, Headline::All)?;
-    eprintln!(
-        "dpo ({}, beta {}): {} train / {} eval pairs, {} steps of {} pairs, {} trainable parameters",
-        d.loss_type,
-        d.beta,
-        train.len(),
-        eval.len(),
-        plan.run.total_steps,
-        cfg.run.batch_size * cfg.run.gradient_accumulation_steps,
-        trainable.num_params()
-    );
+    let n = (train.len(), eval.len());
+    let sizes = sizes("pairs", n, &plan.run, &trainable);
+    eprintln!("dpo ({}, beta {}): {sizes}", d.loss_type, d.beta);
     let summary = train_dpo(
         lm.model.as_ref(),
         reference,
@@ -129,15 +131,6 @@ pub fn run_dpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<DpoSumm
         &plan,
         session.ctx(&mut obs),
     )?;
-    obs.finish(
-        &session.run,
-        &[
-            "loss",
-            "rewards/margins",
-            "rewards/accuracies",
-            "eval/rewards/accuracies",
-            "grad_norm",
-        ],
-    );
+    obs.finish(&session.run, PLOTS);
     Ok(summary)
 }

@@ -308,22 +308,24 @@ pub fn run_grpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<GrpoSu
         .as_ref()
         .context("the config has no [grpo] section")?;
     let specs = reward_specs(g)?;
-    // `model` entries load a reward model (onto the run's device); the rest are the registry's.
-    let device = run_device(cfg)?;
-    let rewards = crate::model_reward::reward_set(&specs, &device, "grpo.rewards")?;
-    let roles: Vec<RewardRole> = specs.iter().map(|s| role_of(&s.name)).collect();
-    let session = Session::open_on(cfg, device, resume, overwrite)?;
+    let rl = RlRun::open(
+        cfg,
+        &specs,
+        "grpo.rewards",
+        g.max_prompt_len,
+        (resume, overwrite),
+    )?;
+    let session = &rl.session;
     let trainable = session.trainable()?;
     let lm = &session.lm;
-    let (train, eval) = prompt_split(cfg, lm, g.max_prompt_len)?;
-    let plan = grpo_plan(cfg, g, lm, train.len())?;
+    let plan = grpo_plan(cfg, g, lm, rl.train.len())?;
     let mut obs = session.observer(&plan.run, Headline::Only(HEADLINE))?;
     let mut env = TextEnv {
         tokenizer: &lm.tokenizer,
-        train,
-        eval,
-        rewards,
-        roles,
+        train: rl.train,
+        eval: rl.eval,
+        rewards: rl.rewards,
+        roles: rl.roles,
         stop: g.stop.clone(),
         completions: if g.log_completions {
             Some(session.side_log("completions.jsonl")?)
@@ -357,6 +359,41 @@ pub fn run_grpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<GrpoSu
         eprintln!("warning: plots not written: {e}");
     }
     Ok(summary)
+}
+
+/// What an RL run (GRPO, PPO) opens before its plan: the reward functions (a `model` entry
+/// loads a reward model onto the run's device, before the run folder is touched), their roles,
+/// the session, and the train and eval prompts.
+pub struct RlRun<'c> {
+    pub session: Session<'c>,
+    pub rewards: RewardSet,
+    pub roles: Vec<RewardRole>,
+    pub train: Vec<PromptItem>,
+    pub eval: Vec<PromptItem>,
+}
+
+impl<'c> RlRun<'c> {
+    /// `key` names the rewards in errors; `(resume, overwrite)` as for [`Session::open`].
+    pub fn open(
+        cfg: &'c RunConfig,
+        specs: &[RewardSpec],
+        key: &str,
+        max_prompt_len: usize,
+        (resume, overwrite): (bool, bool),
+    ) -> Result<Self> {
+        let device = run_device(cfg)?;
+        let rewards = crate::model_reward::reward_set(specs, &device, key)?;
+        let roles = specs.iter().map(|s| role_of(&s.name)).collect();
+        let session = Session::open_on(cfg, device, resume, overwrite)?;
+        let (train, eval) = prompt_split(cfg, &session.lm, max_prompt_len)?;
+        Ok(RlRun {
+            session,
+            rewards,
+            roles,
+            train,
+            eval,
+        })
+    }
 }
 
 /// The train and eval prompts of `cfg`: `data.eval`, else a `data.eval_fraction` split of the

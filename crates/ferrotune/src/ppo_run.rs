@@ -10,13 +10,12 @@ use anyhow::{Context, Result};
 use ferrotune_generate::SamplingParams;
 use ferrotune_rewards::RewardSpec;
 use ferrotune_train::ppo::{train_ppo, PpoPlan, PpoSummary, ValueHead};
-use ferrotune_train::rollout::RewardRole;
 use serde::Deserialize;
 
 use crate::config::{PpoSection, RunConfig};
-use crate::grpo_run::{prompt_split, role_of, TextEnv};
+use crate::grpo_run::{RlRun, TextEnv};
 use crate::lm::Lm;
-use crate::session::{epoch_steps, loop_plan, run_device, Headline, Session};
+use crate::session::{epoch_steps, loop_plan, Headline};
 
 /// The label of the `ppo.reward_model_path` entry in logs (`rewards/reward_model/mean`).
 pub const REWARD_MODEL_LABEL: &str = "reward_model";
@@ -81,6 +80,17 @@ pub fn ppo_plan(cfg: &RunConfig, p: &PpoSection, lm: &Lm, n_prompts: usize) -> R
     })
 }
 
+/// The metrics a PPO run plots at the end.
+const PLOTS: &[&str] = &[
+    "objective/scores",
+    "objective/kl",
+    "objective/rlhf_reward",
+    "loss/policy_avg",
+    "loss/value_avg",
+    "val/explained_variance",
+    "completions/mean_length",
+];
+
 /// Run (or resume) a PPO config.
 pub fn run_ppo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<PpoSummary> {
     let p = cfg
@@ -88,14 +98,17 @@ pub fn run_ppo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<PpoSumm
         .as_ref()
         .context("the config has no [ppo] section")?;
     let specs = ppo_reward_specs(p)?;
-    let device = run_device(cfg)?;
-    let rewards = crate::model_reward::reward_set(&specs, &device, "ppo.rewards")?;
-    let roles: Vec<RewardRole> = specs.iter().map(|s| role_of(&s.name)).collect();
-    let session = Session::open_on(cfg, device, resume, overwrite)?;
+    let rl = RlRun::open(
+        cfg,
+        &specs,
+        "ppo.rewards",
+        p.max_prompt_len,
+        (resume, overwrite),
+    )?;
+    let session = &rl.session;
     let trainable = session.trainable()?;
     let lm = &session.lm;
-    let (train, eval) = prompt_split(cfg, lm, p.max_prompt_len)?;
-    let plan = ppo_plan(cfg, p, lm, train.len())?;
+    let plan = ppo_plan(cfg, p, lm, rl.train.len())?;
     let head = ValueHead::zeros(lm.model.config().hidden_size, &session.device)?;
     let mut obs = session.observer(&plan.run, Headline::Only(HEADLINE))?;
     let completions = if p.log_completions {
@@ -105,10 +118,10 @@ pub fn run_ppo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<PpoSumm
     };
     let mut env = TextEnv {
         tokenizer: &lm.tokenizer,
-        train,
-        eval,
-        rewards,
-        roles,
+        train: rl.train,
+        eval: rl.eval,
+        rewards: rl.rewards,
+        roles: rl.roles,
         stop: p.stop.clone(),
         completions,
         failures: Vec::new(),
@@ -133,17 +146,6 @@ pub fn run_ppo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<PpoSumm
         &plan,
         session.ctx(&mut obs),
     )?;
-    obs.finish(
-        &session.run,
-        &[
-            "objective/scores",
-            "objective/kl",
-            "objective/rlhf_reward",
-            "loss/policy_avg",
-            "loss/value_avg",
-            "val/explained_variance",
-            "completions/mean_length",
-        ],
-    );
+    obs.finish(&session.run, PLOTS);
     Ok(summary)
 }

@@ -314,12 +314,7 @@ pub fn pretrain(cfg: &PretrainConfig, quiet: bool) -> Result<PretrainSummary> {
         &train,
         &eval,
         &plan,
-        RunCtx {
-            run: &run,
-            resume: None,
-            obs: &mut obs,
-            device: &device,
-        },
+        RunCtx::new(&run, None, &mut obs, &device),
     )?;
     obs.progress.finish();
     if let Err(e) = plot_metrics(run.root(), &["loss", "eval_loss", "lr", "grad_norm"]) {

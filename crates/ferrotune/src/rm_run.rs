@@ -18,7 +18,7 @@ use ferrotune_train::trainer::{RunCtx, Trainable};
 use crate::config::{RewardModelSection, RunConfig};
 use crate::lm::{load_tokenizer, parse_device, parse_dtype};
 use crate::session::{
-    loop_plan, lora_config, open_run, total_steps, train_and_eval, CliObserver, Headline,
+    loop_plan, lora_config, open_run, sizes, total_steps, train_and_eval, CliObserver, Headline,
 };
 
 /// The pad id TRL gives a reward model: the tokenizer's pad token, else its EOS.
@@ -155,26 +155,17 @@ pub fn run_reward_model(cfg: &RunConfig, resume: bool, overwrite: bool) -> Resul
         None,
         Headline::All,
     )?;
+    let sizes = sizes("pairs", (train.len(), eval.len()), &plan.run, &trainable);
     eprintln!(
-        "reward model ({}): {} train / {} eval pairs, {} steps of {} pairs, {} trainable parameters (head included)",
-        rm.architecture(),
-        train.len(),
-        eval.len(),
-        total_steps,
-        cfg.run.batch_size * cfg.run.gradient_accumulation_steps,
-        trainable.num_params()
+        "reward model ({}): {sizes} (head included)",
+        rm.architecture()
     );
     let summary = train_reward_model(
         &trainable,
         &train,
         &eval,
         &plan,
-        RunCtx {
-            run: &run,
-            resume: checkpoint.as_ref(),
-            obs: &mut obs,
-            device: &device,
-        },
+        RunCtx::new(&run, checkpoint.as_ref(), &mut obs, &device),
     )?;
     let keys = ["loss", "accuracy", "margin", "eval/accuracy", "grad_norm"];
     obs.finish(&run, &keys);

@@ -105,12 +105,7 @@ impl<'c> Session<'c> {
 
     /// Where the trainer runs: this run's folder, checkpoint and device, reporting to `obs`.
     pub fn ctx<'a>(&'a self, obs: &'a mut dyn Observer) -> RunCtx<'a> {
-        RunCtx {
-            run: &self.run,
-            resume: self.checkpoint.as_ref(),
-            obs,
-            device: &self.device,
-        }
+        RunCtx::new(&self.run, self.checkpoint.as_ref(), obs, &self.device)
     }
 
     /// A side log of the run folder (`completions.jsonl`, `health.jsonl`), cut back to the
@@ -169,6 +164,22 @@ pub fn held_out<T>(cfg: &RunConfig, train: Vec<T>, eval: Vec<T>) -> Result<(Vec<
     } else {
         Ok((train, eval))
     }
+}
+
+/// `N train / M eval <unit>, S steps of P <unit>, T trainable parameters`: the sizes every
+/// runner's first line reports.
+pub fn sizes(
+    unit: &str,
+    (train, eval): (usize, usize),
+    plan: &LoopPlan,
+    trainable: &Trainable,
+) -> String {
+    format!(
+        "{train} train / {eval} eval {unit}, {} steps of {} {unit}, {} trainable parameters",
+        plan.total_steps,
+        plan.per_step(),
+        trainable.num_params()
+    )
 }
 
 /// Which metrics the progress line shows.

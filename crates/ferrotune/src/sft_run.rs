@@ -15,10 +15,15 @@ use ferrotune_train::trainer::Trainable;
 
 use crate::config::RunConfig;
 use crate::lm::Lm;
-use crate::session::{train_and_eval, Headline, Session};
+use crate::session::{sizes, train_and_eval, Headline, Session};
 
-/// Read and tokenize one data file for SFT.
-fn load_sft_data(lm: &Lm, path: &Path, cfg: &RunConfig) -> Result<(Vec<Tokenized>, String)> {
+/// Read and tokenize one SFT data file (errors name the file): the examples with a token to
+/// train on, and the truncation counts (shared by SFT and distillation).
+pub(crate) fn tokenize_sft_file(
+    tok: &ferrotune_tokenize::Tokenizer,
+    path: &Path,
+    cfg: &RunConfig,
+) -> Result<(Vec<Tokenized>, ferrotune_data::TruncationStats)> {
     let rows = read_rows(path)?;
     if rows.is_empty() {
         bail!("{}: no rows", path.display());
@@ -28,8 +33,21 @@ fn load_sft_data(lm: &Lm, path: &Path, cfg: &RunConfig) -> Result<(Vec<Tokenized
         completion_only_loss: cfg.data.completion_only_loss,
         assistant_only_loss: cfg.data.completion_only_loss,
     };
-    let set = tokenize_sft_all(&lm.tokenizer, &examples, cfg.data.max_seq_len, &opts, true)?;
-    let s = set.stats;
+    let set = tokenize_sft_all(tok, &examples, cfg.data.max_seq_len, &opts, true)?;
+    if set.items.is_empty() {
+        return Err(no_trained_token(
+            path,
+            &examples,
+            &set.stats,
+            cfg.data.max_seq_len,
+        ));
+    }
+    Ok((set.items, set.stats))
+}
+
+/// Read and tokenize one data file for SFT, with the line that reports it.
+fn load_sft_data(lm: &Lm, path: &Path, cfg: &RunConfig) -> Result<(Vec<Tokenized>, String)> {
+    let (items, s) = tokenize_sft_file(&lm.tokenizer, path, cfg)?;
     let note = format!(
         "{}: {} examples, {} truncated to {} tokens ({} tokens dropped), {} skipped with no trained token",
         path.display(),
@@ -39,10 +57,7 @@ fn load_sft_data(lm: &Lm, path: &Path, cfg: &RunConfig) -> Result<(Vec<Tokenized
         s.tokens_dropped,
         s.no_loss
     );
-    if set.items.is_empty() {
-        return Err(no_trained_token(path, &examples, &s, cfg.data.max_seq_len));
-    }
-    Ok((set.items, note))
+    Ok((items, note))
 }
 
 /// The error for a data file none of whose examples has a token to train on, with the cause:
@@ -113,19 +128,12 @@ fn train_with<S: Sequence>(
     train: &[S],
     eval: &[S],
 ) -> Result<SftSummary> {
-    let cfg = session.cfg;
     let plan = SftPlan {
         run: session.loop_plan(train.len())?,
     };
     let mut obs = session.observer(&plan.run, Headline::All)?;
-    eprintln!(
-        "sft: {} train / {} eval examples, {} steps of {} examples, {} trainable parameters",
-        train.len(),
-        eval.len(),
-        plan.run.total_steps,
-        cfg.run.batch_size * cfg.run.gradient_accumulation_steps,
-        trainable.num_params()
-    );
+    let n = (train.len(), eval.len());
+    eprintln!("sft: {}", sizes("examples", n, &plan.run, trainable));
     let summary = train_sft(
         session.lm.model.as_ref(),
         trainable,

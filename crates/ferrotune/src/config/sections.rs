@@ -20,39 +20,15 @@ pub enum TruncationMode {
 /// The keys whose value is one of a fixed set of names, with those names (from the enums
 /// themselves). They are checked on the raw TOML before it is deserialised, so a wrong name is
 /// refused with its key; `why` (when given) replaces "is not one of ...".
-pub(super) fn choices() -> Vec<(&'static str, Vec<&'static str>, Option<&'static str>)> {
-    let names = |v: Vec<&'static str>| v;
-    vec![
-        (
-            "optim.lr_scheduler_type",
-            names(ScheduleKind::ALL.iter().map(|k| k.name()).collect()),
-            None,
-        ),
-        (
-            "grpo.scale_rewards",
-            names(ScaleRewards::ALL.iter().map(|k| k.as_str()).collect()),
-            None,
-        ),
-        (
-            "grpo.loss_type",
-            names(LossType::ALL.iter().map(|k| k.as_str()).collect()),
-            None,
-        ),
-        (
-            "dpo.loss_type",
-            names(DpoLossType::ALL.iter().map(|k| k.as_str()).collect()),
-            None,
-        ),
-        (
-            "dpo.truncation_mode",
-            vec!["keep_start"],
-            Some("is not supported: only keep_start (as TRL 1.16)"),
-        ),
-        (
-            "ppo.kl_estimator",
-            names(KlEstimator::ALL.iter().map(|k| k.as_str()).collect()),
-            None,
-        ),
+pub(super) fn choices() -> [(&'static str, &'static [&'static str], Option<&'static str>); 6] {
+    let keep_start = Some("is not supported: only keep_start (as TRL 1.16)");
+    [
+        ("optim.lr_scheduler_type", &ScheduleKind::NAMES, None),
+        ("grpo.scale_rewards", &ScaleRewards::NAMES, None),
+        ("grpo.loss_type", &LossType::NAMES, None),
+        ("dpo.loss_type", &DpoLossType::NAMES, None),
+        ("dpo.truncation_mode", &["keep_start"], keep_start),
+        ("ppo.kl_estimator", &KlEstimator::NAMES, None),
     ]
 }
 
