@@ -12,11 +12,11 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use ferrotune_generate::{generate, GenerateOptions, SamplingParams};
 use ferrotune_models::config::{Family, ModelConfig};
 use ferrotune_models::init::{init_model, InitOptions};
-use ferrotune_models::{Batch, LoadOptions};
+use ferrotune_models::{Batch, CausalLm, LoadOptions};
 use ferrotune_nn::{gpu, ops, LoraConfig, Mode, RopeScaling, TargetModules};
 use ferrotune_train::optim::{AdamW, AdamWConfig};
 
@@ -105,7 +105,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-fn setup(shape: &ShapeArgs, lora: bool) -> Result<(ferrotune_models::Loaded, Device)> {
+fn setup(shape: &ShapeArgs, lora: bool) -> Result<(Box<dyn CausalLm>, Device)> {
     let device = crate::lm::parse_device(&shape.device)?;
     let dtype = crate::lm::parse_dtype(&shape.dtype)?;
     gpu::keep_freed_memory(&device);
@@ -121,7 +121,7 @@ fn setup(shape: &ShapeArgs, lora: bool) -> Result<(ferrotune_models::Loaded, Dev
         pad_token_id: None,
     };
     let loaded = init_model(&shape.config(), &init, &opts).context("building the bench model")?;
-    Ok((loaded, device))
+    Ok((loaded.model, device))
 }
 
 fn gb(bytes: Option<u64>) -> serde_json::Value {
@@ -138,19 +138,8 @@ pub fn lora_step(
     steps: usize,
     warmup: usize,
 ) -> Result<serde_json::Value> {
-    let (loaded, device) = setup(shape, true)?;
-    let model = loaded.model;
-    let vars: Vec<(String, Var)> = model
-        .linear_slots()
-        .iter()
-        .filter_map(|s| s.lora.as_ref().map(|l| (s.path.clone(), l)))
-        .flat_map(|(p, l)| {
-            [
-                (format!("{p}.lora_A"), l.a.clone()),
-                (format!("{p}.lora_B"), l.b.clone()),
-            ]
-        })
-        .collect();
+    let (model, device) = setup(shape, true)?;
+    let vars = ferrotune_train::trainer::Trainable::lora_params(model.as_ref());
     let n_lora: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     let mut opt = AdamW::new(vars, AdamWConfig::default())?;
     let seqs = ids(batch, seq, shape.vocab);
@@ -217,8 +206,7 @@ pub fn rollout(
     prompt_len: usize,
     new_tokens: usize,
 ) -> Result<serde_json::Value> {
-    let (loaded, device) = setup(shape, false)?;
-    let model = loaded.model;
+    let (model, device) = setup(shape, false)?;
     let opts = GenerateOptions {
         sampling: SamplingParams {
             temperature: 1.0,

@@ -137,15 +137,14 @@ pub fn bench(target: &Lm, draft: &Lm, args: &BenchArgs) -> Result<BenchReport> {
     let greedy = args.sampling.temperature <= 0.0;
     let never = |_: usize, _: &[u32]| false;
     let never1 = |_: &[u32]| false;
+    // The target alone on one prompt.
+    let plain = |p: &Vec<u32>, o: &GenerateOptions| {
+        let prompt = std::slice::from_ref(p);
+        generate(target.model.as_ref(), prompt, o, &never, &target.device)
+    };
     // One untimed warm-up of each path, so neither side pays first-call costs.
     let warm = &prompts[0];
-    generate(
-        target.model.as_ref(),
-        std::slice::from_ref(warm),
-        &gen_opts,
-        &never,
-        &target.device,
-    )?;
+    plain(warm, &gen_opts)?;
     speculative_generate(
         target.model.as_ref(),
         draft.model.as_ref(),
@@ -161,13 +160,7 @@ pub fn bench(target: &Lm, draft: &Lm, args: &BenchArgs) -> Result<BenchReport> {
         let mut o = gen_opts.clone();
         o.sampling.seed = args.sampling.seed.wrapping_add(i as u64);
         let t = Instant::now();
-        let g = generate(
-            target.model.as_ref(),
-            std::slice::from_ref(p),
-            &o,
-            &never,
-            &target.device,
-        )?;
+        let g = plain(p, &o)?;
         alone.seconds += t.elapsed().as_secs_f64();
         alone.new_tokens += g[0].ids.len();
         plain_ids.push(g[0].ids.clone());

@@ -117,24 +117,15 @@ pub fn eval(a: EvalArgs) -> Result<()> {
 }
 
 pub fn compare(a: CompareArgs) -> Result<()> {
-    let CompareArgs {
-        run,
-        task,
-        rewards,
-        forget_set,
-        max_ppl_ratio,
-        first_round,
-        max_new_tokens,
-    } = a;
-    let rewards = rewards.map(|r| parse_rewards(&r)).transpose()?;
+    let (run, max_ppl_ratio) = (a.run.clone(), a.max_ppl_ratio);
     let opts = ferrotune::compare::CompareOptions {
-        run: run.clone(),
-        task,
-        rewards,
-        forget_set,
-        max_ppl_ratio,
-        first_round,
-        max_new_tokens,
+        run: a.run,
+        task: a.task,
+        rewards: a.rewards.map(|r| parse_rewards(&r)).transpose()?,
+        forget_set: a.forget_set,
+        max_ppl_ratio: a.max_ppl_ratio,
+        first_round: a.first_round,
+        max_new_tokens: a.max_new_tokens,
     };
     let rows = ferrotune::compare::compare(&opts)?;
     print!("{}", ferrotune::compare::table(&rows, max_ppl_ratio));

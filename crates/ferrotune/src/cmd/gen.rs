@@ -41,15 +41,6 @@ pub fn gen_data(kind: GenKind) -> Result<()> {
         }
     }
     let problems = match &kind {
-        GenKind::Arithmetic { digits, ops, .. } => {
-            let spec = ArithmeticSpec {
-                n: common.n,
-                seed: common.seed,
-                digits: parse_digits(digits).with_context(|| "--digits")?,
-                ops: parse_ops(ops).with_context(|| "--ops")?,
-            };
-            arithmetic_excluding(&spec, &exclude)?
-        }
         GenKind::WordProblems { .. } => word_problems_excluding(
             &WordSpec {
                 n: common.n,
@@ -57,7 +48,8 @@ pub fn gen_data(kind: GenKind) -> Result<()> {
             },
             &exclude,
         )?,
-        GenKind::Preferences { digits, ops, .. } => {
+        // Preference pairs are built on arithmetic problems.
+        GenKind::Arithmetic { digits, ops, .. } | GenKind::Preferences { digits, ops, .. } => {
             let spec = ArithmeticSpec {
                 n: common.n,
                 seed: common.seed,
