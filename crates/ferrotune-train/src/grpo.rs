@@ -34,8 +34,8 @@ use crate::rollout::{
     CompletionRecord, Env, RewardRole, Split,
 };
 use crate::trainer::{
-    batch_tensors, derive_seed, log_metrics, FirstLast, LoopCore, Observer, Outcome, RunCtx,
-    Trainable, Trainer,
+    batch_tensors, derive_seed, eval_hook, log_metrics, FirstLast, LoopCore, Observer, Outcome,
+    RunCtx, Trainable, Trainer,
 };
 
 /// The resolved GRPO schedule.
@@ -513,6 +513,11 @@ pub fn train_grpo(
         }
         if plan.run.is_eval_step(step) {
             log_eval(model, env, plan, step, obs, &mut summary, device)?;
+            // The observer's eval hook (the `[eval]` perplexity gate), before anything is saved.
+            if eval_hook(obs, step, model)? {
+                summary.run.stopped_early = true;
+                break;
+            }
         }
         // Checkpoints only at generation boundaries (see the module note on exact resume); the
         // last step always saves.

@@ -379,3 +379,31 @@ fn command_rewards_score_inside_the_loop_and_failures_do_not_stop_it() {
     }
     assert_eq!(metric(&run, "rewards/failures"), vec![16.0, 16.0]);
 }
+
+/// The `[eval]` perplexity gate runs in GRPO too (it was measured at the start and then never
+/// checked): with a threshold every state fails (ppl ratio > 0.5) and `stop_on_regression`, the
+/// run stops at its first eval step, logs the gate's metrics there, and does not save that step.
+#[test]
+fn the_regression_gate_checks_grpo_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gate = format!(
+        "\n[eval]\nforget_set = \"{}\"\nmax_ppl_ratio = 0.5\nstop_on_regression = true",
+        root().join("fixtures/gguf/text.txt").display()
+    );
+    let cfg = config(
+        tmp.path(),
+        "gate",
+        "max_steps = 6\neval_every = 2\nsave_every = 2",
+        &gate,
+    );
+    let o = ferrotune(&["train", "--config", cfg.to_str().unwrap()]);
+    let stdout = ok(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("REGRESSION at step 2"), "{err}");
+    assert!(stdout.contains("done: 2 steps"), "{stdout}");
+    let run = tmp.path().join("gate");
+    let ratios = metric_at(&run, "eval/forget_ppl_ratio");
+    assert_eq!(ratios.len(), 1, "{ratios:?}");
+    assert!(ratios[0].0 == 2 && ratios[0].1 > 0.5, "{ratios:?}");
+    assert!(!run.join("checkpoints/step-2").exists());
+}
