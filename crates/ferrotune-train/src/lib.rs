@@ -19,6 +19,7 @@ mod names;
 pub mod optim;
 pub mod plan;
 pub mod ppo;
+pub mod ppo_gae;
 pub mod ppo_loss;
 pub mod pref_loss;
 pub mod reward_train;
