@@ -315,7 +315,6 @@ fn log_eval(obs: &mut dyn Observer, step: usize, e: &DistillEval) {
 }
 
 /// Run distillation from step 0, or from `resume`, up to `plan.run.total_steps`.
-#[allow(clippy::too_many_arguments)]
 pub fn train_distill(
     student: &dyn CausalLm,
     trainable: &Trainable,

@@ -55,6 +55,9 @@ pub enum TrainError {
     Unsupported(&'static str),
     #[error("{path}: {msg}")]
     Io { path: String, msg: String },
+    /// A trainer's own invariant broke (a bug in ferrotune, not in the user's input).
+    #[error("internal error: {0}")]
+    Internal(&'static str),
     #[error("trainer state: {0}")]
     Serialize(#[from] serde_json::Error),
     #[error("checkpoint {path}: trainer_state.json: {msg}")]

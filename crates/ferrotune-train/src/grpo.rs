@@ -130,7 +130,7 @@ pub struct GrpoSummary {
 
 /// One generation batch: the scored rollout, its advantages, and what every μ iteration reuses
 /// (the collated micro-batches and the reference log-probs).
-struct Batch {
+struct GenBatch {
     ro: crate::rollout::Rollout,
     advantages: Vec<f64>,
     /// Prompt + completion of each micro-batch and its completion lengths, collated once.
@@ -224,7 +224,6 @@ fn right_answers(ro: &crate::rollout::Rollout, roles: &[RewardRole]) -> Vec<bool
 }
 
 /// Run GRPO from step 0, or from `resume`, up to `plan.run.total_steps`.
-#[allow(clippy::too_many_arguments)]
 pub fn train_grpo(
     model: &dyn CausalLm,
     trainable: &Trainable,
@@ -255,7 +254,7 @@ pub fn train_grpo(
         run: Outcome::at(state.core.step),
         ..Default::default()
     };
-    let mut batch: Option<Batch> = None;
+    let mut batch: Option<GenBatch> = None;
     // A baseline eval before the first update, so every run reports before / after.
     if plan.run.eval_every > 0 && state.core.step == 0 {
         log_eval(model, env, plan, 0, obs, &mut summary, device)?;
@@ -391,7 +390,7 @@ pub fn train_grpo(
                     .collect();
                 env.record(state.core.step + 1, &recs);
             }
-            batch = Some(Batch {
+            batch = Some(GenBatch {
                 ro,
                 advantages: adv,
                 micro,

@@ -41,3 +41,33 @@ macro_rules! config_names {
 }
 
 pub(crate) use config_names;
+
+#[cfg(test)]
+mod tests {
+    use crate::grpo_loss::{LossType, ScaleRewards};
+    use crate::ppo_loss::KlEstimator;
+    use crate::pref_loss::DpoLossType;
+    use crate::schedule::ScheduleKind;
+
+    /// The names a config file is checked against (`NAMES`) are the ones serde reads and writes
+    /// (`rename_all = "snake_case"` on each enum), and each parses back to its value.
+    #[test]
+    fn config_names_are_the_serde_names() {
+        fn check<T>(all: &[T], name: fn(&T) -> &'static str)
+        where
+            T: serde::Serialize + std::str::FromStr + PartialEq + std::fmt::Debug,
+        {
+            for v in all {
+                let json = serde_json::to_string(v).unwrap();
+                assert_eq!(json, format!("\"{}\"", name(v)), "{v:?}");
+                assert_eq!(name(v).parse::<T>().ok().as_ref(), Some(v));
+            }
+        }
+        check(&LossType::ALL, |v| v.as_str());
+        check(&ScaleRewards::ALL, |v| v.as_str());
+        check(&DpoLossType::ALL, |v| v.as_str());
+        check(&KlEstimator::ALL, |v| v.as_str());
+        check(&ScheduleKind::ALL, |v| v.as_str());
+        assert_eq!(LossType::NAMES, ["grpo", "dr_grpo", "dapo", "bnpo"]);
+    }
+}

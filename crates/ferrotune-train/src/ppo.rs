@@ -176,7 +176,6 @@ fn mean_stats(stats: &[PpoLossStats]) -> Vec<(&'static str, f64)> {
 
 /// Run PPO from step 0, or from `resume`, up to `plan.run.total_steps` rollout batches. `head` is
 /// trained with the adapters of `trainable`.
-#[allow(clippy::too_many_arguments)]
 pub fn train_ppo(
     model: &dyn CausalLm,
     trainable: &Trainable,
@@ -303,7 +302,7 @@ pub fn train_ppo(
                     let mode = Mode::train_with_seed(derive_seed(seed, counter));
                     let (lp, v) = policy_forward(model, Some(head), &mb, temp, true, mode, device)?;
                     let (Some(lp), Some(v)) = (lp, v) else {
-                        unreachable!("policy_forward returns both when asked for both")
+                        return Err(TrainError::Internal("policy forward lost its outputs"));
                     };
                     let idx: Vec<u32> = micro.iter().map(|&j| j as u32).collect();
                     let idx = Tensor::new(idx, device)?;

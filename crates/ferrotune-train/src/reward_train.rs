@@ -234,7 +234,6 @@ pub fn eval_pairs(
 }
 
 /// Train the reward model from step 0, or from `resume`, up to `plan.run.total_steps`.
-#[allow(clippy::too_many_arguments)]
 pub fn train_reward_model(
     trainable: &Trainable,
     train: &[RmPair],

@@ -54,7 +54,8 @@ config_names!(ScheduleKind, ScheduleError, ScheduleError::UnknownKind, {
 });
 
 impl ScheduleKind {
-    /// The Hugging Face name (= [`ScheduleKind::as_str`]).
+    /// The Hugging Face name (= [`ScheduleKind::as_str`]; tests and callers from before
+    /// `config_names!` use this name).
     pub fn name(self) -> &'static str {
         self.as_str()
     }
@@ -125,7 +126,9 @@ impl Schedule {
         }
         let decays = matches!(kind, ScheduleKind::Linear | ScheduleKind::Cosine);
         if decays && total_steps == 0 {
-            return Err(ScheduleError::NoSteps { kind: kind.name() });
+            return Err(ScheduleError::NoSteps {
+                kind: kind.as_str(),
+            });
         }
         Ok(match kind {
             ScheduleKind::Constant => {

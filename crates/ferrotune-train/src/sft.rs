@@ -62,7 +62,6 @@ pub fn eval_loss<S: Sequence>(
 }
 
 /// Run SFT from step 0, or from `resume`, up to `plan.run.total_steps`.
-#[allow(clippy::too_many_arguments)]
 pub fn train_sft<S: Sequence>(
     model: &dyn CausalLm,
     trainable: &Trainable,

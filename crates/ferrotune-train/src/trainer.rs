@@ -309,13 +309,13 @@ impl Outcome {
 
 /// The first and the last value of a number measured once per step or eval.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct FirstLast<T = f64> {
-    pub first: Option<T>,
-    pub last: Option<T>,
+pub struct FirstLast {
+    pub first: Option<f64>,
+    pub last: Option<f64>,
 }
 
-impl<T: Copy> FirstLast<T> {
-    pub fn see(&mut self, x: T) {
+impl FirstLast {
+    pub fn see(&mut self, x: f64) {
         self.first.get_or_insert(x);
         self.last = Some(x);
     }

@@ -52,11 +52,13 @@ pub struct TokenizerSection {
 
 /// Pretraining's defaults for `[optim]` (the same section as a run config's, whose own defaults
 /// suit fine-tuning): a higher learning rate, beta2 0.95 and cosine decay.
-const PRETRAIN_OPTIM: &[(&str, &str)] = &[
-    ("learning_rate", "3e-3"),
-    ("adam_beta2", "0.95"),
-    ("lr_scheduler_type", "\"cosine\""),
-];
+fn pretrain_optim() -> [(&'static str, toml::Value); 3] {
+    [
+        ("learning_rate", toml::Value::Float(3e-3)),
+        ("adam_beta2", toml::Value::Float(0.95)),
+        ("lr_scheduler_type", toml::Value::String("cosine".into())),
+    ]
+}
 
 /// `[run]`: where things go, steps and batching.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -140,12 +142,8 @@ impl PretrainConfig {
             .entry("optim")
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         if let Some(optim) = optim.as_table_mut() {
-            for (key, value) in PRETRAIN_OPTIM {
-                if !optim.contains_key(*key) {
-                    let v: toml::Table = toml::from_str(&format!("v = {value}"))
-                        .expect("pretrain optim defaults are TOML");
-                    optim.insert(key.to_string(), v["v"].clone());
-                }
+            for (key, value) in pretrain_optim() {
+                optim.entry(key).or_insert(value);
             }
         }
         let parse = |msg: String| ConfigError::Parse {
