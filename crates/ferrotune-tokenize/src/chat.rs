@@ -45,11 +45,17 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Result, TokenizeError};
 use crate::python;
 
-/// One chat message, as in TRL's `messages` column.
+/// One chat message, as in TRL's `messages` column. `tool_calls` (an assistant's structured
+/// calls) and `name` (a tool reply's tool) are absent unless set, so a template sees them
+/// undefined, as it does for transformers' dicts without those keys.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<crate::tools::ToolCall>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl Message {
@@ -57,6 +63,15 @@ impl Message {
         Message {
             role: role.into(),
             content: content.into(),
+            tool_calls: None,
+            name: None,
+        }
+    }
+    /// A tool's reply, as TRL appends it: `{"role": "tool", "name": ..., "content": ...}`.
+    pub fn tool(name: impl Into<String>, content: impl Into<String>) -> Self {
+        Message {
+            name: Some(name.into()),
+            ..Self::new("tool", content)
         }
     }
     pub fn system(content: impl Into<String>) -> Self {

@@ -19,6 +19,7 @@ mod gguf;
 mod hf_files;
 mod python;
 mod tokenizer;
+pub mod tools;
 pub mod train;
 
 pub use chat::{mask_from_spans, ChatTemplate, Message, Rendered, TemplateTokens};

@@ -338,6 +338,23 @@ impl Tokenizer {
         self.render_with_tools(messages, add_generation_prompt, None)
     }
 
+    /// The ids of a render without the assistant mask, like `apply_chat_template(messages,
+    /// tools=tools, tokenize=True)`.
+    pub fn render_ids(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        tools: Option<&serde_json::Value>,
+    ) -> Result<Vec<u32>> {
+        let text = self.pick_template(tools.is_some())?.render_text(
+            messages,
+            add_generation_prompt,
+            tools,
+            &self.tokens,
+        )?;
+        self.encode(&text, false)
+    }
+
     /// `render` with a `tools` list (JSON schemas) passed to the template.
     pub fn render_with_tools(
         &self,

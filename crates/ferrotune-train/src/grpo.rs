@@ -24,14 +24,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
 use crate::grpo_loss::{
-    advantages, group_stats, grpo_loss, LossConfig, LossInputs, LossType, ScaleRewards,
+    advantages, group_stats, grpo_loss, informative_groups, LossConfig, LossInputs, ScaleRewards,
 };
 use crate::health::{HealthMonitor, HealthStats};
-use crate::loss::scored_logprobs;
+use crate::loss::{scored_logprobs, scored_logprobs_entropy};
 use crate::plan::LoopPlan;
 use crate::rollout::{
     mean_std, micro_batch, report_failures, rows_tensor, sample, to_rows, train_prompts,
-    CompletionRecord, Env, RewardRole, Split,
+    CompletionRecord, Env, RewardRole, Rollout, Split,
 };
 use crate::trainer::{
     batch_tensors, derive_seed, eval_hook, log_metrics, FirstLast, LoopCore, Observer, Outcome,
@@ -50,12 +50,15 @@ pub struct GrpoPlan {
     pub max_completion_len: usize,
     /// Sampling for rollouts (its seed is replaced per round).
     pub sampling: SamplingParams,
-    pub loss_type: LossType,
+    /// The loss options (TRL's names); the loop fills in `max_completion_len`,
+    /// `num_items_in_batch` and `accum_steps` for each step.
+    pub loss: LossConfig,
     pub scale_rewards: ScaleRewards,
-    pub epsilon: f64,
-    pub epsilon_high: f64,
-    pub beta: f64,
     pub mask_truncated_completions: bool,
+    /// Dynamic sampling (DAPO): train only groups whose rewards differ, generating more
+    /// prompts' completions — at most `max_num_gen_batches` generation rounds per batch.
+    pub dynamic_sampling: bool,
+    pub max_num_gen_batches: usize,
     /// Write a sample of completions every `log_every` steps.
     pub log_completions: bool,
     pub eos_ids: Vec<u32>,
@@ -99,7 +102,17 @@ impl GrpoPlan {
             ));
         }
         at_least("grpo.num_iterations", self.num_iterations, 1, "")?;
-        at_least("grpo.max_completion_len", self.max_completion_len, 1, "")
+        at_least("grpo.max_completion_len", self.max_completion_len, 1, "")?;
+        if self.dynamic_sampling {
+            at_least("grpo.max_num_gen_batches", self.max_num_gen_batches, 1, "")?;
+        }
+        let loss = LossConfig {
+            max_completion_len: self.max_completion_len,
+            num_items_in_batch: Some(0.0),
+            ..self.loss.clone()
+        };
+        loss.validate()
+            .map_err(|e| TrainError::invalid("grpo", e.to_string()))
     }
 }
 
@@ -128,10 +141,158 @@ pub struct GrpoSummary {
     pub findings: Vec<crate::health::Finding>,
 }
 
+/// What dynamic sampling did for one generation batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Resampled {
+    /// Generation rounds (1 = no extra generation).
+    rounds: usize,
+    /// Completions generated over all rounds (the batch trains `completions_per_step`).
+    sampled: usize,
+    /// Groups left out for carrying no signal.
+    dropped: usize,
+    /// Signal-less groups trained anyway because `max_num_gen_batches` ran out.
+    filled: usize,
+    /// Mean total reward over every completion sampled (the trained batch's `reward` is biased:
+    /// all-right and all-wrong groups are left out).
+    sampled_reward: f64,
+}
+
+impl Resampled {
+    fn metrics(&self) -> Vec<(String, f64)> {
+        vec![
+            ("dynamic_sampling/rounds".into(), self.rounds as f64),
+            ("dynamic_sampling/sampled".into(), self.sampled as f64),
+            (
+                "dynamic_sampling/dropped_groups".into(),
+                self.dropped as f64,
+            ),
+            ("dynamic_sampling/filled_groups".into(), self.filled as f64),
+            (
+                "dynamic_sampling/sampled_reward".into(),
+                self.sampled_reward,
+            ),
+        ]
+    }
+}
+
+/// One generation round: the next prompts, G completions each, scored. Round 0 of a
+/// generation batch uses the seed it always had; the extra rounds of dynamic sampling get
+/// their own.
+fn sample_round(
+    model: &dyn CausalLm,
+    env: &mut dyn Env,
+    plan: &GrpoPlan,
+    loader: &mut Loader,
+    round: u64,
+    extra: u64,
+    device: &Device,
+) -> Result<Rollout> {
+    let prompts_idx = loader.next_batch(plan.prompts_per_step())?;
+    let items: Vec<usize> = prompts_idx
+        .iter()
+        .flat_map(|&i| std::iter::repeat_n(i, plan.num_generations))
+        .collect();
+    let seed = if extra == 0 {
+        derive_seed(plan.run.seed, round.wrapping_add(0x5eed))
+    } else {
+        derive_seed(plan.run.seed ^ 0xd5a3_91e5, (round << 16) | extra)
+    };
+    let opts = GenerateOptions {
+        sampling: SamplingParams {
+            seed,
+            ..plan.sampling.clone()
+        },
+        max_new_tokens: plan.max_completion_len,
+        eos_ids: plan.eos_ids.clone(),
+        pad_id: plan.run.pad_id,
+        mode: Mode::EVAL,
+    };
+    sample(model, env, Split::Train, items, &opts, device)
+}
+
+/// The generation batch of one round of `num_iterations` steps. With dynamic sampling (DAPO;
+/// verl's `filter_groups`): groups whose rewards carry no signal (all equal) are left out and
+/// more prompts are sampled until the batch is full of informative groups or
+/// `max_num_gen_batches` rounds have run; then the batch is topped up with left-out groups
+/// (advantage 0), so its size — and every normalisation — stays fixed.
+fn draw(
+    model: &dyn CausalLm,
+    env: &mut dyn Env,
+    plan: &GrpoPlan,
+    loader: &mut Loader,
+    round: u64,
+    device: &Device,
+) -> Result<(Rollout, Option<Resampled>)> {
+    let first = sample_round(model, env, plan, loader, round, 0, device)?;
+    if !plan.dynamic_sampling {
+        return Ok((first, None));
+    }
+    let (g, need) = (plan.num_generations, plan.prompts_per_step());
+    let mut kept = Rollout::empty(first.scores.len());
+    let mut left_out = Rollout::empty(first.scores.len());
+    let mut stats = Resampled {
+        rounds: 0,
+        sampled: 0,
+        dropped: 0,
+        filled: 0,
+        sampled_reward: 0.0,
+    };
+    let (mut reward_sum, mut scored) = (0.0, 0usize);
+    let mut next = Some(first);
+    while let Some(ro) = next.take() {
+        stats.rounds += 1;
+        stats.sampled += ro.gens.len();
+        kept.new_tokens += ro.new_tokens;
+        kept.gen_secs += ro.gen_secs;
+        for r in ro.totals.iter().filter(|r| !r.is_nan()) {
+            reward_sum += r;
+            scored += 1;
+        }
+        let signal = informative_groups(&ro.totals, g)?;
+        let room = need - kept.gens.len() / g;
+        let (yes, no): (Vec<usize>, Vec<usize>) = (0..signal.len()).partition(|&k| signal[k]);
+        ro.move_groups(&yes[..yes.len().min(room)], g, &mut kept);
+        ro.move_groups(&no, g, &mut left_out);
+        stats.dropped += no.len();
+        if kept.gens.len() / g < need && stats.rounds < plan.max_num_gen_batches {
+            let extra = stats.rounds as u64;
+            next = Some(sample_round(
+                model, env, plan, loader, round, extra, device,
+            )?);
+        }
+    }
+    let short = need - kept.gens.len() / g;
+    let fill: Vec<usize> = (0..short).collect();
+    left_out.move_groups(&fill, g, &mut kept);
+    stats.filled = short;
+    stats.dropped -= short;
+    stats.sampled_reward = reward_sum / scored.max(1) as f64;
+    Ok((kept, Some(stats)))
+}
+
+/// The mean of the values some micro-batches of a step report (`None` when none did).
+#[derive(Default, Clone, Copy)]
+struct OptMean {
+    sum: f64,
+    n: usize,
+}
+
+impl OptMean {
+    fn push(acc: &mut OptMean, v: Option<f64>) {
+        if let Some(v) = v {
+            acc.sum += v;
+            acc.n += 1;
+        }
+    }
+    fn get(acc: OptMean) -> Option<f64> {
+        (acc.n > 0).then(|| acc.sum / acc.n as f64)
+    }
+}
+
 /// One generation batch: the scored rollout, its advantages, and what every μ iteration reuses
 /// (the collated micro-batches and the reference log-probs).
 struct GenBatch {
-    ro: crate::rollout::Rollout,
+    ro: Rollout,
     advantages: Vec<f64>,
     /// Prompt + completion of each micro-batch and its completion lengths, collated once.
     micro: Vec<(Collated, Vec<usize>)>,
@@ -244,8 +405,8 @@ pub fn train_grpo(
     let mut health = state
         .health
         .take()
-        .unwrap_or_else(|| HealthMonitor::new(plan.loss_type));
-    health.set_loss_type(plan.loss_type);
+        .unwrap_or_else(|| HealthMonitor::new(plan.loss.loss_type));
+    health.set_loss_type(plan.loss.loss_type);
     let mut loader = Loader::resume(n_train, plan.run.shuffler(), state.core.cursor)?;
     let labels = env.reward_labels();
     let roles = env.reward_roles();
@@ -266,23 +427,11 @@ pub fn train_grpo(
         // 1. A new generation batch every μ steps: sample, score, advantages.
         if iteration == 0 || batch.is_none() {
             let round = (state.core.step / plan.num_iterations) as u64;
-            let prompts_idx = loader.next_batch(plan.prompts_per_step())?;
-            let items: Vec<usize> = prompts_idx
-                .iter()
-                .flat_map(|&i| std::iter::repeat_n(i, g))
-                .collect();
-            let opts = GenerateOptions {
-                sampling: SamplingParams {
-                    seed: derive_seed(plan.run.seed, round.wrapping_add(0x5eed)),
-                    ..plan.sampling.clone()
-                },
-                max_new_tokens: plan.max_completion_len,
-                eos_ids: plan.eos_ids.clone(),
-                pad_id: plan.run.pad_id,
-                mode: Mode::EVAL,
-            };
-            let ro = sample(model, env, Split::Train, items, &opts, device)?;
+            let (ro, resampled) = draw(model, env, plan, &mut loader, round, device)?;
             state.rollout_tokens += ro.new_tokens as u64;
+            if let Some(d) = resampled {
+                rollout_metrics.extend(d.metrics());
+            }
             let failed = report_failures(env, state.core.step + 1, obs);
             if failed > 0 {
                 rollout_metrics.push(("rewards/failures".into(), failed as f64));
@@ -297,7 +446,7 @@ pub fn train_grpo(
                 let end = (start + plan.run.batch_size).min(ro.gens.len());
                 let (items, gens) = (&ro.items[start..end], &ro.gens[start..end]);
                 let (c, lens) = micro_batch(env, Split::Train, items, gens, plan.run.pad_id);
-                if plan.beta == 0.0 {
+                if plan.loss.beta == 0.0 {
                     ref_logps.push(None);
                 } else {
                     let b = batch_tensors(&c, device)?;
@@ -411,16 +560,15 @@ pub fn train_grpo(
                 .map(|g| g.ids.len())
                 .sum();
         let loss_cfg = LossConfig {
-            loss_type: plan.loss_type,
-            epsilon_low: plan.epsilon,
-            epsilon_high: plan.epsilon_high,
-            beta: plan.beta,
             max_completion_len: plan.max_completion_len,
             num_items_in_batch: Some(total_tokens as f64),
             accum_steps: b.micro.len(),
+            ..plan.loss.clone()
         };
         let n_micro = loss_cfg.accum_steps as f64;
-        let (mut loss_sum, mut kl_sum, mut kl_n) = (0.0f64, 0.0f64, 0usize);
+        let mut loss_sum = 0.0f64;
+        // Stats not every micro-batch has: mean over those that do.
+        let (mut kl, mut entropy, mut cispo_clip, mut kept_frac) = Default::default();
         let (mut clip_lo, mut clip_hi, mut clip_reg, mut ratio_mean) = (0.0, 0.0, 0.0, 0.0);
         let mut ratio_dev = 0.0f64;
         let mut seq_tokens = 0usize;
@@ -435,8 +583,17 @@ pub fn train_grpo(
             let batch = batch_tensors(c, device)?;
             let mode = plan.run.train_mode(state.core.step, k);
             let temp = plan.sampling.temperature.max(1e-6);
-            let (lp, _) = scored_logprobs(model, &batch, &c.loss_mask, temp, mode)?;
-            let logps = to_rows(&lp, lens, width)?; // (B, Tc)
+            let (logps, entropies) = if loss_cfg.needs_entropy() {
+                let (lp, ent, _) =
+                    scored_logprobs_entropy(model, &batch, &c.loss_mask, temp, mode)?;
+                (
+                    to_rows(&lp, lens, width)?,
+                    Some(to_rows(&ent, lens, width)?),
+                )
+            } else {
+                let (lp, _) = scored_logprobs(model, &batch, &c.loss_mask, temp, mode)?;
+                (to_rows(&lp, lens, width)?, None)
+            }; // (B, Tc) each
             let old: Vec<Vec<f32>> = gens.iter().map(|g| g.logprobs.clone()).collect();
             let old = rows_tensor(&old, width, device)?; // (B, Tc)
             let mask: Vec<Vec<f32>> = gens
@@ -456,6 +613,7 @@ pub fn train_grpo(
                     ref_logps: b.ref_logps.get(k).and_then(|r| r.as_ref()),
                     mask: &mask,
                     advantages: &adv,
+                    entropies: entropies.as_ref(),
                 },
                 &loss_cfg,
             )?;
@@ -464,10 +622,13 @@ pub fn train_grpo(
             loss_sum += out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             t.backward(&out.loss)?;
             let s = &out.stats;
-            if let Some(kl) = s.kl_mean {
-                kl_sum += kl;
-                kl_n += 1;
-            }
+            OptMean::push(&mut kl, s.kl_mean);
+            OptMean::push(&mut entropy, s.entropy_mean);
+            OptMean::push(&mut cispo_clip, s.cispo_clip);
+            OptMean::push(
+                &mut kept_frac,
+                loss_cfg.needs_entropy().then_some(s.entropy_kept),
+            );
             clip_lo += s.clip_low / n_micro;
             clip_hi += s.clip_high / n_micro;
             clip_reg += s.clip_region / n_micro;
@@ -483,7 +644,7 @@ pub fn train_grpo(
         state.core.advance(loader.cursor());
         let step = state.core.step;
         summary.run.step_done(step, &t);
-        let kl = (kl_n > 0).then(|| kl_sum / kl_n as f64);
+        let kl = OptMean::get(kl);
         // 3. Log, health, eval, save.
         if let Some(kl) = kl {
             health.push_kl(step, kl);
@@ -498,9 +659,20 @@ pub fn train_grpo(
             if let Some(kl) = kl {
                 values.push(("kl".into(), kl));
             }
-            values.push(("clip_ratio/low_mean".into(), clip_lo));
-            values.push(("clip_ratio/high_mean".into(), clip_hi));
-            values.push(("clip_ratio/region_mean".into(), clip_reg));
+            if plan.loss.loss_type.is_clipped() {
+                values.push(("clip_ratio/low_mean".into(), clip_lo));
+                values.push(("clip_ratio/high_mean".into(), clip_hi));
+                values.push(("clip_ratio/region_mean".into(), clip_reg));
+            }
+            for (key, v) in [
+                ("cispo_clip_ratio", cispo_clip),
+                ("entropy", entropy),
+                ("entropy/kept_frac", kept_frac),
+            ] {
+                if let Some(v) = OptMean::get(v) {
+                    values.push((key.into(), v));
+                }
+            }
             values.push(("ratio/mean".into(), ratio_mean));
             values.push(("ratio/max_abs_dev".into(), ratio_dev));
             values.push(("grad_norm".into(), up.grad_norm));

@@ -222,8 +222,8 @@ impl HealthMonitor {
             let right = mean(pairs.iter().map(|p| p.0));
             let wrong = mean(pairs.iter().map(|p| p.1));
             if wrong > 1.5 * right {
-                let advice = if self.loss_type == LossType::Grpo {
-                    "loss_type = grpo averages per sequence, so each token of a long wrong answer is penalised less; dr_grpo or dapo remove that bias"
+                let advice = if matches!(self.loss_type, LossType::Grpo | LossType::Sapo) {
+                    "this loss_type averages per sequence, so each token of a long wrong answer is penalised less; dr_grpo or dapo remove that bias"
                 } else {
                     "check whether long answers ramble"
                 };

@@ -12,6 +12,7 @@ pub mod distill_teacher;
 pub mod dpo;
 pub mod error;
 pub mod grpo;
+pub mod grpo_adv;
 pub mod grpo_loss;
 pub mod health;
 pub mod loss;

@@ -19,6 +19,41 @@ pub fn scored_logprobs(
     temperature: f64,
     mode: Mode,
 ) -> Result<(Tensor, Vec<(usize, usize)>)> {
+    let (lp, _, where_) = scored(model, batch, score, temperature, mode, false)?;
+    Ok((lp, where_))
+}
+
+/// [`scored_logprobs`] and, from the same forward pass, the entropy (N,) f32 of each scored
+/// position's next-token distribution at `temperature` (never tracked; one more chunked
+/// LM-head product, no (N, V) tensor kept).
+pub fn scored_logprobs_entropy(
+    model: &dyn CausalLm,
+    batch: &Batch,
+    score: &[Vec<u8>],
+    temperature: f64,
+    mode: Mode,
+) -> Result<LogpsEntropy> {
+    let (lp, ent, where_) = scored(model, batch, score, temperature, mode, true)?;
+    let ent = match ent {
+        Some(e) => e,
+        None => Tensor::zeros(0, candle_core::DType::F32, lp.device())?,
+    };
+    Ok((lp, ent, where_))
+}
+
+/// Log-probs (N,), entropies (N,) and the (row, position) of each.
+pub type LogpsEntropy = (Tensor, Tensor, Vec<(usize, usize)>);
+
+type Scored = (Tensor, Option<Tensor>, Vec<(usize, usize)>);
+
+fn scored(
+    model: &dyn CausalLm,
+    batch: &Batch,
+    score: &[Vec<u8>],
+    temperature: f64,
+    mode: Mode,
+    entropy: bool,
+) -> Result<Scored> {
     refuse_lm_head_lora(model, mode)?;
     let h = model.hidden(batch, None, mode)?; // (B, T, H)
     let (b, t, hd) = h.dims3()?;
@@ -37,16 +72,26 @@ pub fn scored_logprobs(
     }
     let dev: &Device = h.device();
     if rows.is_empty() {
-        return Ok((Tensor::zeros(0, candle_core::DType::F32, dev)?, where_));
+        return Ok((
+            Tensor::zeros(0, candle_core::DType::F32, dev)?,
+            None,
+            where_,
+        ));
     }
     let flat = h.reshape((b * t, hd))?; // (B*T, H)
     let sel = flat.index_select(&Tensor::new(rows, dev)?, 0)?; // (N, H)
                                                                // Outside train mode no gradient is wanted: detaching keeps the fused op from preparing
                                                                // d logp / d hidden (an extra LM-head product) just because LoRA made `hidden` tracked.
     let sel = if mode.train { sel } else { sel.detach() };
+    let w = &model.lm_head().weight;
+    let ent = if entropy {
+        Some(ops::token_entropy(&sel, w, temperature)?)
+    } else {
+        None
+    };
     let targets = Tensor::new(targets, dev)?;
-    let lp = ops::token_logprobs(&sel, &model.lm_head().weight, &targets, temperature)?;
-    Ok((lp, where_))
+    let lp = ops::token_logprobs(&sel, w, &targets, temperature)?;
+    Ok((lp, ent, where_))
 }
 
 /// Sum of next-token NLL over scored tokens, and their count.

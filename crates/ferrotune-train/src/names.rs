@@ -44,7 +44,7 @@ pub(crate) use config_names;
 
 #[cfg(test)]
 mod tests {
-    use crate::grpo_loss::{LossType, ScaleRewards};
+    use crate::grpo_loss::{ImportanceSamplingLevel, LossType, ScaleRewards};
     use crate::ppo_loss::KlEstimator;
     use crate::pref_loss::DpoLossType;
     use crate::schedule::ScheduleKind;
@@ -65,9 +65,13 @@ mod tests {
         }
         check(&LossType::ALL, |v| v.as_str());
         check(&ScaleRewards::ALL, |v| v.as_str());
+        check(&ImportanceSamplingLevel::ALL, |v| v.as_str());
         check(&DpoLossType::ALL, |v| v.as_str());
         check(&KlEstimator::ALL, |v| v.as_str());
         check(&ScheduleKind::ALL, |v| v.as_str());
-        assert_eq!(LossType::NAMES, ["grpo", "dr_grpo", "dapo", "bnpo"]);
+        assert_eq!(
+            LossType::NAMES,
+            ["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo"]
+        );
     }
 }

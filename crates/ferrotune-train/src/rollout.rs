@@ -220,6 +220,32 @@ pub fn sample(
 }
 
 impl Rollout {
+    /// No completions, scored by `n_rewards` reward functions.
+    pub fn empty(n_rewards: usize) -> Rollout {
+        Rollout {
+            items: Vec::new(),
+            gens: Vec::new(),
+            scores: vec![Vec::new(); n_rewards],
+            totals: Vec::new(),
+            new_tokens: 0,
+            gen_secs: 0.0,
+        }
+    }
+
+    /// Moves the completions of `groups` (each `g` consecutive completions) to the end of
+    /// `into`, in the order given; the generation cost stays with `self`.
+    pub fn move_groups(&self, groups: &[usize], g: usize, into: &mut Rollout) {
+        for &k in groups {
+            let r = k * g..(k + 1) * g;
+            into.items.extend_from_slice(&self.items[r.clone()]);
+            into.gens.extend_from_slice(&self.gens[r.clone()]);
+            for (dst, src) in into.scores.iter_mut().zip(&self.scores) {
+                dst.extend_from_slice(&src[r.clone()]);
+            }
+            into.totals.extend_from_slice(&self.totals[r]);
+        }
+    }
+
     /// Per reward function: `rewards/<label>/mean` and `/std` over the completions it scored
     /// (none for a reward that scored nothing), and every mean (NaN where none was scored).
     pub fn reward_metrics(&self, labels: &[String]) -> (Vec<(String, f64)>, Vec<f64>) {

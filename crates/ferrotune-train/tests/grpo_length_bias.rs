@@ -85,6 +85,7 @@ fn length_gradients(loss_type: LossType) -> (f64, f64, f64, f64) {
             ref_logps: None,
             mask: &mask,
             advantages: &adv_t,
+            entropies: None,
         },
         &cfg,
     )

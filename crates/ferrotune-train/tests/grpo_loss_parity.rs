@@ -1,9 +1,13 @@
 //! GRPO advantages, completion mask, loss, gradient and logged stats against TRL 1.16's own
 //! `GRPOTrainer._generate_and_score_completions` and `_compute_loss` (fixture written by
-//! `fixtures/grpo/make_grpo_loss.py`): loss_type × scale_rewards × beta × num_iterations (48
-//! cases, B = 2 groups × G = 4, T = 8, one truncated and one empty row), plus
-//! mask_truncated_completions, clip-higher (ε_high ≠ ε_low), two-micro-batch accumulation, and
-//! advantage-only cases with a zero-variance group and an unscorable (NaN) reward.
+//! `fixtures/grpo/make_grpo_loss.py`). Every case runs at TRL's `GRPOConfig` defaults except
+//! the fields its name and its `trl_defaults_changed` list say — so β > 0 cases have TRL's
+//! default `use_bias_correction_kl = true`, and the `-no_bias_correction_kl` cases turn it
+//! off. Cases: loss_type × scale_rewards × beta × num_iterations (48, B = 2 groups × G = 4,
+//! T = 8, one truncated and one empty row), bias correction off, mask_truncated_completions,
+//! clip-higher, GSPO (sequence-level weights), cispo, sapo, luspo, delta, top-entropy masking,
+//! two-micro-batch accumulation, and advantage-only cases with a zero-variance group and an
+//! unscorable (NaN) reward.
 
 use candle_core::{DType, Device, Tensor, Var};
 use ferrotune_train::grpo_loss::{
@@ -66,6 +70,7 @@ fn run(c: &Value, range: std::ops::Range<usize>, cfg: &LossConfig, adv: &[f64]) 
     let old = sl(&c["old_logps"]).map(|r| tensor(&r));
     let refl = sl(&c["ref_logps"]).map(|r| tensor(&r));
     let mask = tensor(&sl(&c["mask"]).unwrap());
+    let ent = tensor(&sl(&c["entropy"]).unwrap());
     let adv: Vec<f32> = adv[range.clone()].iter().map(|&a| a as f32).collect();
     let adv = Tensor::from_vec(adv, range.len(), &Device::Cpu).unwrap();
     let out = grpo_loss(
@@ -75,6 +80,7 @@ fn run(c: &Value, range: std::ops::Range<usize>, cfg: &LossConfig, adv: &[f64]) 
             ref_logps: refl.as_ref(),
             mask: &mask,
             advantages: &adv,
+            entropies: Some(&ent),
         },
         cfg,
     )
@@ -91,16 +97,51 @@ fn run(c: &Value, range: std::ops::Range<usize>, cfg: &LossConfig, adv: &[f64]) 
     }
 }
 
+/// The case's config: `LossConfig::new` (our TRL defaults) with only the fields the fixture
+/// changed from TRL's defaults set from it, so a default that drifted from TRL's would fail.
 fn config(c: &Value, num_items: f64) -> LossConfig {
-    LossConfig {
-        loss_type: c["loss_type"].as_str().unwrap().parse().unwrap(),
-        epsilon_low: c["epsilon"].as_f64().unwrap(),
-        epsilon_high: c["epsilon_high"].as_f64().unwrap(),
-        beta: c["beta"].as_f64().unwrap(),
-        max_completion_len: c["max_completion_length"].as_u64().unwrap() as usize,
-        num_items_in_batch: Some(num_items),
-        accum_steps: c["gradient_accumulation_steps"].as_u64().unwrap() as usize,
+    let lt: LossType = c["loss_type"].as_str().unwrap().parse().unwrap();
+    let mut cfg = LossConfig::new(lt, c["max_completion_length"].as_u64().unwrap() as usize);
+    cfg.num_items_in_batch = Some(num_items);
+    let f = |k: &str| c[k].as_f64().unwrap();
+    for key in c["trl_defaults_changed"].as_array().unwrap() {
+        match key.as_str().unwrap() {
+            "loss_type" | "scale_rewards" | "num_iterations" | "mask_truncated_completions" => {}
+            "steps_per_generation" => {}
+            "beta" => cfg.beta = f("beta"),
+            "epsilon" => cfg.epsilon_low = f("epsilon"),
+            "epsilon_high" => cfg.epsilon_high = f("epsilon_high"),
+            "gradient_accumulation_steps" => {
+                cfg.accum_steps = c["gradient_accumulation_steps"].as_u64().unwrap() as usize
+            }
+            "importance_sampling_level" => {
+                cfg.importance_sampling_level = c["importance_sampling_level"]
+                    .as_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            }
+            "use_bias_correction_kl" => {
+                cfg.use_bias_correction_kl = c["use_bias_correction_kl"].as_bool().unwrap()
+            }
+            "delta" => cfg.delta = Some(f("delta")),
+            "sapo_temperature_pos" => cfg.sapo_temperature_pos = f("sapo_temperature_pos"),
+            "sapo_temperature_neg" => cfg.sapo_temperature_neg = f("sapo_temperature_neg"),
+            "top_entropy_quantile" => cfg.top_entropy_quantile = f("top_entropy_quantile"),
+            k => panic!("fixture changes {k}, which the test does not map"),
+        }
     }
+    // TRL's epsilon_high falls back to epsilon, as ours does in the config.
+    if !c["trl_defaults_changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k == "epsilon_high")
+    {
+        cfg.epsilon_high = cfg.epsilon_low;
+    }
+    assert_eq!(cfg.epsilon_high, f("epsilon_high"), "{}", c["name"]);
+    cfg
 }
 
 /// Advantages, stats, mask and num_items from our code, checked against the case; returns
@@ -168,10 +209,25 @@ fn check_pipeline(c: &Value) -> (Vec<f64>, f64) {
 }
 
 fn check_stats(name: &str, s: &LossStats, m: &Value) {
-    match (s.kl_mean, m.get("kl")) {
-        (Some(k), Some(w)) => close(&format!("{name} kl"), k, w.as_f64().unwrap(), 1e-6),
-        (None, None) => {}
-        (a, b) => panic!("{name}: kl presence differs: ours {a:?}, TRL {b:?}"),
+    for (key, ours) in [
+        ("kl", s.kl_mean),
+        ("entropy", s.entropy_mean),
+        ("cispo_clip_ratio", s.cispo_clip),
+    ] {
+        match (ours, m.get(key)) {
+            (Some(k), Some(w)) => close(&format!("{name} {key}"), k, w.as_f64().unwrap(), 1e-6),
+            (None, None) => {}
+            (a, b) => panic!("{name}: {key} presence differs: ours {a:?}, TRL {b:?}"),
+        }
+    }
+    if m.get("clip_ratio/low_mean").is_none() {
+        // cispo and sapo: TRL logs no clip ratios.
+        return close(
+            &format!("{name} ratio_mean"),
+            s.ratio_mean,
+            m["ratio_mean"].as_f64().unwrap(),
+            1e-6,
+        );
     }
     // TRL computes the clip fractions in f32.
     let f = |k: &str| m[k].as_f64().unwrap_or(f64::NAN);
@@ -231,7 +287,7 @@ fn check_grad(name: &str, got: &[Vec<f64>], want: &[Vec<f64>], tol: f64) {
 fn whole_batch_cases_match_trl() {
     let fx = fixture();
     let cases = fx["cases"].as_array().unwrap();
-    assert!(cases.len() >= 55, "fixture has {} cases", cases.len());
+    assert!(cases.len() >= 90, "fixture has {} cases", cases.len());
     let mut clipped_cases = 0;
     let (mut max_loss_err, mut max_grad_err) = (0.0f64, 0.0f64);
     for c in cases {
@@ -305,9 +361,18 @@ fn micro_batches_match_trl_accumulation() {
 
         // The same batch in one call with no accumulation, from the whole-batch fixture case.
         let lt = c["loss_type"].as_str().unwrap();
+        let whole_name = match name {
+            "cispo-micro2" => "cispo-eps_high1.2-beta0.04".to_string(),
+            "sapo-micro2" => "sapo-1.0-1.05-token-beta0.04".to_string(),
+            "luspo-micro2" => "luspo-sequence-beta0.04".to_string(),
+            // The entropy quantile is per micro-batch (TRL), so the split trains other tokens:
+            // only TRL's own two calls above are the reference.
+            "top_entropy0.2-dapo-micro2" => continue,
+            _ => format!("{lt}-group-beta0.04-mu2"),
+        };
         let w = whole
             .iter()
-            .find(|w| w["name"].as_str().unwrap() == format!("{lt}-group-beta0.04-mu2"))
+            .find(|w| w["name"].as_str().unwrap() == whole_name)
             .unwrap();
         let whole_grad = rows(&w["grad"]);
         let max_diff = sum
@@ -387,12 +452,7 @@ fn advantage_cases_match_trl() {
 
 #[test]
 fn names_parse_and_print() {
-    for lt in [
-        LossType::Grpo,
-        LossType::DrGrpo,
-        LossType::Dapo,
-        LossType::Bnpo,
-    ] {
+    for lt in LossType::ALL {
         assert_eq!(lt.to_string().parse::<LossType>().unwrap(), lt);
         let json = serde_json::to_string(&lt).unwrap();
         assert_eq!(json, format!("\"{lt}\""));
@@ -428,6 +488,7 @@ fn bad_inputs_are_refused_with_reasons() {
         ref_logps: None,
         mask: &mask,
         advantages: &adv,
+        entropies: None,
     };
     let mut cfg = LossConfig::new(LossType::Dapo, 3);
     let e = grpo_loss(&inputs, &cfg).err().unwrap().to_string();
@@ -460,4 +521,54 @@ fn bad_inputs_are_refused_with_reasons() {
         -1.0,
         1e-7,
     );
+}
+
+/// The per-token entropy `top_entropy_quantile` ranks by: ferrotune's chunked op against TRL's
+/// `entropy_from_logits` on the same tempered logits, in one chunk and in chunks of 2 rows.
+#[test]
+fn token_entropy_matches_trl() {
+    let fx = fixture();
+    let c = &fx["entropy_case"];
+    let (hidden, w) = (tensor(&rows(&c["hidden"])), tensor(&rows(&c["w"])));
+    let temp = c["temperature"].as_f64().unwrap();
+    let want = f64s(&c["entropy"]);
+    for chunk in [0, 2] {
+        let got = ferrotune_nn::ops::token_entropy_chunked(&hidden, &w, temp, chunk).unwrap();
+        let got = got.to_vec1::<f32>().unwrap();
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            close(&format!("entropy[{i}] chunk {chunk}"), *g as f64, *w, 1e-5);
+        }
+    }
+    let bad = ferrotune_nn::ops::token_entropy(&hidden, &w, 0.0);
+    assert!(bad.is_err());
+}
+
+/// The fixture can tell the two KL forms apart: with β > 0, TRL's default (bias-corrected) and
+/// `use_bias_correction_kl = false` differ in gradient far beyond the 1e-5 parity tolerance,
+/// on-policy (μ = 1, where the weight's value is 1 but its gradient is not) and off-policy.
+/// (Before the option existed, ferrotune's KL was the plain form and its fixture pinned
+/// `use_bias_correction_kl = False`, so the parity test could not see the difference.)
+#[test]
+fn bias_corrected_kl_differs_from_plain_k3() {
+    let fx = fixture();
+    let cases = fx["cases"].as_array().unwrap();
+    let by_name = |n: &str| cases.iter().find(|c| c["name"] == n).unwrap();
+    for lt in ["grpo", "dr_grpo", "dapo", "bnpo"] {
+        for mu in [1, 2] {
+            let on = by_name(&format!("{lt}-group-beta0.04-mu{mu}"));
+            let off = by_name(&format!("{lt}-group-beta0.04-mu{mu}-no_bias_correction_kl"));
+            assert_eq!(on["use_bias_correction_kl"], true);
+            assert_eq!(off["use_bias_correction_kl"], false);
+            let diff = rows(&on["grad"])
+                .iter()
+                .flatten()
+                .zip(rows(&off["grad"]).iter().flatten())
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            // ≥ 5× the 1e-5 gradient tolerance of the parity tests (dr_grpo's gradients are
+            // the smallest: it divides by rows × max_completion_length).
+            assert!(diff > 5e-5, "{lt} mu{mu}: gradients differ by only {diff}");
+        }
+    }
 }

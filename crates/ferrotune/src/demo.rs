@@ -45,6 +45,9 @@ pub struct DemoOptions {
     pub out: PathBuf,
     pub quick: bool,
     pub seed: u64,
+    /// `KEY=VALUE` overrides of the GRPO stage's config (`--set grpo.dynamic_sampling=true`);
+    /// the GRPO run folder's `config.toml` records them.
+    pub grpo_sets: Vec<String>,
 }
 
 /// SFT is kept to the format: 30 steps give a format rate of 1.0 while held-out accuracy stays
@@ -214,9 +217,9 @@ fn print_table(rows: &[DemoRow]) -> String {
     s
 }
 
-fn write_config(path: &Path, text: &str) -> Result<RunConfig> {
+fn write_config(path: &Path, text: &str, sets: &[String]) -> Result<RunConfig> {
     std::fs::write(path, text).with_context(|| format!("{}: cannot write", path.display()))?;
-    Ok(RunConfig::load(path, &[])?)
+    Ok(RunConfig::load(path, sets)?)
 }
 
 /// Run the demo.
@@ -324,6 +327,7 @@ log_every = 10
             seed = opts.seed,
             steps = sizes.sft_steps
         ),
+        &[],
     )?;
     let sft = crate::sft_run::run_sft(&sft_cfg, false, false)?;
     let sft_ckpt = sft.run.last_checkpoint.context("SFT wrote no checkpoint")?;
@@ -388,6 +392,7 @@ rewards = [
             steps = sizes.grpo_steps,
             save_every = sizes.grpo_save_every
         ),
+        &opts.grpo_sets,
     )?;
     let grpo = crate::grpo_run::run_grpo(&grpo_cfg, false, false)?;
     let run = ferrotune_ckpt::RunDir::open(&grpo_cfg.run.output_dir)?;

@@ -14,6 +14,7 @@ use ferrotune_report::plot_metrics;
 use ferrotune_rewards::{RewardSet, RewardSpec, Sample};
 use ferrotune_tokenize::Tokenizer;
 use ferrotune_train::grpo::{train_grpo, GrpoPlan, GrpoSummary};
+use ferrotune_train::grpo_loss::LossConfig;
 use ferrotune_train::rollout::{CompletionRecord, Env, RewardRole, Split};
 use serde_json::{json, Map, Value};
 
@@ -271,12 +272,22 @@ pub fn grpo_plan(cfg: &RunConfig, g: &GrpoSection, lm: &Lm, n_prompts: usize) ->
             top_p: (g.top_p < 1.0).then_some(g.top_p),
             seed: cfg.run.seed,
         },
-        loss_type: g.loss_type,
+        loss: LossConfig {
+            epsilon_low: g.epsilon,
+            epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),
+            beta: g.beta,
+            use_bias_correction_kl: g.use_bias_correction_kl,
+            importance_sampling_level: g.importance_sampling_level,
+            delta: g.delta,
+            sapo_temperature_pos: g.sapo_temperature_pos,
+            sapo_temperature_neg: g.sapo_temperature_neg,
+            top_entropy_quantile: g.top_entropy_quantile,
+            ..LossConfig::new(g.loss_type, g.max_completion_len)
+        },
         scale_rewards: g.scale_rewards,
-        epsilon: g.epsilon,
-        epsilon_high: g.epsilon_high.unwrap_or(g.epsilon),
-        beta: g.beta,
         mask_truncated_completions: g.mask_truncated_completions,
+        dynamic_sampling: g.dynamic_sampling,
+        max_num_gen_batches: g.max_num_gen_batches,
         log_completions: g.log_completions,
         eos_ids: lm.eos_ids(),
     })
@@ -337,13 +348,14 @@ pub fn run_grpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<GrpoSu
     };
     obs.health = Some(session.side_log("health.jsonl")?);
     eprintln!(
-        "grpo: {} train / {} eval prompts, {} steps of {} prompts x {} completions, loss {}, beta {}, {} trainable parameters",
+        "grpo: {} train / {} eval prompts, {} steps of {} prompts x {} completions, loss {} ({}-level weights), beta {}, {} trainable parameters",
         env.train.len(),
         env.eval.len(),
         plan.run.total_steps,
         plan.prompts_per_step(),
         plan.num_generations,
         g.loss_type,
+        g.importance_sampling_level,
         g.beta,
         trainable.num_params()
     );

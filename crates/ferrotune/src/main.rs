@@ -56,8 +56,18 @@ fn run(cli: Cli) -> Result<()> {
             }
             println!("{:<18} {}", "model", ferrotune::model_reward::HELP);
         }
-        Cmd::Demo { out, quick, seed } => {
-            ferrotune::demo::run_demo(&ferrotune::demo::DemoOptions { out, quick, seed })?;
+        Cmd::Demo {
+            out,
+            quick,
+            seed,
+            sets,
+        } => {
+            ferrotune::demo::run_demo(&ferrotune::demo::DemoOptions {
+                out,
+                quick,
+                seed,
+                grpo_sets: sets,
+            })?;
         }
     }
     Ok(())

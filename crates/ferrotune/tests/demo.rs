@@ -1,6 +1,7 @@
 //! `ferrotune demo --quick` end to end on the embedded model (models/demo): every stage runs,
 //! the before/after table is well-formed (a base row, an SFT row, a row per GRPO checkpoint,
-//! finite numbers in range, perplexity ratios relative to the base), and the report files exist.
+//! finite numbers in range, perplexity ratios relative to the base), and the report files exist;
+//! `--set` reaches the GRPO stage (here: dynamic sampling) and its run folder records it.
 
 use std::process::Command;
 
@@ -10,6 +11,7 @@ fn demo_quick_runs_end_to_end_and_reports() {
     let out = tmp.path().join("demo");
     let o = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
         .args(["demo", "--quick", "--out", out.to_str().unwrap()])
+        .args(["--set", "grpo.dynamic_sampling=true"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -55,4 +57,8 @@ fn demo_quick_runs_end_to_end_and_reports() {
     ] {
         assert!(out.join(f).exists(), "missing {f}");
     }
+    let config = std::fs::read_to_string(out.join("grpo/config.toml")).unwrap();
+    assert!(config.contains("dynamic_sampling = true"), "{config}");
+    let metrics = std::fs::read_to_string(out.join("grpo/metrics.jsonl")).unwrap();
+    assert!(metrics.contains("dynamic_sampling/rounds"));
 }

@@ -274,6 +274,51 @@ pub fn token_logprobs_chunked(
     hidden.contiguous()?.apply_op2(&w.contiguous()?, op)
 }
 
+/// Entropy (nats) of `softmax(hidden W^T / temperature)` per row, computed over the vocabulary
+/// in chunks of rows so no more than about 4M logits exist at once, and never kept: no gradient
+/// (the entropy only selects tokens, TRL's `top_entropy_quantile`).
+///
+/// hidden: (N, H); w: (V, H). Returns (N,) f32. Any device (plain tensor ops).
+pub fn token_entropy(hidden: &Tensor, w: &Tensor, temperature: f64) -> Result<Tensor> {
+    token_entropy_chunked(hidden, w, temperature, 0)
+}
+
+/// [`token_entropy`] with an explicit number of rows per chunk (0 = choose from V).
+pub fn token_entropy_chunked(
+    hidden: &Tensor,
+    w: &Tensor,
+    temperature: f64,
+    chunk_rows: usize,
+) -> Result<Tensor> {
+    if !(temperature > 0.0 && temperature.is_finite()) {
+        return Err(OpError::Temperature(temperature).into());
+    }
+    let (hidden, w) = (hidden.detach(), w.detach());
+    let n = hidden.dim(0)?;
+    let vocab = w.dim(0)?.max(1);
+    let chunk = if chunk_rows > 0 {
+        chunk_rows
+    } else {
+        ((4usize << 20) / vocab).max(1)
+    };
+    let mut parts = Vec::with_capacity(n.div_ceil(chunk));
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
+        let logits = (linear(&hidden.narrow(0, start, len)?, &w, None)?.to_dtype(DType::F32)?
+            / temperature)?; // (c, V)
+                             // H = log Σe^z − Σ e^z z / Σ e^z, with z = logits − max (stable).
+        let z = logits.broadcast_sub(&logits.max_keepdim(1)?)?;
+        let e = z.exp()?;
+        let s = e.sum_keepdim(1)?;
+        let ez = (&e * &z)?.sum_keepdim(1)?;
+        parts.push((s.log()? - (ez / s)?)?.squeeze(1)?);
+    }
+    if parts.is_empty() {
+        return Tensor::zeros(0, DType::F32, hidden.device());
+    }
+    Tensor::cat(&parts, 0)
+}
+
 /// Draws one token per row of `logits` (B, V) on the GPU: inverse-CDF sampling in vocabulary
 /// order with the caller's uniforms `u` (B,) at `temperature`, or the first maximum at
 /// temperature 0 — the CPU sampler's rule when neither top-k nor top-p truncates. Returns the

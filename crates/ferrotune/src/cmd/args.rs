@@ -159,6 +159,10 @@ pub enum Cmd {
         quick: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Override a key of the GRPO stage's config, e.g. --set grpo.dynamic_sampling=true
+        /// (repeatable).
+        #[arg(long = "set")]
+        sets: Vec<String>,
     },
     /// Benchmarks on a random-init Qwen2-shaped model (bench/gpu/run.sh compares them with
     /// PyTorch); prints one JSON line.

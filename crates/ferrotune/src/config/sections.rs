@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use ferrotune_train::grpo_loss::{LossType, ScaleRewards};
+use ferrotune_train::grpo_loss::{ImportanceSamplingLevel, LossType, ScaleRewards};
 use ferrotune_train::ppo_loss::KlEstimator;
 use ferrotune_train::pref_loss::DpoLossType;
 use ferrotune_train::schedule::ScheduleKind;
@@ -20,12 +20,17 @@ pub enum TruncationMode {
 /// The keys whose value is one of a fixed set of names, with those names (from the enums
 /// themselves). They are checked on the raw TOML before it is deserialised, so a wrong name is
 /// refused with its key; `why` (when given) replaces "is not one of ...".
-pub(super) fn choices() -> [(&'static str, &'static [&'static str], Option<&'static str>); 6] {
+pub(super) fn choices() -> [(&'static str, &'static [&'static str], Option<&'static str>); 7] {
     let keep_start = Some("is not supported: only keep_start (as TRL 1.16)");
     [
         ("optim.lr_scheduler_type", &ScheduleKind::NAMES, None),
         ("grpo.scale_rewards", &ScaleRewards::NAMES, None),
         ("grpo.loss_type", &LossType::NAMES, None),
+        (
+            "grpo.importance_sampling_level",
+            &ImportanceSamplingLevel::NAMES,
+            None,
+        ),
         ("dpo.loss_type", &DpoLossType::NAMES, None),
         ("dpo.truncation_mode", &["keep_start"], keep_start),
         ("ppo.kl_estimator", &KlEstimator::NAMES, None),
@@ -189,8 +194,30 @@ pub struct GrpoSection {
     pub scale_rewards: ScaleRewards,
     #[serde(default = "d_loss_type")]
     pub loss_type: LossType,
+    /// token | sequence (GSPO).
+    #[serde(default = "d_importance_sampling_level")]
+    pub importance_sampling_level: ImportanceSamplingLevel,
+    /// Multiply the k3 KL by the importance weight (TRL 1.16's default).
+    #[serde(default = "d_true")]
+    pub use_bias_correction_kl: bool,
+    /// Two-sided clip: cap on the unclipped weight (INTELLECT-2); none = off.
+    #[serde(default)]
+    pub delta: Option<f64>,
+    #[serde(default = "d_sapo_temperature_pos")]
+    pub sapo_temperature_pos: f64,
+    #[serde(default = "d_sapo_temperature_neg")]
+    pub sapo_temperature_neg: f64,
+    /// Train only the top fraction of tokens by entropy (1.0 = all).
+    #[serde(default = "d_one_f64")]
+    pub top_entropy_quantile: f64,
     #[serde(default)]
     pub mask_truncated_completions: bool,
+    /// DAPO's dynamic sampling: train only groups whose rewards differ, sampling more prompts.
+    #[serde(default)]
+    pub dynamic_sampling: bool,
+    /// Generation rounds per generation batch with dynamic sampling (verl's name).
+    #[serde(default = "d_max_num_gen_batches")]
+    pub max_num_gen_batches: usize,
     #[serde(default = "d_true")]
     pub log_completions: bool,
     /// Generation stops after any of these strings (kept in the completion).
@@ -277,7 +304,6 @@ pub struct DistillSection {
 serde_defaults! {
     d_half: f64 = 0.5;
     d_distill_temperature: f64 = 0.9;
-    d_one_f64: f64 = 1.0;
     d_max_new_tokens: usize = 128;
 }
 
@@ -425,6 +451,11 @@ serde_defaults! {
     d_epsilon: f64 = 0.2;
     d_scale_rewards: ScaleRewards = ScaleRewards::Group;
     d_loss_type: LossType = LossType::Dapo;
+    d_importance_sampling_level: ImportanceSamplingLevel = ImportanceSamplingLevel::Token;
+    d_max_num_gen_batches: usize = 4;
+    d_sapo_temperature_pos: f64 = 1.0;
+    d_sapo_temperature_neg: f64 = 1.05;
+    d_one_f64: f64 = 1.0;
     d_dpo_beta: f64 = 0.1;
     d_dpo_loss_type: DpoLossType = DpoLossType::Sigmoid;
     d_truncation_mode: TruncationMode = TruncationMode::KeepStart;

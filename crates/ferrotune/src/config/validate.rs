@@ -442,8 +442,40 @@ impl GrpoSection {
         if g.epsilon_high.is_some_and(|e| e < 0.0 || !e.is_finite()) {
             return refuse("grpo.epsilon_high", "must be >= 0".into());
         }
+        if g.loss_type == ferrotune_train::grpo_loss::LossType::Cispo && g.epsilon_high.is_none() {
+            return refuse(
+                "grpo.epsilon_high",
+                "cispo caps the importance weight at epsilon_high, which must be set (CISPO and ScaleRL use 5.0); TRL's fallback to epsilon = 0.2 would cap every weight at 0.2".into(),
+            );
+        }
+        if g.delta.is_some_and(|d| d <= 0.0 || !d.is_finite()) {
+            return refuse(
+                "grpo.delta",
+                "must be > 0 (1 + epsilon_high or more is recommended)".into(),
+            );
+        }
+        for (key, t) in [
+            ("grpo.sapo_temperature_pos", g.sapo_temperature_pos),
+            ("grpo.sapo_temperature_neg", g.sapo_temperature_neg),
+        ] {
+            if t <= 0.0 || !t.is_finite() {
+                return refuse(key, "must be > 0".into());
+            }
+        }
+        if !(0.0..=1.0).contains(&g.top_entropy_quantile) {
+            return refuse(
+                "grpo.top_entropy_quantile",
+                "must be in [0, 1] (1 = every token)".into(),
+            );
+        }
         if g.num_iterations == 0 {
             return refuse("grpo.num_iterations", "must be at least 1".into());
+        }
+        if g.dynamic_sampling && g.max_num_gen_batches == 0 {
+            return refuse(
+                "grpo.max_num_gen_batches",
+                "must be at least 1 (a bound on generation rounds, so a task whose groups all agree cannot loop forever)".into(),
+            );
         }
         if cfg.run.save_every > 0 && !cfg.run.save_every.is_multiple_of(g.num_iterations) {
             return refuse(
