@@ -35,6 +35,26 @@ pub struct Generation {
     /// log p(token) under softmax(logits / temperature) (raw logits when greedy), per token.
     pub logprobs: Vec<f32>,
     pub finish: Finish,
+    /// Ranges of `ids` the caller inserted between turns (tool results of a multi-turn
+    /// rollout): not sampled, so they carry no behaviour log-prob (0) and get no loss. Empty
+    /// for a single-turn completion.
+    pub injected: Vec<std::ops::Range<usize>>,
+}
+
+impl Generation {
+    /// 1 for each sampled token, 0 for each inserted one.
+    pub fn model_mask(&self) -> Vec<u8> {
+        let mut m = vec![1u8; self.ids.len()];
+        for r in &self.injected {
+            m[r.clone()].fill(0);
+        }
+        m
+    }
+
+    /// Tokens the model sampled (all but the inserted ones).
+    pub fn model_tokens(&self) -> usize {
+        self.ids.len() - self.injected.iter().map(|r| r.len()).sum::<usize>()
+    }
 }
 
 /// Options of one generate call.
@@ -95,6 +115,7 @@ pub fn generate(
             ids: vec![],
             logprobs: vec![],
             finish: Finish::Length,
+            injected: vec![],
         })
         .collect();
 

@@ -341,6 +341,7 @@ pub fn speculative_generate_with_rng(
         ids: vec![],
         logprobs: vec![],
         finish: Finish::Length,
+        injected: vec![],
     };
     // Invariant between rounds: both caches hold a prefix of `seq` that excludes at least its
     // last token, which no model has seen yet.

@@ -35,6 +35,47 @@ pub struct CommandReward {
     workers: usize,
 }
 
+/// `cmd` as the sandbox runs it: argv[0] resolved to an absolute path (a `python*` name to the
+/// real interpreter, past pyenv shims), every later argument that names an existing file made
+/// absolute (the program's cwd is its private folder), and the paths it must be allowed to
+/// read. Err is a one-line reason.
+pub(crate) fn resolve_command(cmd: &[String]) -> Result<(Vec<OsString>, Vec<PathBuf>), String> {
+    let Some(first) = cmd.first() else {
+        return Err("is empty".into());
+    };
+    let exe = if first.contains('/') {
+        std::fs::canonicalize(first).map_err(|e| format!("{first}: {e}"))?
+    } else {
+        find_on_path(first).ok_or_else(|| format!("`{first}` is not on PATH"))?
+    };
+    let is_python = Path::new(first)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("python"));
+    let mut read_paths = Vec::new();
+    let mut argv: Vec<OsString> = Vec::with_capacity(cmd.len());
+    if is_python {
+        // A pyenv shim is a bash script that needs half of $PYENV_ROOT: run the real binary.
+        let info = resolve_python(first).map_err(|e| e.to_string())?;
+        read_paths.extend(info.roots);
+        argv.push(info.executable.into());
+    } else {
+        let exe = std::fs::canonicalize(&exe).map_err(|e| format!("{}: {e}", exe.display()))?;
+        read_paths.push(exe.clone());
+        argv.push(exe.into());
+    }
+    for arg in &cmd[1..] {
+        match std::fs::canonicalize(arg) {
+            Ok(abs) if !arg.starts_with('-') => {
+                read_paths.push(abs.clone());
+                argv.push(abs.into());
+            }
+            _ => argv.push(arg.into()),
+        }
+    }
+    Ok((argv, read_paths))
+}
+
 fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -59,9 +100,9 @@ impl CommandReward {
         let cmd = p
             .str_list("cmd")?
             .ok_or_else(|| p.missing("cmd", "e.g. cmd = [\"python3\", \"score.py\"]"))?;
-        let Some(first) = cmd.first() else {
+        if cmd.is_empty() {
             return Err(p.invalid("cmd", "is empty"));
-        };
+        }
         let timeout = p.non_negative("timeout_s")?.unwrap_or(10.0);
         if !(timeout > 0.0 && timeout <= 3600.0) {
             return Err(p.invalid("timeout_s", format!("must be in (0, 3600], got {timeout}")));
@@ -80,37 +121,8 @@ impl CommandReward {
                 .map_err(|e| p.invalid("read_paths", format!("{rp}: {e}")))?;
             read_paths.push(c);
         }
-        let exe = if first.contains('/') {
-            std::fs::canonicalize(first).map_err(|e| p.invalid("cmd", format!("{first}: {e}")))?
-        } else {
-            find_on_path(first)
-                .ok_or_else(|| p.invalid("cmd", format!("`{first}` is not on PATH")))?
-        };
-        let is_python = Path::new(first)
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("python"));
-        let mut argv: Vec<OsString> = Vec::with_capacity(cmd.len());
-        if is_python {
-            // A pyenv shim is a bash script that needs half of $PYENV_ROOT: run the real binary.
-            let info = resolve_python(first).map_err(|e| p.invalid("cmd", e.to_string()))?;
-            read_paths.extend(info.roots);
-            argv.push(info.executable.into());
-        } else {
-            let exe = std::fs::canonicalize(&exe)
-                .map_err(|e| p.invalid("cmd", format!("{}: {e}", exe.display())))?;
-            read_paths.push(exe.clone());
-            argv.push(exe.into());
-        }
-        for arg in &cmd[1..] {
-            match std::fs::canonicalize(arg) {
-                Ok(abs) if !arg.starts_with('-') => {
-                    read_paths.push(abs.clone());
-                    argv.push(abs.into());
-                }
-                _ => argv.push(arg.into()),
-            }
-        }
+        let (argv, exe_paths) = resolve_command(&cmd).map_err(|r| p.invalid("cmd", r))?;
+        read_paths.extend(exe_paths);
         let spec = SandboxSpec {
             timeout: Duration::from_secs_f64(timeout),
             memory_mb,

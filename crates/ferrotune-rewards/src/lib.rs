@@ -18,6 +18,7 @@ mod format;
 mod length;
 mod params;
 pub mod sandbox;
+pub mod tools;
 
 pub use answer::{
     answers_match, extract_last_number, normalize_text, parse_number, AnswerMatch, Extract,

@@ -26,7 +26,7 @@ use crate::error::{Result, TrainError};
 use crate::grpo_loss::{
     advantages, group_stats, grpo_loss, informative_groups, LossConfig, LossInputs, ScaleRewards,
 };
-use crate::health::{HealthMonitor, HealthStats};
+use crate::health::{HealthMonitor, HealthStats, ToolHealth};
 use crate::loss::{scored_logprobs, scored_logprobs_entropy};
 use crate::plan::LoopPlan;
 use crate::rollout::{
@@ -244,6 +244,8 @@ fn draw(
         stats.sampled += ro.gens.len();
         kept.new_tokens += ro.new_tokens;
         kept.gen_secs += ro.gen_secs;
+        kept.tool_calls += ro.tool_calls;
+        kept.tool_failures += ro.tool_failures;
         for r in ro.totals.iter().filter(|r| !r.is_nan()) {
             reward_sum += r;
             scored += 1;
@@ -489,6 +491,29 @@ pub fn train_grpo(
             ));
             rollout_metrics.push(("completions/clipped_ratio".into(), clipped));
             rollout_metrics.push(("tokens_per_s/rollout".into(), ro.tokens_per_s()));
+            let tool_health = (env.max_tool_rounds() > 0).then(|| {
+                // TRL's definitions: calls per completion, failures per call.
+                let n = ro.gens.len().max(1) as f64;
+                let all_rounds = ro
+                    .gens
+                    .iter()
+                    .filter(|g| g.injected.len() >= env.max_tool_rounds())
+                    .count();
+                ToolHealth {
+                    calls_per_completion: ro.tool_calls as f64 / n,
+                    failure_frac: if ro.tool_calls > 0 {
+                        ro.tool_failures as f64 / ro.tool_calls as f64
+                    } else {
+                        0.0
+                    },
+                    all_rounds_frac: all_rounds as f64 / n,
+                }
+            });
+            if let Some(t) = &tool_health {
+                rollout_metrics.push(("tools/call_frequency".into(), t.calls_per_completion));
+                rollout_metrics.push(("tools/failure_frequency".into(), t.failure_frac));
+                rollout_metrics.push(("tools/all_rounds_frac".into(), t.all_rounds_frac));
+            }
             // Lengths of right vs wrong answers.
             let right = right_answers(&ro, &roles);
             let mean_len_of = |want: bool| -> Option<f64> {
@@ -523,6 +548,7 @@ pub fn train_grpo(
                 truncated_frac: clipped,
                 zero_std_frac,
                 kl: None,
+                tools: tool_health,
             });
             if plan.log_completions
                 && (state.core.step.is_multiple_of(plan.run.log_every) || state.core.step == 0)
@@ -535,6 +561,7 @@ pub fn train_grpo(
                         total: ro.totals[i],
                         advantage: adv[i],
                         finish: ro.gens[i].finish,
+                        injected: ro.gens[i].injected.clone(),
                     })
                     .collect();
                 env.record(state.core.step + 1, &recs);
@@ -553,11 +580,12 @@ pub fn train_grpo(
         let t_train = Instant::now();
         let kept =
             |g: &Generation| !(plan.mask_truncated_completions && g.finish == Finish::Length);
+        // Loss tokens: the model's own (tool replies are masked, as TRL's tool_mask).
         let total_tokens: usize =
             b.ro.gens
                 .iter()
                 .filter(|g| kept(g))
-                .map(|g| g.ids.len())
+                .map(|g| g.model_tokens())
                 .sum();
         let loss_cfg = LossConfig {
             max_completion_len: plan.max_completion_len,
@@ -598,7 +626,13 @@ pub fn train_grpo(
             let old = rows_tensor(&old, width, device)?; // (B, Tc)
             let mask: Vec<Vec<f32>> = gens
                 .iter()
-                .map(|g| vec![if kept(g) { 1.0 } else { 0.0 }; g.ids.len()])
+                .map(|g| {
+                    let keep = if kept(g) { 1.0 } else { 0.0 };
+                    g.model_mask()
+                        .iter()
+                        .map(|&m| keep * f32::from(m))
+                        .collect()
+                })
                 .collect();
             let mask = rows_tensor(&mask, width, device)?; // (B, Tc)
             let adv: Vec<f32> = b.advantages[start..start + lens.len()]

@@ -65,6 +65,20 @@ pub struct HealthStats {
     #[serde(with = "nan_as_null")]
     pub zero_std_frac: f64,
     pub kl: Option<f64>,
+    /// Multi-turn tool use, when the run has tools (absent in older checkpoints).
+    #[serde(default)]
+    pub tools: Option<ToolHealth>,
+}
+
+/// How one generation batch used its tools.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolHealth {
+    /// Calls per completion (TRL's `tools/call_frequency`).
+    pub calls_per_completion: f64,
+    /// Failed calls per call (TRL's `tools/failure_frequency`).
+    pub failure_frac: f64,
+    /// Completions that used every allowed tool round.
+    pub all_rounds_frac: f64,
 }
 
 /// Keeps the recent history (as much as the rules look at) and which findings are active.
@@ -283,6 +297,39 @@ impl HealthMonitor {
                 }
             }
         }
+        let tools: Vec<&ToolHealth> = recent.iter().filter_map(|r| r.tools.as_ref()).collect();
+        if !tools.is_empty() {
+            let fail = mean(tools.iter().map(|t| t.failure_frac));
+            if fail > 0.5 {
+                out.push((
+                    "tool_errors",
+                    format!(
+                        "{:.0}% of tool calls failed (unknown tool, arguments that do not fit, malformed JSON, a program that crashed or timed out): the replies in completions.jsonl `turns` say which",
+                        fail * 100.0
+                    ),
+                ));
+            }
+            let all_rounds = mean(tools.iter().map(|t| t.all_rounds_frac));
+            if all_rounds > 0.5 {
+                out.push((
+                    "tool_loop",
+                    format!(
+                        "{:.0}% of completions used every allowed tool round (max_tool_calling_iterations): the policy may be calling tools in a loop instead of answering",
+                        all_rounds * 100.0
+                    ),
+                ));
+            }
+        }
+        let win_tools: Vec<&ToolHealth> = win.iter().filter_map(|r| r.tools.as_ref()).collect();
+        if win_tools.len() >= MIN_TREND && win_tools.iter().all(|t| t.calls_per_completion == 0.0) {
+            out.push((
+                "tool_unused",
+                format!(
+                    "no completion called a tool in the last {} generation batches: teach the call format first (a short SFT), and check the prompt shows the tools (a template without tool syntax, like SmolLM2's, does not list them: describe them in the system message)",
+                    win_tools.len()
+                ),
+            ));
+        }
         if let Some(&(_, kl)) = self.kls.last() {
             let before = self.kls.len().checked_sub(6).map(|i| self.kls[i].1);
             let fast = before.is_some_and(|b| kl > 4.0 * b && kl > 0.05);
@@ -342,7 +389,52 @@ mod tests {
             truncated_frac: 0.0,
             zero_std_frac: 0.0,
             kl: None,
+            tools: None,
         }
+    }
+
+    /// The tool rules: a policy that never calls, one that loops on the tool, one whose calls
+    /// fail — each named once, and a healthy tool user gets none.
+    #[test]
+    fn tool_misuse_is_named() {
+        let with_tools = |step, calls, fail, all_rounds| {
+            let mut h = HealthStats {
+                tools: Some(ToolHealth {
+                    calls_per_completion: calls,
+                    failure_frac: fail,
+                    all_rounds_frac: all_rounds,
+                }),
+                ..stats(step, 0.1 * step as f64, 20.0)
+            };
+            h.reward_means[1].2 = 0.1 * step as f64; // correctness rises: no format_hacking
+            h
+        };
+        let codes = |m: &mut HealthMonitor| -> Vec<&'static str> {
+            m.check().iter().map(|f| f.code).collect()
+        };
+        let mut healthy = HealthMonitor::new(LossType::Dapo);
+        for s in 1..=10 {
+            healthy.push_rollout(with_tools(s, 1.2, 0.1, 0.0));
+            assert!(codes(&mut healthy).is_empty());
+        }
+        let mut unused = HealthMonitor::new(LossType::Dapo);
+        let mut seen = Vec::new();
+        for s in 1..=10 {
+            unused.push_rollout(with_tools(s, 0.0, 0.0, 0.0));
+            seen.extend(codes(&mut unused));
+        }
+        assert_eq!(seen, vec!["tool_unused"]);
+        let mut looping = HealthMonitor::new(LossType::Dapo);
+        looping.push_rollout(with_tools(1, 3.0, 0.0, 0.9));
+        assert_eq!(codes(&mut looping), vec!["tool_loop"]);
+        let mut failing = HealthMonitor::new(LossType::Dapo);
+        failing.push_rollout(with_tools(1, 1.0, 0.8, 0.0));
+        assert_eq!(codes(&mut failing), vec!["tool_errors"]);
+        // A checkpoint written before tools were tracked still loads.
+        let mut old = serde_json::to_value(stats(1, 0.1, 20.0)).unwrap();
+        old.as_object_mut().unwrap().remove("tools");
+        let back: HealthStats = serde_json::from_value(old).unwrap();
+        assert_eq!(back.tools, None);
     }
 
     #[test]

@@ -351,6 +351,7 @@ pub fn train_ppo(
                     advantage: a[i][..lens[i]].iter().map(|&a| a as f64).sum::<f64>()
                         / lens[i].max(1) as f64,
                     finish: gens[i].finish,
+                    injected: Vec::new(),
                 })
                 .collect();
             env.record(step, &recs);

@@ -58,6 +58,33 @@ pub trait Env {
     fn drain_failures(&mut self) -> (Vec<String>, usize) {
         (Vec::new(), 0)
     }
+    /// Multi-turn tool use: most tool rounds per completion (0 = single-turn, the default).
+    fn max_tool_rounds(&self) -> usize {
+        0
+    }
+    /// After a model turn that ended on its own (end-of-sequence or a stop rule): the tool
+    /// calls in `completion[turn_start..]` run and their replies, rendered by the chat template
+    /// with the next generation prompt, come back as ids to append; `None` (no calls) ends the
+    /// completion.
+    fn tool_turn(
+        &mut self,
+        _split: Split,
+        _item: usize,
+        _completion: &[u32],
+        _turn_start: usize,
+    ) -> Option<ToolTurn> {
+        None
+    }
+}
+
+/// What one tool round appends to a completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolTurn {
+    /// Tool replies and the next generation prompt, as the chat template renders them.
+    pub ids: Vec<u32>,
+    /// Calls made, and how many failed (unknown tool, bad arguments, a crash, a timeout).
+    pub calls: usize,
+    pub failures: usize,
 }
 
 /// One completion of a step, as logged.
@@ -69,6 +96,8 @@ pub struct CompletionRecord {
     pub total: f64,
     pub advantage: f64,
     pub finish: Finish,
+    /// Ranges of `ids` that are tool replies (multi-turn), not model text.
+    pub injected: Vec<std::ops::Range<usize>>,
 }
 
 /// Sequences (prompt + completion) of completions `range` and their completion masks.
@@ -185,6 +214,9 @@ pub struct Rollout {
     /// Tokens generated, and the seconds generation took.
     pub new_tokens: usize,
     pub gen_secs: f64,
+    /// Tool calls made during the rollout, and how many failed.
+    pub tool_calls: usize,
+    pub tool_failures: usize,
 }
 
 /// Sample one completion per entry of `items` (prompts of `split`) and score them.
@@ -201,12 +233,17 @@ pub fn sample(
         .map(|&i| env.prompt_ids(split, i).to_vec())
         .collect();
     let t_gen = Instant::now();
-    let gens = {
-        let envr: &dyn Env = env;
-        generate(model, &prompts, opts, &|_, ids| envr.stop(ids), device)?
+    let (gens, tool_calls, tool_failures) = {
+        let mut gens = {
+            let envr: &dyn Env = env;
+            generate(model, &prompts, opts, &|_, ids| envr.stop(ids), device)?
+        };
+        let (calls, failures) =
+            tool_rounds(model, env, split, &items, &prompts, &mut gens, opts, device)?;
+        (gens, calls, failures)
     };
     let gen_secs = t_gen.elapsed().as_secs_f64();
-    let new_tokens = gens.iter().map(|g| g.ids.len()).sum();
+    let new_tokens = gens.iter().map(|g| g.model_tokens()).sum();
     let scores = env.score(split, &items, &gens).map_err(TrainError::Env)?;
     let totals = weighted_totals(&scores, &env.reward_weights(), gens.len());
     Ok(Rollout {
@@ -216,7 +253,100 @@ pub fn sample(
         totals,
         new_tokens,
         gen_secs,
+        tool_calls,
+        tool_failures,
     })
+}
+
+/// Multi-turn tool use (when the env has tools): each completion that ended its turn on its
+/// own gets its calls answered ([`Env::tool_turn`]) and generates its next turn, until a turn
+/// makes no call, `max_tool_rounds` rounds ran, or the completion budget (`max_new_tokens`,
+/// model and tool tokens together, as TRL) is spent. A tool reply that does not fit the budget
+/// is dropped and the completion ends as it was (TRL rolls it back the same way). Returns the
+/// calls made and how many failed.
+#[allow(clippy::too_many_arguments)]
+fn tool_rounds(
+    model: &dyn CausalLm,
+    env: &mut dyn Env,
+    split: Split,
+    items: &[usize],
+    prompts: &[Vec<u32>],
+    gens: &mut [Generation],
+    opts: &GenerateOptions,
+    device: &Device,
+) -> Result<(usize, usize)> {
+    let (mut calls, mut failures) = (0, 0);
+    let mut turn_start = vec![0usize; gens.len()];
+    let mut open: Vec<usize> = (0..gens.len()).collect();
+    for round in 0..env.max_tool_rounds() {
+        let mut next = Vec::new();
+        for &row in &open {
+            let g = &mut gens[row];
+            if g.finish == Finish::Length {
+                continue;
+            }
+            let Some(t) = env.tool_turn(split, items[row], &g.ids, turn_start[row]) else {
+                continue;
+            };
+            calls += t.calls;
+            failures += t.failures;
+            if g.ids.len() + t.ids.len() >= opts.max_new_tokens {
+                continue; // no room for the reply and a next turn
+            }
+            let s = g.ids.len();
+            g.ids.extend_from_slice(&t.ids);
+            g.logprobs.extend(std::iter::repeat_n(0.0, t.ids.len()));
+            g.injected.push(s..g.ids.len());
+            turn_start[row] = g.ids.len();
+            next.push(row);
+        }
+        if next.is_empty() {
+            break;
+        }
+        let contexts: Vec<Vec<u32>> = next
+            .iter()
+            .map(|&r| [prompts[r].as_slice(), gens[r].ids.as_slice()].concat())
+            .collect();
+        let rooms: Vec<usize> = next
+            .iter()
+            .map(|&r| opts.max_new_tokens - gens[r].ids.len())
+            .collect();
+        let turn_opts = GenerateOptions {
+            sampling: ferrotune_generate::SamplingParams {
+                seed: crate::trainer::derive_seed(opts.sampling.seed, round as u64 + 1),
+                ..opts.sampling.clone()
+            },
+            max_new_tokens: rooms.iter().copied().max().unwrap_or(0),
+            ..opts.clone()
+        };
+        let turns = {
+            let envr: &dyn Env = env;
+            generate(
+                model,
+                &contexts,
+                &turn_opts,
+                &|_, ids| envr.stop(ids),
+                device,
+            )?
+        };
+        for ((&row, &room), mut t) in next.iter().zip(&rooms).zip(turns) {
+            if t.ids.len() > room {
+                t.ids.truncate(room);
+                t.logprobs.truncate(room);
+                t.finish = Finish::Length;
+            }
+            let g = &mut gens[row];
+            g.ids.extend(t.ids);
+            g.logprobs.extend(t.logprobs);
+            g.finish = if g.ids.len() >= opts.max_new_tokens && t.finish != Finish::Eos {
+                Finish::Length
+            } else {
+                t.finish
+            };
+        }
+        open = next;
+    }
+    Ok((calls, failures))
 }
 
 impl Rollout {
@@ -229,6 +359,8 @@ impl Rollout {
             totals: Vec::new(),
             new_tokens: 0,
             gen_secs: 0.0,
+            tool_calls: 0,
+            tool_failures: 0,
         }
     }
 
@@ -263,9 +395,9 @@ impl Rollout {
         (metrics, means)
     }
 
-    /// Completion lengths in tokens.
+    /// Completion lengths in tokens the model wrote (tool replies left out, as TRL counts).
     pub fn lengths(&self) -> Vec<f64> {
-        self.gens.iter().map(|g| g.ids.len() as f64).collect()
+        self.gens.iter().map(|g| g.model_tokens() as f64).collect()
     }
 
     /// Fraction of completions cut at the length limit.

@@ -11,11 +11,13 @@ use anyhow::{bail, Context, Result};
 use ferrotune_data::{prompt_examples, read_rows, split, EvalSize, Example, Segment};
 use ferrotune_generate::{Finish, Generation, SamplingParams};
 use ferrotune_report::plot_metrics;
+use ferrotune_rewards::tools::ToolSet;
 use ferrotune_rewards::{RewardSet, RewardSpec, Sample};
-use ferrotune_tokenize::Tokenizer;
+use ferrotune_tokenize::tools::{tool_suffix_ids, ToolCallFormat};
+use ferrotune_tokenize::{Message, Tokenizer};
 use ferrotune_train::grpo::{train_grpo, GrpoPlan, GrpoSummary};
 use ferrotune_train::grpo_loss::LossConfig;
-use ferrotune_train::rollout::{CompletionRecord, Env, RewardRole, Split};
+use ferrotune_train::rollout::{CompletionRecord, Env, RewardRole, Split, ToolTurn};
 use serde_json::{json, Map, Value};
 
 use crate::config::{GrpoSection, RunConfig};
@@ -41,6 +43,18 @@ pub fn prompt_items(
     max_len: usize,
     path: &Path,
 ) -> Result<(Vec<PromptItem>, usize)> {
+    prompt_items_with_tools(tok, examples, max_len, path, None)
+}
+
+/// [`prompt_items`] with the `tools` list the chat template renders (multi-turn tool use);
+/// tools need conversational prompts, so a plain-text prompt is refused.
+pub fn prompt_items_with_tools(
+    tok: &Tokenizer,
+    examples: &[Example],
+    max_len: usize,
+    path: &Path,
+    tools: Option<&Value>,
+) -> Result<(Vec<PromptItem>, usize)> {
     let mut out = Vec::with_capacity(examples.len());
     let mut cut = 0;
     for (i, ex) in examples.iter().enumerate() {
@@ -53,6 +67,11 @@ pub fn prompt_items(
             bail!("{}: row {}: not a prompt row", path.display(), i + 1);
         };
         let (mut ids, text) = match prompt {
+            Segment::Text(_) if tools.is_some() => bail!(
+                "{}: row {}: grpo.tools needs conversational prompts (a `prompt` list of messages), so the chat template can list the tools and render their replies",
+                path.display(),
+                i + 1
+            ),
             Segment::Text(t) => (
                 tok.encode(t, false)
                     .with_context(|| format!("{}: row {}", path.display(), i + 1))?,
@@ -60,7 +79,7 @@ pub fn prompt_items(
             ),
             Segment::Chat(msgs) => {
                 let r = tok
-                    .render(msgs, true)
+                    .render_with_tools(msgs, true, tools)
                     .with_context(|| format!("{}: row {}", path.display(), i + 1))?;
                 (r.ids, r.text)
             }
@@ -84,9 +103,19 @@ pub fn prompt_items(
 
 /// Read a prompt file into items.
 pub fn load_prompts(tok: &Tokenizer, path: &Path, max_len: usize) -> Result<Vec<PromptItem>> {
+    load_prompts_with_tools(tok, path, max_len, None)
+}
+
+/// [`load_prompts`] rendering chat prompts with a `tools` list.
+pub fn load_prompts_with_tools(
+    tok: &Tokenizer,
+    path: &Path,
+    max_len: usize,
+    tools: Option<&Value>,
+) -> Result<Vec<PromptItem>> {
     let rows = read_rows(path)?;
     let examples = prompt_examples(&rows, path)?;
-    let (items, cut) = prompt_items(tok, &examples, max_len, path)?;
+    let (items, cut) = prompt_items_with_tools(tok, &examples, max_len, path, tools)?;
     if cut > 0 {
         eprintln!(
             "warning: {}: {cut} of {} prompts longer than max_prompt_len = {max_len} tokens keep only their last {max_len}",
@@ -110,6 +139,67 @@ pub struct TextEnv<'a> {
     /// Samples the rewards could not judge since the last drain: (reward, reason) and count.
     pub failures: Vec<(String, String)>,
     pub failed: usize,
+    /// Multi-turn tool use (`[[grpo.tools]]`), when configured.
+    pub tools: Option<ToolEnv>,
+}
+
+/// The tools of a run and how the model's calls are read and answered.
+pub struct ToolEnv {
+    pub set: ToolSet,
+    /// `set.schemas()`, as the chat template renders them.
+    pub schemas: Value,
+    pub format: ToolCallFormat,
+    /// `grpo.max_tool_calling_iterations` (no limit: bounded by max_completion_len).
+    pub max_rounds: usize,
+}
+
+impl ToolEnv {
+    /// The tools `set` of `g`, checked against the model's chat template: it must render tool
+    /// replies after sampled ids unchanged (prefix-preserving), or none can be appended.
+    pub fn new(set: ToolSet, g: &GrpoSection, tok: &Tokenizer) -> Result<ToolEnv> {
+        let schemas = set.schemas();
+        let source = tok
+            .chat_template()
+            .context("grpo.tools: the model has no chat template to render tool calls with")?;
+        let format = ToolCallFormat::detect(source);
+        let probe = [Message::tool(set.names()[0], "0")];
+        tool_suffix_ids(tok, &probe, Some(&schemas)).context("grpo.tools")?;
+        Ok(ToolEnv {
+            set,
+            schemas,
+            format,
+            max_rounds: g.max_tool_calling_iterations.unwrap_or(usize::MAX),
+        })
+    }
+
+    /// Answers the calls in one model turn: each call's reply (or `{"error": ...}` for an
+    /// unknown tool, bad arguments, a malformed call or a failing program) as a `tool` message.
+    pub fn answer(&self, turn_text: &str) -> Option<(Vec<Message>, usize)> {
+        let parsed = self.format.parse(turn_text);
+        if parsed.calls.is_empty() {
+            return None;
+        }
+        let mut failures = 0;
+        let replies = parsed
+            .calls
+            .iter()
+            .map(|c| {
+                let (name, reply) = match c {
+                    Ok(call) => {
+                        let f = &call.function;
+                        (f.name.clone(), self.set.call(&f.name, &f.arguments.0))
+                    }
+                    Err(reason) => ("invalid_call".to_string(), Err(reason.clone())),
+                };
+                let content = reply.unwrap_or_else(|e| {
+                    failures += 1;
+                    json!({ "error": e }).to_string()
+                });
+                Message::tool(name, content)
+            })
+            .collect();
+        Some((replies, failures))
+    }
 }
 
 /// What a reward function measures, by its registry name.
@@ -146,6 +236,24 @@ impl TextEnv<'_> {
     fn decode(&self, ids: &[u32]) -> String {
         self.tokenizer.decode(ids, true).unwrap_or_default()
     }
+
+    /// A multi-turn completion as its turns: the model's text and the tool replies (with the
+    /// template's framing), in order.
+    fn turns(&self, ids: &[u32], injected: &[std::ops::Range<usize>]) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        for r in injected {
+            if r.start > at {
+                out.push(json!({"role": "assistant", "text": self.decode(&ids[at..r.start])}));
+            }
+            out.push(json!({"role": "tool", "text": self.decode(&ids[r.clone()])}));
+            at = r.end;
+        }
+        if at < ids.len() {
+            out.push(json!({"role": "assistant", "text": self.decode(&ids[at..])}));
+        }
+        out
+    }
 }
 
 impl Env for TextEnv<'_> {
@@ -170,7 +278,15 @@ impl Env for TextEnv<'_> {
         items: &[usize],
         gens: &[Generation],
     ) -> std::result::Result<Vec<Vec<Option<f64>>>, String> {
-        let texts: Vec<String> = gens.iter().map(|g| self.decode(&g.ids)).collect();
+        // A multi-turn completion is scored on the model's final turn (what it answered after
+        // its last tool reply), so a tool's output is never taken for the model's answer.
+        let texts: Vec<String> = gens
+            .iter()
+            .map(|g| {
+                let start = g.injected.last().map_or(0, |r| r.end);
+                self.decode(&g.ids[start..])
+            })
+            .collect();
         let pool = self.items(split);
         let samples: Vec<Sample> = items
             .iter()
@@ -179,7 +295,7 @@ impl Env for TextEnv<'_> {
             .map(|((&i, t), g)| Sample {
                 prompt: &pool[i].text,
                 completion: t,
-                completion_tokens: g.ids.len(),
+                completion_tokens: g.model_tokens(),
                 row: &pool[i].row,
             })
             .collect();
@@ -209,6 +325,28 @@ impl Env for TextEnv<'_> {
         let tail = self.decode(&ids[ids.len().saturating_sub(16)..]);
         self.stop.iter().any(|s| tail.contains(s.as_str()))
     }
+    fn max_tool_rounds(&self) -> usize {
+        self.tools.as_ref().map_or(0, |t| t.max_rounds)
+    }
+    fn tool_turn(
+        &mut self,
+        _split: Split,
+        _item: usize,
+        completion: &[u32],
+        turn_start: usize,
+    ) -> Option<ToolTurn> {
+        let tools = self.tools.as_ref()?;
+        let text = self.decode(&completion[turn_start..]);
+        let (replies, failures) = tools.answer(&text)?;
+        // Prefix preservation was checked when the run opened; a render that fails now ends
+        // the completion rather than appending ids the template would not produce.
+        let ids = tool_suffix_ids(self.tokenizer, &replies, Some(&tools.schemas)).ok()?;
+        Some(ToolTurn {
+            ids,
+            calls: replies.len(),
+            failures,
+        })
+    }
     fn record(&mut self, step: usize, rows: &[CompletionRecord]) {
         let labels = self.rewards.labels();
         let lines: Vec<String> = rows
@@ -219,7 +357,7 @@ impl Env for TextEnv<'_> {
                     .zip(&r.rewards)
                     .map(|(l, s)| (l.clone(), s.map_or(Value::Null, |v| json!(v))))
                     .collect();
-                json!({
+                let mut rec = json!({
                     "step": step,
                     "prompt": self.train[r.item].text,
                     "completion": self.decode(&r.ids),
@@ -228,8 +366,11 @@ impl Env for TextEnv<'_> {
                     "advantage": r.advantage,
                     "tokens": r.ids.len(),
                     "finish": match r.finish { Finish::Eos => "eos", Finish::Stop => "stop", Finish::Length => "length" },
-                })
-                .to_string()
+                });
+                if !r.injected.is_empty() {
+                    rec["turns"] = Value::Array(self.turns(&r.ids, &r.injected));
+                }
+                rec.to_string()
             })
             .collect();
         if let Some(f) = self.completions.as_mut() {
@@ -319,14 +460,46 @@ pub fn run_grpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<GrpoSu
         .as_ref()
         .context("the config has no [grpo] section")?;
     let specs = reward_specs(g)?;
+    // The tools' schemas are rendered into the prompts, so they exist before the prompts;
+    // and they need chat prompts, checked before the run folder is made.
+    let tool_set = if g.tools.is_empty() {
+        None
+    } else {
+        let set = ToolSet::from_specs(&g.tools)?;
+        for path in std::iter::once(&cfg.data.train).chain(cfg.data.eval.as_ref()) {
+            let rows = read_rows(path)?;
+            for (i, ex) in prompt_examples(&rows, path)?.iter().enumerate() {
+                if matches!(
+                    ex,
+                    Example::Prompt {
+                        prompt: Segment::Text(_),
+                        ..
+                    }
+                ) {
+                    bail!(
+                        "{}: row {}: grpo.tools needs conversational prompts (a `prompt` list of messages), so the chat template can list the tools and render their replies",
+                        path.display(),
+                        i + 1
+                    );
+                }
+            }
+        }
+        Some(set)
+    };
+    let schemas = tool_set.as_ref().map(|t| t.schemas());
     let rl = RlRun::open(
         cfg,
         &specs,
         "grpo.rewards",
         g.max_prompt_len,
+        schemas.as_ref(),
         (resume, overwrite),
     )?;
     let session = &rl.session;
+    let tools = match tool_set {
+        Some(set) => Some(ToolEnv::new(set, g, &session.lm.tokenizer)?),
+        None => None,
+    };
     let trainable = session.trainable()?;
     let lm = &session.lm;
     let plan = grpo_plan(cfg, g, lm, rl.train.len())?;
@@ -345,6 +518,7 @@ pub fn run_grpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<GrpoSu
         },
         failures: Vec::new(),
         failed: 0,
+        tools,
     };
     obs.health = Some(session.side_log("health.jsonl")?);
     eprintln!(
@@ -391,13 +565,14 @@ impl<'c> RlRun<'c> {
         specs: &[RewardSpec],
         key: &str,
         max_prompt_len: usize,
+        tools: Option<&Value>,
         (resume, overwrite): (bool, bool),
     ) -> Result<Self> {
         let device = run_device(cfg)?;
         let rewards = crate::model_reward::reward_set(specs, &device, key)?;
         let roles = specs.iter().map(|s| role_of(&s.name)).collect();
         let session = Session::open_on(cfg, device, resume, overwrite)?;
-        let (train, eval) = prompt_split(cfg, &session.lm, max_prompt_len)?;
+        let (train, eval) = prompt_split(cfg, &session.lm, max_prompt_len, tools)?;
         Ok(RlRun {
             session,
             rewards,
@@ -414,11 +589,13 @@ pub fn prompt_split(
     cfg: &RunConfig,
     lm: &Lm,
     max_prompt_len: usize,
+    tools: Option<&Value>,
 ) -> Result<(Vec<PromptItem>, Vec<PromptItem>)> {
-    let mut train = load_prompts(&lm.tokenizer, &cfg.data.train, max_prompt_len)?;
+    let tok = &lm.tokenizer;
+    let mut train = load_prompts_with_tools(tok, &cfg.data.train, max_prompt_len, tools)?;
     let mut eval = Vec::new();
     if let Some(e) = &cfg.data.eval {
-        eval = load_prompts(&lm.tokenizer, e, max_prompt_len)?;
+        eval = load_prompts_with_tools(tok, e, max_prompt_len, tools)?;
     } else if cfg.data.eval_fraction > 0.0 {
         let s = split(
             train.len(),

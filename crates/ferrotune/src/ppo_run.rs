@@ -103,6 +103,7 @@ pub fn run_ppo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<PpoSumm
         &specs,
         "ppo.rewards",
         p.max_prompt_len,
+        None,
         (resume, overwrite),
     )?;
     let session = &rl.session;
@@ -126,6 +127,7 @@ pub fn run_ppo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<PpoSumm
         completions,
         failures: Vec::new(),
         failed: 0,
+        tools: None,
     };
     eprintln!(
         "ppo: {} train prompts, {} steps of {} rollouts ({} epochs x {} mini-batches), rewards [{}], kl_coef {}, {} trainable parameters + value head",

@@ -245,6 +245,18 @@ fn bad_reward_configs_fail_with_one_line() {
             "dynamic_sampling = true\nmax_num_gen_batches = 0",
             "max_num_gen_batches",
         ),
+        (
+            "max_tool_calling_iterations = 2",
+            "max_tool_calling_iterations",
+        ),
+        // Tools need chat prompts (the sevens prompts are plain text).
+        ("[[grpo.tools]]\nname = \"calculator\"", "conversational"),
+        ("[[grpo.tools]]\nname = \"search\"", "not a built-in"),
+        (
+            "[[grpo.tools]]\nname = \"search\"\ncmd = [\"python3\", \"s.py\"]",
+            "description",
+        ),
+        ("[[grpo.tools]]\nname = \"calculator\"\nbogus = 1", "bogus"),
     ] {
         let cfg = config(tmp.path(), "bad", "max_steps = 2", "");
         let text = std::fs::read_to_string(&cfg).unwrap();
@@ -624,4 +636,149 @@ fn dynamic_sampling_is_bounded_when_no_group_has_signal() {
         vec![4.0; 3]
     );
     assert_eq!(metric(&run, "frac_reward_zero_std"), vec![1.0; 3]);
+}
+
+/// Multi-turn tool use through the CLI. The tiny model first learns the call format by SFT on
+/// transcripts (user → `<tool_call>` → tool reply → answer; its template has no tool syntax,
+/// so calls are reply text and replies are `tool` turns); then GRPO with `[[grpo.tools]]`:
+/// calls are parsed, run and answered inside the rollout, the next turn is generated after
+/// the reply, and the sampler's log-probs still equal the trainer's on every model token
+/// (a tool token left in the loss mask would put |ratio − 1| near 1: its behaviour log-prob
+/// is 0). Tools that do not exist, crash or time out are answered with an error reply, counted
+/// in `tools/failure_frequency`, and the run goes on.
+#[test]
+fn tool_calls_run_inside_the_rollout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (mut sft_rows, mut prompts) = (String::new(), String::new());
+    for i in 0..64u32 {
+        let (a, b) = (i % 10, (i * 7 + 3) % 10);
+        let call = format!(
+            "<tool_call>\n{{\"name\": \"calculator\", \"arguments\": {{\"expression\": \"{a} + {b}\"}}}}\n</tool_call>"
+        );
+        let row = serde_json::json!({"messages": [
+            {"role": "user", "content": format!("What is {a} + {b}?")},
+            {"role": "assistant", "content": call},
+            {"role": "tool", "content": (a + b).to_string()},
+            {"role": "assistant", "content": format!("The answer is {}.", a + b)},
+        ]});
+        sft_rows.push_str(&format!("{row}\n"));
+        let p = serde_json::json!({"prompt": [{"role": "user", "content": format!("What is {b} + {a}?")}], "answer": (a + b).to_string()});
+        prompts.push_str(&format!("{p}\n"));
+    }
+    std::fs::write(dir.join("sft.jsonl"), sft_rows).unwrap();
+    std::fs::write(dir.join("prompts.jsonl"), &prompts).unwrap();
+    let model = root().join("fixtures/tiny-chat/model");
+    let sft = format!(
+        "[model]\npath = \"{m}\"\n[lora]\nr = 16\nlora_alpha = 32\ntarget_modules = \"all-linear\"\n[data]\ntrain = \"{d}/sft.jsonl\"\nmax_seq_len = 128\n[optim]\nlearning_rate = 1e-2\nlr_scheduler_type = \"constant\"\n[run]\noutput_dir = \"{d}/sft\"\nmax_steps = 300\nbatch_size = 8\nlog_every = 50\n[sft]\n",
+        m = model.display(),
+        d = dir.display()
+    );
+    std::fs::write(dir.join("sft.toml"), sft).unwrap();
+    let ok = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ok(ferrotune(&[
+        "train",
+        "--config",
+        dir.join("sft.toml").to_str().unwrap(),
+    ]));
+    let merged = dir.join("merged");
+    ok(ferrotune(&[
+        "export",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        dir.join("sft/checkpoints/step-300").to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]));
+    let grpo = |name: &str, tools: &str, steps: usize| -> PathBuf {
+        let text = format!(
+            "[model]\npath = \"{m}\"\n[lora]\nr = 8\nlora_alpha = 16\ntarget_modules = \"all-linear\"\n[data]\ntrain = \"{d}/prompts.jsonl\"\n[optim]\nlearning_rate = 1e-2\nlr_scheduler_type = \"constant\"\n[run]\noutput_dir = \"{d}/{name}\"\nbatch_size = 8\nlog_every = 1\nseed = 1\nmax_steps = {steps}\n[grpo]\nnum_generations = 8\nmax_completion_len = 256\nnum_iterations = 2\ntemperature = 0.05\nrewards = [{{ name = \"answer_match\", extract = \"last_number\" }}]\nmax_tool_calling_iterations = 2\n{tools}\n",
+            m = merged.display(),
+            d = dir.display()
+        );
+        let cfg = dir.join(format!("{name}.toml"));
+        std::fs::write(&cfg, text).unwrap();
+        ok(ferrotune(&["train", "--config", cfg.to_str().unwrap()]));
+        dir.join(name)
+    };
+    let tool_turns = |run: &Path| -> Vec<String> {
+        let text = std::fs::read_to_string(run.join("completions.jsonl")).unwrap();
+        text.lines()
+            .flat_map(|l| {
+                let rec: serde_json::Value = serde_json::from_str(l).unwrap();
+                rec["turns"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|t| t["role"] == "tool")
+                    .map(|t| t["text"].as_str().unwrap().to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+
+    // The calculator answers; the first iteration of each batch is on-policy to rounding.
+    let run = grpo("calc", "[[grpo.tools]]\nname = \"calculator\"", 4);
+    let calls = metric(&run, "tools/call_frequency");
+    assert!(
+        calls.iter().all(|&c| c > 0.5),
+        "calls per completion: {calls:?}"
+    );
+    let fails = metric(&run, "tools/failure_frequency");
+    assert!(fails.iter().all(|&f| f < 0.5), "failures: {fails:?}");
+    let dev = metric_at(&run, "ratio/max_abs_dev");
+    for (step, d) in &dev {
+        if step % 2 == 1 {
+            assert!(
+                *d < 1e-3,
+                "step {step}: |ratio - 1| = {d} on a first iteration"
+            );
+        }
+    }
+    let replies = tool_turns(&run);
+    assert!(!replies.is_empty(), "no tool turns in completions.jsonl");
+    // A reply is the calculator's number inside the template's `tool` turn.
+    let numeric = replies
+        .iter()
+        .filter(|r| {
+            r.trim()
+                .trim_start_matches("tool")
+                .trim()
+                .trim_end_matches("assistant")
+                .trim()
+                .parse::<f64>()
+                .is_ok()
+        })
+        .count();
+    assert!(numeric * 2 > replies.len(), "{replies:?}");
+
+    // A tool the model does not call by name, one that crashes, one that hangs: error replies.
+    let crash = "[[grpo.tools]]\nname = \"calculator\"\ncmd = [\"python3\", \"-c\", \"import sys; sys.exit(3)\"]\ndescription = \"d\"\nparameters = { type = \"object\" }";
+    let hang = "[[grpo.tools]]\nname = \"calculator\"\ncmd = [\"python3\", \"-c\", \"import time; time.sleep(30)\"]\ndescription = \"d\"\nparameters = { type = \"object\" }\ntimeout_s = 0.5";
+    let other = "[[grpo.tools]]\nname = \"search\"\ncmd = [\"python3\", \"-c\", \"print(1)\"]\ndescription = \"d\"\nparameters = { type = \"object\" }";
+    for (name, tools, needle) in [
+        ("crash", crash, "failed"),
+        ("hang", hang, "Timeout"),
+        ("other", other, "unknown tool `calculator`"),
+    ] {
+        let run = grpo(name, tools, 1);
+        let fails = metric(&run, "tools/failure_frequency");
+        assert_eq!(fails, vec![1.0], "{name}");
+        let replies = tool_turns(&run);
+        assert!(!replies.is_empty(), "{name}: no tool turns");
+        assert!(
+            replies
+                .iter()
+                .all(|r| r.contains("error") && r.contains(needle)),
+            "{name}: {replies:?}"
+        );
+    }
 }

@@ -70,6 +70,8 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("grpo.mask_truncated_completions", "false", "completions that hit max_completion_len get no loss"),
     ("grpo.dynamic_sampling", "false", "DAPO's dynamic sampling (TRL has none; verl: filter_groups): leave out groups whose rewards are all equal and sample more prompts until the batch is full; logs dynamic_sampling/*"),
     ("grpo.max_num_gen_batches", "4", "dynamic sampling: at most this many generation rounds per batch; then the batch is topped up with left-out groups (counted as dynamic_sampling/filled_groups)"),
+    ("grpo.tools", "[]", "tools the policy may call in a rollout: [[grpo.tools]] name = \"calculator\" (built-in), or name + cmd = [program] + description + parameters (JSON schema; arguments as JSON on stdin, the reply is stdout); the chat template lists them; tool replies get no loss; errors are answered as {\"error\": ...}"),
+    ("grpo.max_tool_calling_iterations", "none", "most tool rounds per completion (none: until a turn makes no call or max_completion_len is spent)"),
     ("grpo.log_completions", "true", "write completions.jsonl (prompt, completion, rewards, advantage) every run.log_every steps"),
     ("grpo.stop", "[]", "stop strings: generation ends after any of them"),
     ("grpo.rewards", "(required)", "reward functions: [{ name = \"answer_match\", weight = 1.0, ...params }]; see `ferrotune rewards`"),

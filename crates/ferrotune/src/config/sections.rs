@@ -226,6 +226,12 @@ pub struct GrpoSection {
     /// `[{ name = "format_tags", weight = 1.0, ...params }]`
     #[serde(default)]
     pub rewards: Vec<toml::Table>,
+    /// `[[grpo.tools]]`: tools the policy may call (multi-turn rollouts).
+    #[serde(default)]
+    pub tools: Vec<ferrotune_rewards::tools::ToolSpec>,
+    /// Most tool rounds per completion (TRL's name; none = until no call or the length limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tool_calling_iterations: Option<usize>,
 }
 
 /// `[dpo]`: direct preference optimisation on `prompt` + `chosen` + `rejected` rows. Names and

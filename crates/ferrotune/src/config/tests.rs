@@ -138,7 +138,7 @@ fn ppo_keys_are_explained_and_checked() {
 #[test]
 fn grpo_keys_are_explained() {
     let t: toml::Table = toml::from_str(
-        "[model]\npath = \"m\"\n[lora]\n[data]\ntrain = \"t.jsonl\"\n[run]\noutput_dir = \"o\"\nbatch_size = 8\n[grpo]\nepsilon_high = 0.28\ndelta = 1.5\nrewards = [{ name = \"answer_match\" }]\n",
+        "[model]\npath = \"m\"\n[lora]\n[data]\ntrain = \"t.jsonl\"\n[run]\noutput_dir = \"o\"\nbatch_size = 8\n[grpo]\nepsilon_high = 0.28\ndelta = 1.5\nmax_tool_calling_iterations = 2\ntools = [{ name = \"calculator\" }]\nrewards = [{ name = \"answer_match\" }]\n",
     )
     .unwrap();
     let cfg = RunConfig::deserialize(t).unwrap();

@@ -471,6 +471,18 @@ impl GrpoSection {
         if g.num_iterations == 0 {
             return refuse("grpo.num_iterations", "must be at least 1".into());
         }
+        if g.max_tool_calling_iterations == Some(0) {
+            return refuse(
+                "grpo.max_tool_calling_iterations",
+                "must be at least 1 (leave it out for no limit, or remove [[grpo.tools]])".into(),
+            );
+        }
+        if g.max_tool_calling_iterations.is_some() && g.tools.is_empty() {
+            return refuse(
+                "grpo.max_tool_calling_iterations",
+                "is set but there are no [[grpo.tools]] to call".into(),
+            );
+        }
         if g.dynamic_sampling && g.max_num_gen_batches == 0 {
             return refuse(
                 "grpo.max_num_gen_batches",
