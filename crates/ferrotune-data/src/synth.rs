@@ -806,6 +806,55 @@ pub fn write_jsonl(problems: &[Problem], path: &Path, format: &PromptFormat) -> 
     w.flush().map_err(io)
 }
 
+/// SFT transcripts that teach a calculator call (`messages` rows): the problem as the user
+/// turn, an assistant turn calling `calculator` with the problem's expression in the Hermes
+/// format ferrotune's rollout parses, the tool's reply (the answer), and the final
+/// `The answer is <answer>N</answer>.`. Problems must read `What is <expression>?` (what the
+/// arithmetic generator writes).
+pub fn write_tool_transcripts(
+    problems: &[Problem],
+    path: &Path,
+    system: Option<&str>,
+) -> SynthResult<()> {
+    let io = |source| SynthError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut w = BufWriter::new(File::create(path).map_err(io)?);
+    for p in problems {
+        let expr = p
+            .prompt
+            .strip_prefix("What is ")
+            .and_then(|r| r.strip_suffix('?'))
+            .ok_or_else(|| {
+                io(std::io::Error::other(format!(
+                    "tool transcripts need `What is <expression>?` prompts, got {:?}",
+                    p.prompt
+                )))
+            })?;
+        // Spaced as transformers' `tojson` writes a call (`{"a": 1}`).
+        let expr = serde_json::Value::String(expr.to_string());
+        let call = format!(
+            "<tool_call>\n{{\"name\": \"calculator\", \"arguments\": {{\"expression\": {expr}}}}}\n</tool_call>"
+        );
+        let mut messages = Vec::with_capacity(5);
+        if let Some(s) = system {
+            messages.push(Message::new("system", s));
+        }
+        messages.push(Message::user(p.prompt.as_str()));
+        messages.push(Message::assistant(call));
+        messages.push(Message::tool("calculator", p.answer.as_str()));
+        messages.push(Message::assistant(format!(
+            "The answer is <answer>{}</answer>.",
+            p.answer
+        )));
+        let line = serde_json::to_string(&serde_json::json!({ "messages": messages }))
+            .map_err(|e| io(std::io::Error::other(e)))?;
+        writeln!(w, "{line}").map_err(io)?;
+    }
+    w.flush().map_err(io)
+}
+
 // ---- preference pairs ----
 
 /// What makes the rejected completion of a generated preference pair worse than the chosen one.

@@ -782,3 +782,70 @@ fn tool_calls_run_inside_the_rollout() {
         );
     }
 }
+
+/// `data gen arithmetic --chat --tool-calls` writes SFT transcripts whose calls the rollout
+/// parses, whose tool reply is what the calculator returns for the call, and whose final turn
+/// tags that answer; the SFT path reads them (user → call → tool → answer).
+#[test]
+fn calculator_transcripts_from_data_gen_are_consistent() {
+    use ferrotune_rewards::tools::{ToolSet, ToolSpec};
+    use ferrotune_tokenize::tools::ToolCallFormat;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("calls.jsonl");
+    let o = ferrotune(&[
+        "data",
+        "gen",
+        "arithmetic",
+        "--n",
+        "40",
+        "--seed",
+        "3",
+        "--digits",
+        "3..4",
+        "--ops",
+        "*-",
+        "--chat",
+        "--system",
+        "Use the calculator.",
+        "--tool-calls",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let calc = ToolSet::from_specs(&[toml::from_str::<ToolSpec>("name = \"calculator\"").unwrap()])
+        .unwrap();
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(text.lines().count(), 40);
+    for line in text.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let m = row["messages"].as_array().unwrap();
+        let roles: Vec<&str> = m.iter().map(|x| x["role"].as_str().unwrap()).collect();
+        assert_eq!(
+            roles,
+            ["system", "user", "assistant", "tool", "assistant"],
+            "{line}"
+        );
+        let parsed = ToolCallFormat::Hermes.parse(m[2]["content"].as_str().unwrap());
+        assert_eq!(parsed.calls.len(), 1, "{line}");
+        let call = parsed.calls[0].clone().unwrap();
+        assert_eq!(call.function.name, "calculator");
+        let reply = calc.call("calculator", &call.function.arguments.0).unwrap();
+        assert_eq!(m[3]["content"], reply.as_str(), "{line}");
+        assert_eq!(
+            m[4]["content"],
+            format!("The answer is <answer>{reply}</answer>.").as_str()
+        );
+    }
+    // Tool transcripts are chat rows: without --chat the flag is refused.
+    let o = ferrotune(&[
+        "data",
+        "gen",
+        "arithmetic",
+        "--n",
+        "4",
+        "--tool-calls",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+}

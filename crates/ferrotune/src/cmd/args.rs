@@ -75,6 +75,10 @@ pub enum GenKind {
         /// Operators, e.g. +-*/ (division is always exact).
         #[arg(long, default_value = "+-")]
         ops: String,
+        /// Write SFT transcripts that call the `calculator` tool (`messages`: the problem, a
+        /// `<tool_call>`, the tool's reply, the tagged answer) instead of prompt rows.
+        #[arg(long, requires = "chat")]
+        tool_calls: bool,
     },
     /// Word problems from templates, with exact integer answers.
     WordProblems {

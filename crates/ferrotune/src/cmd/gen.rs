@@ -82,6 +82,18 @@ pub fn gen_data(kind: GenKind) -> Result<()> {
         );
         return Ok(());
     }
+    if let GenKind::Arithmetic {
+        tool_calls: true, ..
+    } = &kind
+    {
+        ferrotune_data::write_tool_transcripts(&problems, &common.out, common.system.as_deref())?;
+        println!(
+            "wrote {} calculator transcripts to {}",
+            problems.len(),
+            common.out.display()
+        );
+        return Ok(());
+    }
     write_jsonl(&problems, &common.out, &format)?;
     println!(
         "wrote {} problems to {}",
