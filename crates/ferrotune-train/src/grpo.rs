@@ -246,6 +246,7 @@ fn draw(
         kept.gen_secs += ro.gen_secs;
         kept.tool_calls += ro.tool_calls;
         kept.tool_failures += ro.tool_failures;
+        kept.tool_unanswered += ro.tool_unanswered;
         for r in ro.totals.iter().filter(|r| !r.is_nan()) {
             reward_sum += r;
             scored += 1;
@@ -494,11 +495,6 @@ pub fn train_grpo(
             let tool_health = (env.max_tool_rounds() > 0).then(|| {
                 // TRL's definitions: calls per completion, failures per call.
                 let n = ro.gens.len().max(1) as f64;
-                let all_rounds = ro
-                    .gens
-                    .iter()
-                    .filter(|g| g.injected.len() >= env.max_tool_rounds())
-                    .count();
                 ToolHealth {
                     calls_per_completion: ro.tool_calls as f64 / n,
                     failure_frac: if ro.tool_calls > 0 {
@@ -506,13 +502,13 @@ pub fn train_grpo(
                     } else {
                         0.0
                     },
-                    all_rounds_frac: all_rounds as f64 / n,
+                    unanswered_frac: ro.tool_unanswered as f64 / n,
                 }
             });
             if let Some(t) = &tool_health {
                 rollout_metrics.push(("tools/call_frequency".into(), t.calls_per_completion));
                 rollout_metrics.push(("tools/failure_frequency".into(), t.failure_frac));
-                rollout_metrics.push(("tools/all_rounds_frac".into(), t.all_rounds_frac));
+                rollout_metrics.push(("tools/unanswered_frac".into(), t.unanswered_frac));
             }
             // Lengths of right vs wrong answers.
             let right = right_answers(&ro, &roles);

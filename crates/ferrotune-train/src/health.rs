@@ -77,8 +77,10 @@ pub struct ToolHealth {
     pub calls_per_completion: f64,
     /// Failed calls per call (TRL's `tools/failure_frequency`).
     pub failure_frac: f64,
-    /// Completions that used every allowed tool round.
-    pub all_rounds_frac: f64,
+    /// Completions that ended at `max_tool_calling_iterations` with a call still unanswered:
+    /// the policy wanted another round.
+    #[serde(alias = "all_rounds_frac")]
+    pub unanswered_frac: f64,
 }
 
 /// Keeps the recent history (as much as the rules look at) and which findings are active.
@@ -309,13 +311,13 @@ impl HealthMonitor {
                     ),
                 ));
             }
-            let all_rounds = mean(tools.iter().map(|t| t.all_rounds_frac));
-            if all_rounds > 0.5 {
+            let unanswered = mean(tools.iter().map(|t| t.unanswered_frac));
+            if unanswered > 0.5 {
                 out.push((
                     "tool_loop",
                     format!(
-                        "{:.0}% of completions used every allowed tool round (max_tool_calling_iterations): the policy may be calling tools in a loop instead of answering",
-                        all_rounds * 100.0
+                        "{:.0}% of completions were still calling a tool when max_tool_calling_iterations ran out: the policy may be calling tools in a loop instead of answering",
+                        unanswered * 100.0
                     ),
                 ));
             }
@@ -397,12 +399,12 @@ mod tests {
     /// fail — each named once, and a healthy tool user gets none.
     #[test]
     fn tool_misuse_is_named() {
-        let with_tools = |step, calls, fail, all_rounds| {
+        let with_tools = |step, calls, fail, unanswered| {
             let mut h = HealthStats {
                 tools: Some(ToolHealth {
                     calls_per_completion: calls,
                     failure_frac: fail,
-                    all_rounds_frac: all_rounds,
+                    unanswered_frac: unanswered,
                 }),
                 ..stats(step, 0.1 * step as f64, 20.0)
             };

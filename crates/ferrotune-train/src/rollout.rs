@@ -62,6 +62,11 @@ pub trait Env {
     fn max_tool_rounds(&self) -> usize {
         0
     }
+    /// Whether `completion[turn_start..]` calls a tool (without running it): asked of the
+    /// last turn when `max_tool_rounds` ran out, to count calls left unanswered.
+    fn calls_tool(&self, _completion: &[u32], _turn_start: usize) -> bool {
+        false
+    }
     /// After a model turn that ended on its own (end-of-sequence or a stop rule): the tool
     /// calls in `completion[turn_start..]` run and their replies, rendered by the chat template
     /// with the next generation prompt, come back as ids to append; `None` (no calls) ends the
@@ -214,9 +219,11 @@ pub struct Rollout {
     /// Tokens generated, and the seconds generation took.
     pub new_tokens: usize,
     pub gen_secs: f64,
-    /// Tool calls made during the rollout, and how many failed.
+    /// Tool calls made during the rollout, how many failed, and how many completions were
+    /// still calling when the round limit ran out.
     pub tool_calls: usize,
     pub tool_failures: usize,
+    pub tool_unanswered: usize,
 }
 
 /// Sample one completion per entry of `items` (prompts of `split`) and score them.
@@ -233,14 +240,13 @@ pub fn sample(
         .map(|&i| env.prompt_ids(split, i).to_vec())
         .collect();
     let t_gen = Instant::now();
-    let (gens, tool_calls, tool_failures) = {
+    let (gens, (tool_calls, tool_failures, tool_unanswered)) = {
         let mut gens = {
             let envr: &dyn Env = env;
             generate(model, &prompts, opts, &|_, ids| envr.stop(ids), device)?
         };
-        let (calls, failures) =
-            tool_rounds(model, env, split, &items, &prompts, &mut gens, opts, device)?;
-        (gens, calls, failures)
+        let counts = tool_rounds(model, env, split, &items, &prompts, &mut gens, opts, device)?;
+        (gens, counts)
     };
     let gen_secs = t_gen.elapsed().as_secs_f64();
     let new_tokens = gens.iter().map(|g| g.model_tokens()).sum();
@@ -255,6 +261,7 @@ pub fn sample(
         gen_secs,
         tool_calls,
         tool_failures,
+        tool_unanswered,
     })
 }
 
@@ -263,7 +270,8 @@ pub fn sample(
 /// makes no call, `max_tool_rounds` rounds ran, or the completion budget (`max_new_tokens`,
 /// model and tool tokens together, as TRL) is spent. A tool reply that does not fit the budget
 /// is dropped and the completion ends as it was (TRL rolls it back the same way). Returns the
-/// calls made and how many failed.
+/// calls made, how many failed, and how many completions still called a tool in the turn
+/// after their last allowed round.
 #[allow(clippy::too_many_arguments)]
 fn tool_rounds(
     model: &dyn CausalLm,
@@ -274,11 +282,13 @@ fn tool_rounds(
     gens: &mut [Generation],
     opts: &GenerateOptions,
     device: &Device,
-) -> Result<(usize, usize)> {
+) -> Result<(usize, usize, usize)> {
     let (mut calls, mut failures) = (0, 0);
+    let max_rounds = env.max_tool_rounds();
     let mut turn_start = vec![0usize; gens.len()];
     let mut open: Vec<usize> = (0..gens.len()).collect();
-    for round in 0..env.max_tool_rounds() {
+    let mut rounds = 0;
+    for round in 0..max_rounds {
         let mut next = Vec::new();
         for &row in &open {
             let g = &mut gens[row];
@@ -345,8 +355,20 @@ fn tool_rounds(
             };
         }
         open = next;
+        rounds = round + 1;
     }
-    Ok((calls, failures))
+    // The round limit ran out: the completions that generated a turn after their last reply
+    // and are calling again.
+    let unanswered = if max_rounds > 0 && rounds == max_rounds {
+        open.iter()
+            .filter(|&&r| {
+                gens[r].finish != Finish::Length && env.calls_tool(&gens[r].ids, turn_start[r])
+            })
+            .count()
+    } else {
+        0
+    };
+    Ok((calls, failures, unanswered))
 }
 
 impl Rollout {
@@ -361,6 +383,7 @@ impl Rollout {
             gen_secs: 0.0,
             tool_calls: 0,
             tool_failures: 0,
+            tool_unanswered: 0,
         }
     }
 

@@ -328,6 +328,14 @@ impl Env for TextEnv<'_> {
     fn max_tool_rounds(&self) -> usize {
         self.tools.as_ref().map_or(0, |t| t.max_rounds)
     }
+    fn calls_tool(&self, completion: &[u32], turn_start: usize) -> bool {
+        self.tools.as_ref().is_some_and(|t| {
+            !t.format
+                .parse(&self.decode(&completion[turn_start..]))
+                .calls
+                .is_empty()
+        })
+    }
     fn tool_turn(
         &mut self,
         _split: Split,

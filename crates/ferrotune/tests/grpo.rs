@@ -734,6 +734,12 @@ fn tool_calls_run_inside_the_rollout() {
     );
     let fails = metric(&run, "tools/failure_frequency");
     assert!(fails.iter().all(|&f| f < 0.5), "failures: {fails:?}");
+    // After the reply the model answers: one call per completion is not a loop (a limit of
+    // two rounds leaves no call unanswered), and no tool_loop finding is raised.
+    let unanswered = metric(&run, "tools/unanswered_frac");
+    assert!(unanswered.iter().all(|&u| u < 0.5), "{unanswered:?}");
+    let health = std::fs::read_to_string(run.join("health.jsonl")).unwrap();
+    assert!(!health.contains("tool_loop"), "{health}");
     let dev = metric_at(&run, "ratio/max_abs_dev");
     for (step, d) in &dev {
         if step % 2 == 1 {
