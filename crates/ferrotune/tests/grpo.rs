@@ -645,7 +645,7 @@ fn dynamic_sampling_is_bounded_when_no_group_has_signal() {
 /// the reply, and the sampler's log-probs still equal the trainer's on every model token
 /// (a tool token left in the loss mask would put |ratio − 1| near 1: its behaviour log-prob
 /// is 0). Tools that do not exist, crash or time out are answered with an error reply, counted
-/// in `tools/failure_frequency`, and the run goes on.
+/// in `tools/failure_frequency`, and the run goes on. A resumed tool run equals a straight one.
 #[test]
 fn tool_calls_run_inside_the_rollout() {
     let tmp = tempfile::tempdir().unwrap();
@@ -699,7 +699,7 @@ fn tool_calls_run_inside_the_rollout() {
     ]));
     let grpo = |name: &str, tools: &str, steps: usize| -> PathBuf {
         let text = format!(
-            "[model]\npath = \"{m}\"\n[lora]\nr = 8\nlora_alpha = 16\ntarget_modules = \"all-linear\"\n[data]\ntrain = \"{d}/prompts.jsonl\"\n[optim]\nlearning_rate = 1e-2\nlr_scheduler_type = \"constant\"\n[run]\noutput_dir = \"{d}/{name}\"\nbatch_size = 8\nlog_every = 1\nseed = 1\nmax_steps = {steps}\n[grpo]\nnum_generations = 8\nmax_completion_len = 256\nnum_iterations = 2\ntemperature = 0.05\nrewards = [{{ name = \"answer_match\", extract = \"last_number\" }}]\nmax_tool_calling_iterations = 2\n{tools}\n",
+            "[model]\npath = \"{m}\"\n[lora]\nr = 8\nlora_alpha = 16\ntarget_modules = \"all-linear\"\n[data]\ntrain = \"{d}/prompts.jsonl\"\n[optim]\nlearning_rate = 1e-2\nlr_scheduler_type = \"constant\"\n[run]\noutput_dir = \"{d}/{name}\"\nbatch_size = 8\nlog_every = 1\nseed = 1\nmax_steps = {steps}\nsave_every = 2\n[grpo]\nnum_generations = 8\nmax_completion_len = 256\nnum_iterations = 2\ntemperature = 0.05\nrewards = [{{ name = \"answer_match\", extract = \"last_number\" }}]\nmax_tool_calling_iterations = 2\n{tools}\n",
             m = merged.display(),
             d = dir.display()
         );
@@ -751,6 +751,12 @@ fn tool_calls_run_inside_the_rollout() {
     }
     let replies = tool_turns(&run);
     assert!(!replies.is_empty(), "no tool turns in completions.jsonl");
+    // Resume is exact with tools too: the same calls, replies and adapters as the straight run.
+    let run_b = grpo("calc-b", "[[grpo.tools]]\nname = \"calculator\"", 4);
+    std::fs::remove_dir_all(run_b.join("checkpoints/step-4")).unwrap();
+    ok(ferrotune(&["train", "--resume", run_b.to_str().unwrap()]));
+    same_checkpoint(&run, &run_b, 4);
+    assert_eq!(tool_turns(&run), tool_turns(&run_b));
     // A reply is the calculator's number inside the template's `tool` turn.
     let numeric = replies
         .iter()
