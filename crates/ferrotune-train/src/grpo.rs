@@ -281,14 +281,14 @@ struct OptMean {
 }
 
 impl OptMean {
-    fn push(acc: &mut OptMean, v: Option<f64>) {
+    fn push(&mut self, v: Option<f64>) {
         if let Some(v) = v {
-            acc.sum += v;
-            acc.n += 1;
+            self.sum += v;
+            self.n += 1;
         }
     }
-    fn get(acc: OptMean) -> Option<f64> {
-        (acc.n > 0).then(|| acc.sum / acc.n as f64)
+    fn get(self) -> Option<f64> {
+        (self.n > 0).then(|| self.sum / self.n as f64)
     }
 }
 
@@ -592,7 +592,7 @@ pub fn train_grpo(
         let n_micro = loss_cfg.accum_steps as f64;
         let mut loss_sum = 0.0f64;
         // Stats not every micro-batch has: mean over those that do.
-        let (mut kl, mut entropy, mut cispo_clip, mut kept_frac) = Default::default();
+        let [mut kl, mut entropy, mut cispo_clip, mut kept_frac] = [OptMean::default(); 4];
         let (mut clip_lo, mut clip_hi, mut clip_reg, mut ratio_mean) = (0.0, 0.0, 0.0, 0.0);
         let mut ratio_dev = 0.0f64;
         let mut seq_tokens = 0usize;
@@ -652,13 +652,10 @@ pub fn train_grpo(
             loss_sum += out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             t.backward(&out.loss)?;
             let s = &out.stats;
-            OptMean::push(&mut kl, s.kl_mean);
-            OptMean::push(&mut entropy, s.entropy_mean);
-            OptMean::push(&mut cispo_clip, s.cispo_clip);
-            OptMean::push(
-                &mut kept_frac,
-                loss_cfg.needs_entropy().then_some(s.entropy_kept),
-            );
+            kl.push(s.kl_mean);
+            entropy.push(s.entropy_mean);
+            cispo_clip.push(s.cispo_clip);
+            kept_frac.push(loss_cfg.needs_entropy().then_some(s.entropy_kept));
             clip_lo += s.clip_low / n_micro;
             clip_hi += s.clip_high / n_micro;
             clip_reg += s.clip_region / n_micro;
@@ -674,7 +671,7 @@ pub fn train_grpo(
         state.core.advance(loader.cursor());
         let step = state.core.step;
         summary.run.step_done(step, &t);
-        let kl = OptMean::get(kl);
+        let kl = kl.get();
         // 3. Log, health, eval, save.
         if let Some(kl) = kl {
             health.push_kl(step, kl);
@@ -699,7 +696,7 @@ pub fn train_grpo(
                 ("entropy", entropy),
                 ("entropy/kept_frac", kept_frac),
             ] {
-                if let Some(v) = OptMean::get(v) {
+                if let Some(v) = v.get() {
                     values.push((key.into(), v));
                 }
             }

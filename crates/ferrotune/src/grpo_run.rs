@@ -67,11 +67,7 @@ pub fn prompt_items_with_tools(
             bail!("{}: row {}: not a prompt row", path.display(), i + 1);
         };
         let (mut ids, text) = match prompt {
-            Segment::Text(_) if tools.is_some() => bail!(
-                "{}: row {}: grpo.tools needs conversational prompts (a `prompt` list of messages), so the chat template can list the tools and render their replies",
-                path.display(),
-                i + 1
-            ),
+            Segment::Text(_) if tools.is_some() => return Err(tools_need_chat(path, i)),
             Segment::Text(t) => (
                 tok.encode(t, false)
                     .with_context(|| format!("{}: row {}", path.display(), i + 1))?,
@@ -99,6 +95,15 @@ pub fn prompt_items_with_tools(
         out.push(PromptItem { ids, text, row });
     }
     Ok((out, cut))
+}
+
+/// The error for a plain-text prompt (row index `i`) in a run with tools.
+fn tools_need_chat(path: &Path, i: usize) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{}: row {}: grpo.tools needs conversational prompts (a `prompt` list of messages), so the chat template can list the tools and render their replies",
+        path.display(),
+        i + 1
+    )
 }
 
 /// Read a prompt file into items.
@@ -154,9 +159,10 @@ pub struct ToolEnv {
 }
 
 impl ToolEnv {
-    /// The tools `set` of `g`, checked against the model's chat template: it must render tool
+    /// The tools `set` (at most `max_rounds` rounds per completion; none = no limit), checked
+    /// against the model's chat template: it must render tool
     /// replies after sampled ids unchanged (prefix-preserving), or none can be appended.
-    pub fn new(set: ToolSet, g: &GrpoSection, tok: &Tokenizer) -> Result<ToolEnv> {
+    pub fn new(set: ToolSet, max_rounds: Option<usize>, tok: &Tokenizer) -> Result<ToolEnv> {
         let schemas = set.schemas();
         let source = tok
             .chat_template()
@@ -168,7 +174,7 @@ impl ToolEnv {
             set,
             schemas,
             format,
-            max_rounds: g.max_tool_calling_iterations.unwrap_or(usize::MAX),
+            max_rounds: max_rounds.unwrap_or(usize::MAX),
         })
     }
 
@@ -476,20 +482,17 @@ pub fn run_grpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<GrpoSu
         let set = ToolSet::from_specs(&g.tools)?;
         for path in std::iter::once(&cfg.data.train).chain(cfg.data.eval.as_ref()) {
             let rows = read_rows(path)?;
-            for (i, ex) in prompt_examples(&rows, path)?.iter().enumerate() {
-                if matches!(
+            let text_row = prompt_examples(&rows, path)?.iter().position(|ex| {
+                matches!(
                     ex,
                     Example::Prompt {
                         prompt: Segment::Text(_),
                         ..
                     }
-                ) {
-                    bail!(
-                        "{}: row {}: grpo.tools needs conversational prompts (a `prompt` list of messages), so the chat template can list the tools and render their replies",
-                        path.display(),
-                        i + 1
-                    );
-                }
+                )
+            });
+            if let Some(i) = text_row {
+                return Err(tools_need_chat(path, i));
             }
         }
         Some(set)
@@ -505,7 +508,11 @@ pub fn run_grpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<GrpoSu
     )?;
     let session = &rl.session;
     let tools = match tool_set {
-        Some(set) => Some(ToolEnv::new(set, g, &session.lm.tokenizer)?),
+        Some(set) => Some(ToolEnv::new(
+            set,
+            g.max_tool_calling_iterations,
+            &session.lm.tokenizer,
+        )?),
         None => None,
     };
     let trainable = session.trainable()?;

@@ -218,6 +218,14 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     x.gelu()
 }
 
+fn check_temperature(temperature: f64) -> Result<()> {
+    if temperature > 0.0 && temperature.is_finite() {
+        Ok(())
+    } else {
+        Err(OpError::Temperature(temperature).into())
+    }
+}
+
 /// Log-probability of `targets` under `softmax(hidden W^T / temperature)`, computed over the
 /// vocabulary in chunks of rows so the (N, V) logits never exist, in forward or for backward.
 ///
@@ -244,9 +252,7 @@ pub fn token_logprobs_chunked(
     temperature: f64,
     chunk_rows: usize,
 ) -> Result<Tensor> {
-    if !(temperature > 0.0 && temperature.is_finite()) {
-        return Err(OpError::Temperature(temperature).into());
-    }
+    check_temperature(temperature)?;
     let targets = targets
         .to_dtype(DType::U32)?
         .flatten_all()?
@@ -290,9 +296,7 @@ pub fn token_entropy_chunked(
     temperature: f64,
     chunk_rows: usize,
 ) -> Result<Tensor> {
-    if !(temperature > 0.0 && temperature.is_finite()) {
-        return Err(OpError::Temperature(temperature).into());
-    }
+    check_temperature(temperature)?;
     let (hidden, w) = (hidden.detach(), w.detach());
     let n = hidden.dim(0)?;
     let vocab = w.dim(0)?.max(1);
