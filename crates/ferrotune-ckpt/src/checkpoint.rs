@@ -4,7 +4,9 @@
 //! checkpoints/step-N/
 //!   adapter_config.json + adapter_model.safetensors   LoRA runs: a PEFT adapter folder, so
 //!                                                     `PeftModel.from_pretrained` reads it as is
-//!   model.safetensors                                 full fine-tuning: trainable weights, HF names
+//!   model.safetensors                                 full fine-tuning: trainable weights, HF names,
+//!   config.json, tokenizer files                      with the base's config and tokenizer, so
+//!                                                     the checkpoint loads as a model folder
 //!   optimizer.safetensors                             optimizer state tensors from the trainer
 //!   trainer_state.json                                step, epoch, data cursor, RNG, metrics
 //!   value_head.safetensors, ...                       trainer-specific extras (PPO's value head)
@@ -23,7 +25,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use ferrotune_models::adapter::load_weights;
-use ferrotune_models::{CausalLm, RewardModel};
+use ferrotune_models::{CausalLm, ModelConfig, RewardModel};
 use ferrotune_nn::LoraConfig;
 
 use crate::error::{io, CkptError, Result};
@@ -50,8 +52,14 @@ pub enum Weights<'a> {
         /// `base_model_name_or_path` in `adapter_config.json` (a Hub id or a path).
         base_name: &'a str,
     },
-    /// Full fine-tuning: the trainable weights under their Hugging Face names.
-    Full(&'a [(String, Tensor)]),
+    /// Full fine-tuning: the trainable weights under their Hugging Face names. With `model`
+    /// (the base it started from and the model's config), the checkpoint also gets the base's
+    /// config.json, tokenizer and generation config, so it loads as a model folder (as a
+    /// transformers `Trainer` checkpoint does).
+    Full {
+        tensors: &'a [(String, Tensor)],
+        model: Option<(&'a Path, &'a ModelConfig)>,
+    },
     /// A reward model: its body's adapters and the score head, saved as the PEFT `SEQ_CLS`
     /// adapter folder `reward.rs` writes (the head under `modules_to_save`), so a checkpoint
     /// loads in PEFT as is and resumes through `restore_reward_adapter`.
@@ -107,8 +115,19 @@ pub fn save_checkpoint_with(
             write_adapter_files(*model, lora, base_name, &tmp)?;
             "adapter"
         }
-        Weights::Full(tensors) => {
+        Weights::Full { tensors, model } => {
             files::write_safetensors(&tmp.join(FULL_WEIGHTS), tensors)?;
+            if let Some((base, cfg)) = model {
+                let dtype = tensors
+                    .first()
+                    .map_or(candle_core::DType::F32, |t| t.1.dtype());
+                let dtype_str = crate::export::dtype_name(dtype).unwrap_or("float32");
+                // A GGUF base without a tokenizer gives a checkpoint without one: loading it
+                // then names the missing file, so the warning is not needed here.
+                let mut warnings = Vec::new();
+                let patch = serde_json::Map::new();
+                crate::export::write_side_files(base, cfg, dtype_str, &patch, &tmp, &mut warnings)?;
+            }
             "full"
         }
         Weights::RewardAdapter {

@@ -64,7 +64,7 @@ pub struct ExportReport {
 }
 
 /// transformers' name for a dtype, as written in `config.json`.
-fn dtype_name(dtype: DType) -> Option<&'static str> {
+pub(crate) fn dtype_name(dtype: DType) -> Option<&'static str> {
     match dtype {
         DType::F32 => Some("float32"),
         DType::BF16 => Some("bfloat16"),
@@ -286,11 +286,14 @@ pub fn export_model(
     };
     files::write_safetensors(&staging.join("model.safetensors"), &tensors)?;
     drop(tensors);
-    if gguf {
-        write_gguf_side_files(base, &cfg, dtype_str, &extras.config, &staging, &mut report)?;
-    } else {
-        copy_hf_side_files(base, dtype_str, &extras.config, &staging)?;
-    }
+    write_side_files(
+        base,
+        &cfg,
+        dtype_str,
+        &extras.config,
+        &staging,
+        &mut report.warnings,
+    )?;
     report.files = files::entries(&staging)?;
     files::sync_dir(&staging)?;
     files::commit_dir(&staging, out)?;
@@ -342,6 +345,25 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     out.sort();
     out.dedup();
     Ok(out)
+}
+
+/// The files beside `model.safetensors` that make `staging` load as the model `base` does:
+/// config.json (with `dtype_str` and `patch`), the tokenizer and the generation config, copied
+/// from an HF folder or built from a GGUF's metadata. What could not be written (a GGUF without
+/// a tokenizer) goes to `warnings`.
+pub(crate) fn write_side_files(
+    base: &Path,
+    cfg: &ModelConfig,
+    dtype_str: &str,
+    patch: &serde_json::Map<String, Value>,
+    staging: &Path,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    if is_gguf(base) {
+        write_gguf_side_files(base, cfg, dtype_str, patch, staging, warnings)
+    } else {
+        copy_hf_side_files(base, dtype_str, patch, staging)
+    }
 }
 
 /// HF base: copy config.json (with the export dtype and `patch`), tokenizer files, generation
@@ -524,7 +546,7 @@ fn write_gguf_side_files(
     dtype_str: &str,
     patch: &serde_json::Map<String, Value>,
     staging: &Path,
-    report: &mut ExportReport,
+    warnings: &mut Vec<String>,
 ) -> Result<()> {
     let mut config = hf_config_json(cfg, dtype_str);
     extend(&mut config, patch.clone());
@@ -546,7 +568,7 @@ fn write_gguf_side_files(
         msg: format!("cannot read the GGUF header again: {e}"),
     })?;
     if !content.metadata.contains_key("tokenizer.ggml.model") {
-        report.warnings.push(format!(
+        warnings.push(format!(
             "{}: no tokenizer in the GGUF metadata; the export has no tokenizer files",
             base.display()
         ));
@@ -557,9 +579,7 @@ fn write_gguf_side_files(
     let tok = match Tokenizer::from_gguf(&content) {
         Ok(t) => t,
         Err(e) => {
-            report
-                .warnings
-                .push(format!("{}: tokenizer not exported: {e}", base.display()));
+            warnings.push(format!("{}: tokenizer not exported: {e}", base.display()));
             return Ok(());
         }
     };

@@ -38,7 +38,10 @@ fn full_parts<'a>(
     state: &'a serde_json::Value,
 ) -> CheckpointParts<'a> {
     CheckpointParts {
-        weights: Weights::Full(weights),
+        weights: Weights::Full {
+            tensors: weights,
+            model: None,
+        },
         optimizer: opt,
         trainer_state: state,
     }

@@ -40,8 +40,12 @@ pub enum Trainable<'a> {
         config: &'a LoraConfig,
         base_name: String,
     },
-    /// Every weight (HF names).
-    Full { params: Vec<(String, Var)> },
+    /// Every weight (HF names); `base`: the model folder or GGUF they started from, whose
+    /// config and tokenizer checkpoints carry (none: a model made from scratch).
+    Full {
+        params: Vec<(String, Var)>,
+        base: Option<PathBuf>,
+    },
     /// A reward model: its body's adapters and the score head, checkpointed as a PEFT
     /// `SEQ_CLS` adapter folder.
     Reward {
@@ -89,7 +93,7 @@ impl<'a> Trainable<'a> {
     pub fn params(&self) -> &[(String, Var)] {
         match self {
             Trainable::Lora { params, .. }
-            | Trainable::Full { params }
+            | Trainable::Full { params, .. }
             | Trainable::Reward { params, .. } => params,
         }
     }
@@ -444,12 +448,15 @@ impl<'a> Trainer<'a> {
                 lora: config,
                 base_name,
             },
-            Trainable::Full { params } => {
+            Trainable::Full { params, base } => {
                 full = params
                     .iter()
                     .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
                     .collect();
-                Weights::Full(&full)
+                Weights::Full {
+                    tensors: &full,
+                    model: base.as_deref().map(|b| (b, self.model.config())),
+                }
             }
             Trainable::Reward {
                 rm,
@@ -537,7 +544,7 @@ impl<'a> Trainer<'a> {
     fn restore_weights(&self, ck: &Checkpoint) -> Result<()> {
         match self.trainable {
             Trainable::Lora { .. } => Ok(ck.restore_adapter(self.model)?),
-            Trainable::Full { params } => {
+            Trainable::Full { params, .. } => {
                 let saved: std::collections::HashMap<String, Tensor> =
                     ck.full_weights()?.into_iter().collect();
                 for (name, var) in params {

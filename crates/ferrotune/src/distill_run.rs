@@ -307,7 +307,7 @@ fn export_student(cfg: &RunConfig, lm: &Lm, trainable: &Trainable, run: &Path) -
             .with_context(|| format!("{}: cannot replace", out.display()))?;
     }
     let mut extras = ferrotune_ckpt::ExportExtras::default();
-    if let Trainable::Full { params } = trainable {
+    if let Trainable::Full { params, .. } = trainable {
         for (name, var) in params {
             extras.drop.push(name.clone());
             extras.tensors.push((name.clone(), var.as_tensor().clone()));

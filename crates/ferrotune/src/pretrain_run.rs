@@ -307,6 +307,7 @@ pub fn pretrain(cfg: &PretrainConfig, quiet: bool) -> Result<PretrainSummary> {
     };
     let trainable = Trainable::Full {
         params: params.clone(),
+        base: None,
     };
     let summary = train_sft(
         loaded.model.as_ref(),

@@ -481,6 +481,7 @@ pub(crate) fn trainable<'a>(
         }
         None => Trainable::Full {
             params: lm_base_params(lm)?,
+            base: Some(cfg.model.path.clone()),
         },
     })
 }

@@ -428,6 +428,30 @@ fn full_fine_tuning_without_a_lora_section() {
             assert!(max_abs_diff(v, &w[k]) > 0.0, "{k} did not change");
         }
     }
+    // The checkpoint is a model folder (the base's config and tokenizer beside the weights),
+    // as a transformers Trainer checkpoint is: the CLI loads it, and it is the trained model.
+    let ckpt = run.join("checkpoints/step-6");
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(
+            ckpt.join(f).is_file(),
+            "{f} missing from the full checkpoint"
+        );
+    }
+    let text = root().join("fixtures/gguf/text.txt");
+    let ppl = |model: &Path| -> String {
+        let o = ferrotune(&[
+            "perplexity",
+            "--model",
+            model.to_str().unwrap(),
+            "--text",
+            text.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let (trained, untrained) = (ppl(&ckpt), ppl(&root().join("fixtures/tiny-chat/model")));
+    assert!(trained.contains("perplexity"), "{trained}");
+    assert_ne!(trained, untrained);
 }
 
 /// Every LoRA A matrix of the model, flattened.
