@@ -13,8 +13,8 @@ use ferrotune_rewards::{RewardSet, RewardSpec};
 use ferrotune_train::rollout::RewardRole;
 use serde::Serialize;
 
-use crate::config::RunConfig;
-use crate::grpo_run::{load_prompts, reward_specs, role_of, PromptItem};
+use crate::config::{GrpoSection, RunConfig};
+use crate::grpo_run::{reward_specs, role_of, task_prompts};
 use crate::lm::Lm;
 use crate::task_eval::{eval_task, perplexity_of_file, TaskOptions};
 
@@ -55,15 +55,24 @@ struct Ctx {
     task: PathBuf,
     opts: TaskOptions,
     max_prompt_len: usize,
+    /// The run's `[grpo]` section, for its tools.
+    grpo: Option<GrpoSection>,
 }
 
 fn score(ctx: &Ctx, adapter: Option<&Path>, limit: Option<usize>) -> Result<(f64, Option<f64>)> {
     let lm = load(&ctx.base, adapter)?;
-    let mut items: Vec<PromptItem> = load_prompts(&lm.tokenizer, &ctx.task, ctx.max_prompt_len)?;
+    let (mut items, tools) = task_prompts(ctx.grpo.as_ref(), &ctx.task, &lm, ctx.max_prompt_len)?;
     if let Some(n) = limit {
         items.truncate(n);
     }
-    let r = eval_task(&lm, &items, &ctx.rewards, &ctx.roles, &ctx.opts)?;
+    let r = eval_task(
+        &lm,
+        &items,
+        &ctx.rewards,
+        &ctx.roles,
+        tools.as_ref(),
+        &ctx.opts,
+    )?;
     Ok((r.mean_reward, r.accuracy))
 }
 
@@ -116,6 +125,7 @@ pub fn compare(o: &CompareOptions) -> Result<Vec<CheckpointScore>> {
             ..TaskOptions::default()
         },
         max_prompt_len: cfg.grpo.as_ref().map_or(512, |g| g.max_prompt_len),
+        grpo: cfg.grpo.clone(),
     };
     let run = ferrotune_ckpt::RunDir::open(&o.run)?;
     let steps = ferrotune_ckpt::complete_steps(&run)?;

@@ -177,6 +177,7 @@ fn evaluate(
         &items,
         &set,
         &roles,
+        None,
         &TaskOptions {
             max_new_tokens: 24,
             batch_size: 64,

@@ -136,7 +136,7 @@ pub struct TextEnv<'a> {
     pub tokenizer: &'a Tokenizer,
     pub train: Vec<PromptItem>,
     pub eval: Vec<PromptItem>,
-    pub rewards: RewardSet,
+    pub rewards: &'a RewardSet,
     pub roles: Vec<RewardRole>,
     pub stop: Vec<String>,
     /// `completions.jsonl`, when logging completions.
@@ -145,7 +145,31 @@ pub struct TextEnv<'a> {
     pub failures: Vec<(String, String)>,
     pub failed: usize,
     /// Multi-turn tool use (`[[grpo.tools]]`), when configured.
-    pub tools: Option<ToolEnv>,
+    pub tools: Option<&'a ToolEnv>,
+}
+
+impl<'a> TextEnv<'a> {
+    /// An env with no completions log and no tools (set `completions` / `tools` after).
+    pub fn new(
+        tokenizer: &'a Tokenizer,
+        (train, eval): (Vec<PromptItem>, Vec<PromptItem>),
+        rewards: &'a RewardSet,
+        roles: Vec<RewardRole>,
+        stop: Vec<String>,
+    ) -> Self {
+        TextEnv {
+            tokenizer,
+            train,
+            eval,
+            rewards,
+            roles,
+            stop,
+            completions: None,
+            failures: Vec::new(),
+            failed: 0,
+            tools: None,
+        }
+    }
 }
 
 /// The tools of a run and how the model's calls are read and answered.
@@ -467,6 +491,53 @@ pub fn grpo_plots(run_dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(plot_metrics(run_dir, &refs)?)
 }
 
+/// The tools of `[[grpo.tools]]` (none configured: `None`), after checking that every prompt
+/// of `files` is conversational (the chat template lists the tools and renders their replies).
+pub fn grpo_tool_set<'p>(
+    g: &GrpoSection,
+    files: impl IntoIterator<Item = &'p PathBuf>,
+) -> Result<Option<ToolSet>> {
+    if g.tools.is_empty() {
+        return Ok(None);
+    }
+    let set = ToolSet::from_specs(&g.tools)?;
+    for path in files {
+        let rows = read_rows(path)?;
+        let text_row = prompt_examples(&rows, path)?.iter().position(|ex| {
+            matches!(
+                ex,
+                Example::Prompt {
+                    prompt: Segment::Text(_),
+                    ..
+                }
+            )
+        });
+        if let Some(i) = text_row {
+            return Err(tools_need_chat(path, i));
+        }
+    }
+    Ok(Some(set))
+}
+
+/// The prompts of `task` for evaluating `lm` as the GRPO run `g` trained it: with the run's
+/// tools (listed in the prompts, answered during generation), if it has any.
+pub fn task_prompts(
+    g: Option<&GrpoSection>,
+    task: &PathBuf,
+    lm: &Lm,
+    max_prompt_len: usize,
+) -> Result<(Vec<PromptItem>, Option<ToolEnv>)> {
+    let tools = match g {
+        Some(g) => grpo_tool_set(g, [task])?
+            .map(|set| ToolEnv::new(set, g.max_tool_calling_iterations, &lm.tokenizer))
+            .transpose()?,
+        None => None,
+    };
+    let schemas = tools.as_ref().map(|t| &t.schemas);
+    let items = load_prompts_with_tools(&lm.tokenizer, task, max_prompt_len, schemas)?;
+    Ok((items, tools))
+}
+
 /// Run (or resume) a GRPO config.
 pub fn run_grpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<GrpoSummary> {
     let g = cfg
@@ -476,27 +547,10 @@ pub fn run_grpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<GrpoSu
     let specs = reward_specs(g)?;
     // The tools' schemas are rendered into the prompts, so they exist before the prompts;
     // and they need chat prompts, checked before the run folder is made.
-    let tool_set = if g.tools.is_empty() {
-        None
-    } else {
-        let set = ToolSet::from_specs(&g.tools)?;
-        for path in std::iter::once(&cfg.data.train).chain(cfg.data.eval.as_ref()) {
-            let rows = read_rows(path)?;
-            let text_row = prompt_examples(&rows, path)?.iter().position(|ex| {
-                matches!(
-                    ex,
-                    Example::Prompt {
-                        prompt: Segment::Text(_),
-                        ..
-                    }
-                )
-            });
-            if let Some(i) = text_row {
-                return Err(tools_need_chat(path, i));
-            }
-        }
-        Some(set)
-    };
+    let tool_set = grpo_tool_set(
+        g,
+        std::iter::once(&cfg.data.train).chain(cfg.data.eval.as_ref()),
+    )?;
     let schemas = tool_set.as_ref().map(|t| t.schemas());
     let rl = RlRun::open(
         cfg,
@@ -507,34 +561,24 @@ pub fn run_grpo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<GrpoSu
         (resume, overwrite),
     )?;
     let session = &rl.session;
-    let tools = match tool_set {
-        Some(set) => Some(ToolEnv::new(
-            set,
-            g.max_tool_calling_iterations,
-            &session.lm.tokenizer,
-        )?),
-        None => None,
-    };
+    let tools = tool_set
+        .map(|set| ToolEnv::new(set, g.max_tool_calling_iterations, &session.lm.tokenizer))
+        .transpose()?;
     let trainable = session.trainable()?;
     let lm = &session.lm;
     let plan = grpo_plan(cfg, g, lm, rl.train.len())?;
     let mut obs = session.observer(&plan.run, Headline::Only(HEADLINE))?;
-    let mut env = TextEnv {
-        tokenizer: &lm.tokenizer,
-        train: rl.train,
-        eval: rl.eval,
-        rewards: rl.rewards,
-        roles: rl.roles,
-        stop: g.stop.clone(),
-        completions: if g.log_completions {
-            Some(session.side_log("completions.jsonl")?)
-        } else {
-            None
-        },
-        failures: Vec::new(),
-        failed: 0,
-        tools,
-    };
+    let mut env = TextEnv::new(
+        &lm.tokenizer,
+        (rl.train, rl.eval),
+        &rl.rewards,
+        rl.roles,
+        g.stop.clone(),
+    );
+    env.tools = tools.as_ref();
+    if g.log_completions {
+        env.completions = Some(session.side_log("completions.jsonl")?);
+    }
     obs.health = Some(session.side_log("health.jsonl")?);
     eprintln!(
         "grpo: {} train / {} eval prompts, {} steps of {} prompts x {} completions, loss {} ({}-level weights), beta {}, {} trainable parameters",

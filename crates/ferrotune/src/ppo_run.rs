@@ -112,23 +112,16 @@ pub fn run_ppo(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<PpoSumm
     let plan = ppo_plan(cfg, p, lm, rl.train.len())?;
     let head = ValueHead::zeros(lm.model.config().hidden_size, &session.device)?;
     let mut obs = session.observer(&plan.run, Headline::Only(HEADLINE))?;
-    let completions = if p.log_completions {
-        Some(session.side_log("completions.jsonl")?)
-    } else {
-        None
-    };
-    let mut env = TextEnv {
-        tokenizer: &lm.tokenizer,
-        train: rl.train,
-        eval: rl.eval,
-        rewards: rl.rewards,
-        roles: rl.roles,
-        stop: p.stop.clone(),
-        completions,
-        failures: Vec::new(),
-        failed: 0,
-        tools: None,
-    };
+    let mut env = TextEnv::new(
+        &lm.tokenizer,
+        (rl.train, rl.eval),
+        &rl.rewards,
+        rl.roles,
+        p.stop.clone(),
+    );
+    if p.log_completions {
+        env.completions = Some(session.side_log("completions.jsonl")?);
+    }
     eprintln!(
         "ppo: {} train prompts, {} steps of {} rollouts ({} epochs x {} mini-batches), rewards [{}], kl_coef {}, {} trainable parameters + value head",
         env.train.len(),

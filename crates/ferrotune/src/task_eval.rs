@@ -8,14 +8,14 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use ferrotune_generate::{generate, Finish, GenerateOptions, SamplingParams};
+use ferrotune_generate::{Finish, GenerateOptions, SamplingParams};
 use ferrotune_nn::Mode;
-use ferrotune_rewards::{RewardSet, Sample};
-use ferrotune_train::rollout::RewardRole;
+use ferrotune_rewards::RewardSet;
+use ferrotune_train::rollout::{sample, RewardRole, Split};
 use serde::Serialize;
 
 use crate::eval::{perplexity, Perplexity};
-use crate::grpo_run::PromptItem;
+use crate::grpo_run::{PromptItem, TextEnv, ToolEnv};
 use crate::lm::Lm;
 
 /// How to generate for a task.
@@ -66,6 +66,10 @@ pub struct TaskReport {
     pub pass_at_k: Vec<(usize, f64)>,
     pub mean_length: f64,
     pub truncated_fraction: f64,
+    /// Tool calls per completion (runs with tools).
+    pub tool_calls_per_completion: Option<f64>,
+    /// Failed tool calls over all calls (TRL's `tools/failure_frequency`).
+    pub tool_failure_frequency: Option<f64>,
     pub seconds: f64,
 }
 
@@ -93,12 +97,15 @@ fn mean(xs: &[f64]) -> f64 {
     }
 }
 
-/// Evaluate `items` with `rewards` (roles say which reward is correctness / format).
+/// Evaluate `items` with `rewards` (roles say which reward is correctness / format). With
+/// `tools`, completions run the same multi-turn tool loop as GRPO's rollouts and are scored on
+/// the final model turn, so a tool run is evaluated as it was trained.
 pub fn eval_task(
     lm: &Lm,
     items: &[PromptItem],
     rewards: &RewardSet,
     roles: &[RewardRole],
+    tools: Option<&ToolEnv>,
     opts: &TaskOptions,
 ) -> Result<TaskReport> {
     if items.is_empty() {
@@ -121,24 +128,20 @@ pub fn eval_task(
     }
     let t0 = std::time::Instant::now();
     let labels = rewards.labels();
-    let weights = rewards.weights();
     let n = opts.samples.max(1);
-    let eos = lm.eos_ids();
-    let pad = lm.pad_id();
-    let tok = &lm.tokenizer;
-    let stop = |ids: &[u32]| -> bool {
-        if opts.stop.is_empty() {
-            return false;
-        }
-        let tail = tok
-            .decode(&ids[ids.len().saturating_sub(16)..], true)
-            .unwrap_or_default();
-        opts.stop.iter().any(|s| tail.contains(s.as_str()))
-    };
+    let mut env = TextEnv::new(
+        &lm.tokenizer,
+        (Vec::new(), items.to_vec()),
+        rewards,
+        roles.to_vec(),
+        opts.stop.clone(),
+    );
+    env.tools = tools;
     let mut per: Vec<Vec<f64>> = vec![vec![]; labels.len()];
     let mut totals = Vec::new();
     let mut lens = Vec::new();
     let mut truncated = 0usize;
+    let (mut tool_calls, mut tool_failures) = (0usize, 0usize);
     // correct[p] = how many of prompt p's samples passed.
     let correct_k = roles.iter().position(|r| *r == RewardRole::Correctness);
     let mut correct = vec![0usize; items.len()];
@@ -148,7 +151,6 @@ pub fn eval_task(
         let idx: Vec<usize> = (start..end)
             .flat_map(|i| std::iter::repeat_n(i, n))
             .collect();
-        let prompts: Vec<Vec<u32>> = idx.iter().map(|&i| items[i].ids.clone()).collect();
         let gen_opts = GenerateOptions {
             sampling: SamplingParams {
                 temperature: opts.temperature,
@@ -157,53 +159,32 @@ pub fn eval_task(
                 seed: opts.seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             },
             max_new_tokens: opts.max_new_tokens,
-            eos_ids: eos.clone(),
-            pad_id: pad,
+            eos_ids: lm.eos_ids(),
+            pad_id: lm.pad_id(),
             mode: Mode::EVAL,
         };
-        let gens = generate(
+        let ro = sample(
             lm.model.as_ref(),
-            &prompts,
+            &mut env,
+            Split::Eval,
+            idx,
             &gen_opts,
-            &|_, ids| stop(ids),
             &lm.device,
         )?;
-        let texts: Vec<String> = gens
-            .iter()
-            .map(|g| tok.decode(&g.ids, true).unwrap_or_default())
-            .collect();
-        let samples: Vec<Sample> = idx
-            .iter()
-            .zip(&texts)
-            .zip(&gens)
-            .map(|((&i, t), g)| Sample {
-                prompt: &items[i].text,
-                completion: t,
-                completion_tokens: g.ids.len(),
-                row: &items[i].row,
-            })
-            .collect();
-        let scored = rewards.score(&samples);
-        for (k, s) in scored.per_reward.iter().enumerate() {
+        tool_calls += ro.tool_calls;
+        tool_failures += ro.tool_failures;
+        for (k, s) in ro.scores.iter().enumerate() {
             per[k].extend(s.iter().flatten());
         }
-        for i in 0..gens.len() {
-            let applicable: Vec<f64> = scored
-                .per_reward
-                .iter()
-                .zip(&weights)
-                .filter_map(|(s, w)| s[i].map(|v| v * w))
-                .collect();
-            if !applicable.is_empty() {
-                totals.push(applicable.iter().sum());
-            }
-            lens.push(gens[i].ids.len() as f64);
-            if gens[i].finish == Finish::Length {
+        totals.extend(ro.totals.iter().copied().filter(|t| !t.is_nan()));
+        for (i, g) in ro.gens.iter().enumerate() {
+            lens.push(g.ids.len() as f64);
+            if g.finish == Finish::Length {
                 truncated += 1;
             }
             if let Some(k) = correct_k {
-                if scored.per_reward[k][i].unwrap_or(0.0) >= 1.0 {
-                    correct[idx[i]] += 1;
+                if ro.scores[k][i].unwrap_or(0.0) >= 1.0 {
+                    correct[ro.items[i]] += 1;
                 }
             }
         }
@@ -220,6 +201,7 @@ pub fn eval_task(
             .collect(),
         None => Vec::new(),
     };
+    let completions = lens.len().max(1) as f64;
     Ok(TaskReport {
         prompts: items.len(),
         samples_per_prompt: n,
@@ -233,7 +215,9 @@ pub fn eval_task(
         format_rate: role_mean(RewardRole::Format),
         pass_at_k: pass,
         mean_length: mean(&lens),
-        truncated_fraction: truncated as f64 / lens.len().max(1) as f64,
+        truncated_fraction: truncated as f64 / completions,
+        tool_calls_per_completion: tools.map(|_| tool_calls as f64 / completions),
+        tool_failure_frequency: tools.map(|_| tool_failures as f64 / tool_calls.max(1) as f64),
         seconds: t0.elapsed().as_secs_f64(),
     })
 }

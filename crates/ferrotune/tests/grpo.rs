@@ -700,9 +700,15 @@ fn tool_calls_run_inside_the_rollout() {
         "--out",
         merged.to_str().unwrap(),
     ]));
-    let grpo = |name: &str, tools: &str, steps: usize| -> PathBuf {
+    // `eval`: the prompts are also the eval set, evaluated at the start and the end.
+    let grpo_with = |name: &str, tools: &str, steps: usize, eval: bool| -> PathBuf {
+        let eval = if eval {
+            format!("eval = \"{}/prompts.jsonl\"\n", dir.display())
+        } else {
+            String::new()
+        };
         let text = format!(
-            "[model]\npath = \"{m}\"\n[lora]\nr = 8\nlora_alpha = 16\ntarget_modules = \"all-linear\"\n[data]\ntrain = \"{d}/prompts.jsonl\"\n[optim]\nlearning_rate = 1e-2\nlr_scheduler_type = \"constant\"\n[run]\noutput_dir = \"{d}/{name}\"\nbatch_size = 8\nlog_every = 1\nseed = 1\nmax_steps = {steps}\nsave_every = 2\n[grpo]\nnum_generations = 8\nmax_completion_len = 256\nnum_iterations = 2\ntemperature = 0.05\nrewards = [{{ name = \"answer_match\", extract = \"last_number\" }}]\nmax_tool_calling_iterations = 2\n{tools}\n",
+            "[model]\npath = \"{m}\"\n[lora]\nr = 8\nlora_alpha = 16\ntarget_modules = \"all-linear\"\n[data]\ntrain = \"{d}/prompts.jsonl\"\n{eval}[optim]\nlearning_rate = 1e-2\nlr_scheduler_type = \"constant\"\n[run]\noutput_dir = \"{d}/{name}\"\nbatch_size = 8\nlog_every = 1\nseed = 1\nmax_steps = {steps}\nsave_every = 2\neval_every = {steps}\n[grpo]\nnum_generations = 8\nmax_completion_len = 256\nnum_iterations = 2\ntemperature = 0.05\nrewards = [{{ name = \"answer_match\", extract = \"last_number\" }}]\nmax_tool_calling_iterations = 2\n{tools}\n",
             m = merged.display(),
             d = dir.display()
         );
@@ -711,6 +717,7 @@ fn tool_calls_run_inside_the_rollout() {
         ok(ferrotune(&["train", "--config", cfg.to_str().unwrap()]));
         dir.join(name)
     };
+    let grpo = |name: &str, tools: &str, steps: usize| grpo_with(name, tools, steps, false);
     let tool_turns = |run: &Path| -> Vec<String> {
         let text = std::fs::read_to_string(run.join("completions.jsonl")).unwrap();
         text.lines()
@@ -729,7 +736,7 @@ fn tool_calls_run_inside_the_rollout() {
     };
 
     // The calculator answers; the first iteration of each batch is on-policy to rounding.
-    let run = grpo("calc", "[[grpo.tools]]\nname = \"calculator\"", 4);
+    let run = grpo_with("calc", "[[grpo.tools]]\nname = \"calculator\"", 4, true);
     let calls = metric(&run, "tools/call_frequency");
     assert!(
         calls.iter().all(|&c| c > 0.5),
@@ -754,8 +761,44 @@ fn tool_calls_run_inside_the_rollout() {
     }
     let replies = tool_turns(&run);
     assert!(!replies.is_empty(), "no tool turns in completions.jsonl");
+    // `ferrotune eval --config` runs the same tool loop as the run's own eval: on the last
+    // adapter it calls the tool and scores what the run scored at its last step.
+    let report = dir.join("eval.json");
+    ok(ferrotune(&[
+        "eval",
+        "--model",
+        merged.to_str().unwrap(),
+        "--adapter",
+        run.join("checkpoints/step-4").to_str().unwrap(),
+        "--config",
+        dir.join("calc.toml").to_str().unwrap(),
+        "--json",
+        report.to_str().unwrap(),
+    ]));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let calls = r["task"]["tool_calls_per_completion"].as_f64().unwrap();
+    assert!(calls > 0.5, "eval: {calls} calls per completion");
+    let acc = r["task"]["accuracy"].as_f64().unwrap();
+    let trained = metric(&run, "eval/rewards/answer_match/mean");
+    assert_eq!(trained.len(), 2, "{trained:?}");
+    assert!(
+        (acc - trained[1]).abs() < 1e-9,
+        "eval accuracy {acc}, the run's last eval {trained:?}"
+    );
+    // `ferrotune compare` ranks the run's checkpoints the same way.
+    ok(ferrotune(&["compare", run.to_str().unwrap()]));
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("compare.json")).unwrap()).unwrap();
+    let last = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "step-4")
+        .expect("step-4 in compare.json");
+    assert_eq!(last["accuracy"].as_f64(), Some(acc), "{rows}");
     // Resume is exact with tools too: the same calls, replies and adapters as the straight run.
-    let run_b = grpo("calc-b", "[[grpo.tools]]\nname = \"calculator\"", 4);
+    let run_b = grpo_with("calc-b", "[[grpo.tools]]\nname = \"calculator\"", 4, true);
     std::fs::remove_dir_all(run_b.join("checkpoints/step-4")).unwrap();
     ok(ferrotune(&["train", "--resume", run_b.to_str().unwrap()]));
     same_checkpoint(&run, &run_b, 4);

@@ -23,7 +23,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         text,
         json,
     } = a;
-    use ferrotune::grpo_run::{load_prompts, reward_specs, role_of};
+    use ferrotune::grpo_run::{reward_specs, role_of, task_prompts};
     use ferrotune::task_eval::{eval_task, perplexity_of_file, TaskOptions};
     let run_cfg = config
         .as_ref()
@@ -50,7 +50,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         let set = ferrotune::model_reward::reward_set(&specs, &lm.device, "rewards")?;
         let roles: Vec<_> = specs.iter().map(|s| role_of(&s.name)).collect();
         let prompt_len = grpo.as_ref().map_or(max_prompt_len, |g| g.max_prompt_len);
-        let items = load_prompts(&lm.tokenizer, task, prompt_len)?;
+        let (items, tools) = task_prompts(grpo.as_ref(), task, &lm, prompt_len)?;
         let opts = TaskOptions {
             samples,
             temperature,
@@ -67,7 +67,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             seed,
             ks: k,
         };
-        let r = eval_task(&lm, &items, &set, &roles, &opts)?;
+        let r = eval_task(&lm, &items, &set, &roles, tools.as_ref(), &opts)?;
         println!(
             "{}: {} prompts x {} samples in {:.1}s",
             task.display(),
@@ -87,6 +87,12 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         }
         for (k, p) in &r.pass_at_k {
             println!("  pass@{k:<11} {p:.4}");
+        }
+        if let (Some(c), Some(f)) = (r.tool_calls_per_completion, r.tool_failure_frequency) {
+            println!(
+                "  tool calls       {c:.4} per completion ({:.0}% failed)",
+                100.0 * f
+            );
         }
         println!(
             "  mean length      {:.1} tokens ({:.0}% truncated)",
