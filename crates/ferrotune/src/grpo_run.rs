@@ -263,13 +263,13 @@ impl TextEnv<'_> {
         }
     }
 
-    fn decode(&self, ids: &[u32]) -> String {
+    pub(crate) fn decode(&self, ids: &[u32]) -> String {
         self.tokenizer.decode(ids, true).unwrap_or_default()
     }
 
     /// A multi-turn completion as its turns: the model's text and the tool replies (with the
     /// template's framing), in order.
-    fn turns(&self, ids: &[u32], injected: &[std::ops::Range<usize>]) -> Vec<Value> {
+    pub(crate) fn turns(&self, ids: &[u32], injected: &[std::ops::Range<usize>]) -> Vec<Value> {
         let mut out = Vec::new();
         let mut at = 0;
         for r in injected {

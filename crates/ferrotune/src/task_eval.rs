@@ -13,6 +13,7 @@ use ferrotune_nn::Mode;
 use ferrotune_rewards::RewardSet;
 use ferrotune_train::rollout::{sample, RewardRole, Split};
 use serde::Serialize;
+use serde_json::{json, Value};
 
 use crate::eval::{perplexity, Perplexity};
 use crate::grpo_run::{PromptItem, TextEnv, ToolEnv};
@@ -33,6 +34,8 @@ pub struct TaskOptions {
     pub seed: u64,
     /// pass@k for each k (k <= samples).
     pub ks: Vec<usize>,
+    /// Keep every completion in [`TaskReport::completions`].
+    pub keep_completions: bool,
 }
 
 impl Default for TaskOptions {
@@ -46,6 +49,7 @@ impl Default for TaskOptions {
             stop: Vec::new(),
             seed: 0,
             ks: vec![1],
+            keep_completions: false,
         }
     }
 }
@@ -71,6 +75,9 @@ pub struct TaskReport {
     /// Failed tool calls over all calls (TRL's `tools/failure_frequency`).
     pub tool_failure_frequency: Option<f64>,
     pub seconds: f64,
+    /// With `keep_completions`: one record per completion (prompt, completion, turns, rewards).
+    #[serde(skip)]
+    pub completions: Vec<Value>,
 }
 
 /// Unbiased pass@k from n samples with c correct: 1 − C(n−c, k) / C(n, k).
@@ -142,6 +149,7 @@ pub fn eval_task(
     let mut lens = Vec::new();
     let mut truncated = 0usize;
     let (mut tool_calls, mut tool_failures) = (0usize, 0usize);
+    let mut kept = Vec::new();
     // correct[p] = how many of prompt p's samples passed.
     let correct_k = roles.iter().position(|r| *r == RewardRole::Correctness);
     let mut correct = vec![0usize; items.len()];
@@ -178,6 +186,24 @@ pub fn eval_task(
         }
         totals.extend(ro.totals.iter().copied().filter(|t| !t.is_nan()));
         for (i, g) in ro.gens.iter().enumerate() {
+            if opts.keep_completions {
+                let rewards: serde_json::Map<String, Value> = labels
+                    .iter()
+                    .zip(&ro.scores)
+                    .map(|(l, s)| (l.clone(), s[i].map_or(Value::Null, |v| json!(v))))
+                    .collect();
+                let mut rec = json!({
+                    "prompt": items[ro.items[i]].text,
+                    "completion": env.decode(&g.ids),
+                    "rewards": rewards,
+                    "reward": ro.totals[i],
+                    "tokens": g.ids.len(),
+                });
+                if !g.injected.is_empty() {
+                    rec["turns"] = Value::Array(env.turns(&g.ids, &g.injected));
+                }
+                kept.push(rec);
+            }
             lens.push(g.ids.len() as f64);
             if g.finish == Finish::Length {
                 truncated += 1;
@@ -219,6 +245,7 @@ pub fn eval_task(
         tool_calls_per_completion: tools.map(|_| tool_calls as f64 / completions),
         tool_failure_frequency: tools.map(|_| tool_failures as f64 / tool_calls.max(1) as f64),
         seconds: t0.elapsed().as_secs_f64(),
+        completions: kept,
     })
 }
 

@@ -774,6 +774,8 @@ fn tool_calls_run_inside_the_rollout() {
         dir.join("calc.toml").to_str().unwrap(),
         "--json",
         report.to_str().unwrap(),
+        "--completions",
+        dir.join("eval-completions.jsonl").to_str().unwrap(),
     ]));
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
@@ -786,6 +788,21 @@ fn tool_calls_run_inside_the_rollout() {
         (acc - trained[1]).abs() < 1e-9,
         "eval accuracy {acc}, the run's last eval {trained:?}"
     );
+    // --completions writes each of them with its turns; their rewards make the accuracy.
+    let recs: Vec<serde_json::Value> = std::fs::read_to_string(dir.join("eval-completions.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 64);
+    assert!(recs.iter().all(|r| r["turns"]
+        .as_array()
+        .is_some_and(|t| t.iter().any(|x| x["role"] == "tool"))));
+    let right = recs
+        .iter()
+        .filter(|r| r["rewards"]["answer_match"].as_f64() == Some(1.0))
+        .count();
+    assert_eq!(right as f64 / 64.0, acc);
     // `ferrotune compare` ranks the run's checkpoints the same way.
     ok(ferrotune(&["compare", run.to_str().unwrap()]));
     let rows: serde_json::Value =

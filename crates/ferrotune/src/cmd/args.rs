@@ -329,6 +329,9 @@ pub struct EvalArgs {
     /// Write the report as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write every completion here (JSONL: prompt, completion, its turns with tools, rewards)
+    #[arg(long)]
+    pub completions: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]

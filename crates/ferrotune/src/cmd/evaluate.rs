@@ -22,6 +22,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         seed,
         text,
         json,
+        completions,
     } = a;
     use ferrotune::grpo_run::{reward_specs, role_of, task_prompts};
     use ferrotune::task_eval::{eval_task, perplexity_of_file, TaskOptions};
@@ -36,6 +37,9 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let task = task.or_else(|| run_cfg.as_ref().and_then(|c| c.data.eval.clone()));
     if task.is_none() && text.is_none() {
         bail!("give --task FILE (with --rewards or --config) and/or --text FILE");
+    }
+    if task.is_none() && completions.is_some() {
+        bail!("--completions writes a task's completions: give --task FILE (or --config with data.eval)");
     }
     let lm = load(&model)?;
     let mut report = serde_json::Map::new();
@@ -66,6 +70,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             },
             seed,
             ks: k,
+            keep_completions: completions.is_some(),
         };
         let r = eval_task(&lm, &items, &set, &roles, tools.as_ref(), &opts)?;
         println!(
@@ -100,6 +105,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             100.0 * r.truncated_fraction
         );
         report.insert("task".into(), serde_json::to_value(&r)?);
+        if let Some(path) = &completions {
+            let lines: String = r.completions.iter().map(|c| format!("{c}\n")).collect();
+            std::fs::write(path, lines)
+                .with_context(|| format!("{}: cannot write", path.display()))?;
+        }
     }
     if let Some(t) = &text {
         let p = perplexity_of_file(&lm, t, None, None)?;
