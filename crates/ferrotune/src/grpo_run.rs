@@ -263,13 +263,44 @@ impl TextEnv<'_> {
         }
     }
 
-    pub(crate) fn decode(&self, ids: &[u32]) -> String {
+    fn decode(&self, ids: &[u32]) -> String {
         self.tokenizer.decode(ids, true).unwrap_or_default()
+    }
+
+    /// One completion as `completions.jsonl` and `eval --completions` write it: the prompt, the
+    /// completion, each reward (null where it does not apply), the total, the token count and,
+    /// with tools, every turn.
+    pub(crate) fn completion_record(
+        &self,
+        prompt: &str,
+        ids: &[u32],
+        injected: &[std::ops::Range<usize>],
+        rewards: &[Option<f64>],
+        total: f64,
+    ) -> Value {
+        let per: Map<String, Value> = self
+            .rewards
+            .labels()
+            .into_iter()
+            .zip(rewards)
+            .map(|(l, s)| (l, s.map_or(Value::Null, |v| json!(v))))
+            .collect();
+        let mut rec = json!({
+            "prompt": prompt,
+            "completion": self.decode(ids),
+            "rewards": per,
+            "reward": total,
+            "tokens": ids.len(),
+        });
+        if !injected.is_empty() {
+            rec["turns"] = Value::Array(self.turns(ids, injected));
+        }
+        rec
     }
 
     /// A multi-turn completion as its turns: the model's text and the tool replies (with the
     /// template's framing), in order.
-    pub(crate) fn turns(&self, ids: &[u32], injected: &[std::ops::Range<usize>]) -> Vec<Value> {
+    fn turns(&self, ids: &[u32], injected: &[std::ops::Range<usize>]) -> Vec<Value> {
         let mut out = Vec::new();
         let mut at = 0;
         for r in injected {
@@ -386,28 +417,23 @@ impl Env for TextEnv<'_> {
         })
     }
     fn record(&mut self, step: usize, rows: &[CompletionRecord]) {
-        let labels = self.rewards.labels();
         let lines: Vec<String> = rows
             .iter()
             .map(|r| {
-                let rewards: Map<String, Value> = labels
-                    .iter()
-                    .zip(&r.rewards)
-                    .map(|(l, s)| (l.clone(), s.map_or(Value::Null, |v| json!(v))))
-                    .collect();
-                let mut rec = json!({
-                    "step": step,
-                    "prompt": self.train[r.item].text,
-                    "completion": self.decode(&r.ids),
-                    "rewards": rewards,
-                    "reward": r.total,
-                    "advantage": r.advantage,
-                    "tokens": r.ids.len(),
-                    "finish": match r.finish { Finish::Eos => "eos", Finish::Stop => "stop", Finish::Length => "length" },
+                let mut rec = self.completion_record(
+                    &self.train[r.item].text,
+                    &r.ids,
+                    &r.injected,
+                    &r.rewards,
+                    r.total,
+                );
+                rec["step"] = json!(step);
+                rec["advantage"] = json!(r.advantage);
+                rec["finish"] = json!(match r.finish {
+                    Finish::Eos => "eos",
+                    Finish::Stop => "stop",
+                    Finish::Length => "length",
                 });
-                if !r.injected.is_empty() {
-                    rec["turns"] = Value::Array(self.turns(&r.ids, &r.injected));
-                }
                 rec.to_string()
             })
             .collect();
@@ -523,12 +549,13 @@ pub fn grpo_tool_set<'p>(
 /// tools (listed in the prompts, answered during generation), if it has any.
 pub fn task_prompts(
     g: Option<&GrpoSection>,
-    task: &PathBuf,
+    task: &Path,
     lm: &Lm,
     max_prompt_len: usize,
 ) -> Result<(Vec<PromptItem>, Option<ToolEnv>)> {
     let tools = match g {
-        Some(g) => grpo_tool_set(g, [task])?
+        // Plain-text rows are refused as the prompts load (tools_need_chat).
+        Some(g) => grpo_tool_set(g, std::iter::empty())?
             .map(|set| ToolEnv::new(set, g.max_tool_calling_iterations, &lm.tokenizer))
             .transpose()?,
         None => None,

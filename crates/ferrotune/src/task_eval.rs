@@ -13,7 +13,7 @@ use ferrotune_nn::Mode;
 use ferrotune_rewards::RewardSet;
 use ferrotune_train::rollout::{sample, RewardRole, Split};
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::eval::{perplexity, Perplexity};
 use crate::grpo_run::{PromptItem, TextEnv, ToolEnv};
@@ -187,22 +187,15 @@ pub fn eval_task(
         totals.extend(ro.totals.iter().copied().filter(|t| !t.is_nan()));
         for (i, g) in ro.gens.iter().enumerate() {
             if opts.keep_completions {
-                let rewards: serde_json::Map<String, Value> = labels
-                    .iter()
-                    .zip(&ro.scores)
-                    .map(|(l, s)| (l.clone(), s[i].map_or(Value::Null, |v| json!(v))))
-                    .collect();
-                let mut rec = json!({
-                    "prompt": items[ro.items[i]].text,
-                    "completion": env.decode(&g.ids),
-                    "rewards": rewards,
-                    "reward": ro.totals[i],
-                    "tokens": g.ids.len(),
-                });
-                if !g.injected.is_empty() {
-                    rec["turns"] = Value::Array(env.turns(&g.ids, &g.injected));
-                }
-                kept.push(rec);
+                let scores: Vec<Option<f64>> = ro.scores.iter().map(|s| s[i]).collect();
+                let prompt = &items[ro.items[i]].text;
+                kept.push(env.completion_record(
+                    prompt,
+                    &g.ids,
+                    &g.injected,
+                    &scores,
+                    ro.totals[i],
+                ));
             }
             lens.push(g.ids.len() as f64);
             if g.finish == Finish::Length {
