@@ -27,7 +27,7 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::{DType, Device, Tensor};
 use ferrotune_models::gguf::GgufStore;
 use ferrotune_models::source::{RawStore, SafetensorsStore};
-use ferrotune_models::{load, CausalLm, Family, LoadOptions, ModelConfig};
+use ferrotune_models::{load, CausalLm, Family, LayerType, LoadOptions, ModelConfig};
 use ferrotune_nn::RopeScaling;
 use ferrotune_tokenize::Tokenizer;
 use serde_json::{json, Value};
@@ -458,6 +458,7 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype_str: &str) -> Value {
             Family::Mistral => "MistralForCausalLM",
             Family::Qwen2 => "Qwen2ForCausalLM",
             Family::Qwen3 => "Qwen3ForCausalLM",
+            Family::Gemma3 => "Gemma3ForCausalLM",
             Family::Gpt2 => "GPT2LMHeadModel",
         };
         let rope_scaling = match &cfg.rope_scaling {
@@ -515,7 +516,32 @@ pub fn hf_config_json(cfg: &ModelConfig, dtype_str: &str) -> Value {
             Family::Mistral => {
                 extra.insert("sliding_window".into(), json!(cfg.sliding_window));
             }
+            Family::Gemma3 => {
+                // transformers 4.x and 5.x both read these (5.x folds the two rope bases into
+                // `rope_parameters` itself).
+                let types: Vec<&str> = cfg
+                    .layer_types
+                    .iter()
+                    .map(|t| match t {
+                        LayerType::Full => "full_attention",
+                        LayerType::Sliding => "sliding_attention",
+                    })
+                    .collect();
+                extra.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
+                extra.insert("layer_types".into(), json!(types));
+                extra.insert("sliding_window".into(), json!(cfg.sliding_window));
+                extra.insert("rope_local_base_freq".into(), json!(cfg.rope_local_theta));
+                extra.insert(
+                    "query_pre_attn_scalar".into(),
+                    json!(cfg.query_pre_attn_scalar),
+                );
+            }
             _ => {}
+        }
+        if cfg.family == Family::Gemma3 {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("hidden_act");
+            }
         }
         extend(&mut v, extra);
         v

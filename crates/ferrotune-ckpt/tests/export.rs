@@ -138,6 +138,7 @@ fn gguf_export_matches_transformers() {
                 .unsqueeze(0)
                 .unwrap(),
             key_mask: None,
+            segments: None,
         };
         let logits = model
             .forward(&b, None, Mode::EVAL)
@@ -183,6 +184,7 @@ fn gguf_export_with_adapter_merges_in_hf_layout() {
             .unsqueeze(0)
             .unwrap(),
         key_mask: None,
+        segments: None,
     };
     let want = model.forward(&b, None, Mode::EVAL).unwrap();
     let base = model.forward(&b, None, Mode::REFERENCE).unwrap();
@@ -314,6 +316,7 @@ fn smollm2_gguf_export_keeps_tokenizer_and_logits() {
             .unsqueeze(0)
             .unwrap(),
         key_mask: None,
+        segments: None,
     };
     let logits = model
         .forward(&b, None, Mode::EVAL)

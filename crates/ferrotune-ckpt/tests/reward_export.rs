@@ -139,6 +139,7 @@ fn hf_batch(case: &Value) -> Batch {
         position_ids: Tensor::from_vec((0..b).flat_map(|_| 0..t as u32).collect(), (b, t), &dev)
             .unwrap(),
         key_mask: Some(Tensor::from_vec(mask, (b, t), &dev).unwrap()),
+        segments: None,
     }
 }
 

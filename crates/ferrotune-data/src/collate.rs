@@ -12,6 +12,11 @@ pub trait Sequence {
     fn ids(&self) -> &[u32];
     fn loss_mask(&self) -> &[u8];
     fn position_ids(&self) -> Cow<'_, [u32]>;
+    /// Per-token segment ids when several examples share the sequence (packing): attention
+    /// stays inside a segment. None = one example.
+    fn segment_ids(&self) -> Option<Vec<u32>> {
+        None
+    }
 }
 
 impl Sequence for Tokenized {
@@ -36,6 +41,9 @@ impl Sequence for Packed {
     fn position_ids(&self) -> Cow<'_, [u32]> {
         Cow::Borrowed(&self.position_ids)
     }
+    fn segment_ids(&self) -> Option<Vec<u32>> {
+        Some(self.segment_ids())
+    }
 }
 
 /// A right-padded batch: every row has the length of the longest sequence. Padding has
@@ -48,6 +56,9 @@ pub struct Collated {
     pub loss_mask: Vec<Vec<u8>>,
     pub attention_mask: Vec<Vec<u8>>,
     pub position_ids: Vec<Vec<u32>>,
+    /// Per-token segment ids when any row packs several examples (padding gets a segment of
+    /// its own); None = every row is one example.
+    pub segment_ids: Option<Vec<Vec<u32>>>,
 }
 
 impl Collated {
@@ -85,6 +96,15 @@ pub fn collate_right<S: Sequence>(batch: &[&S], pad_id: u32) -> Collated {
         out.loss_mask.push(loss_mask);
         out.attention_mask.push(attention_mask);
         out.position_ids.push(position_ids);
+    }
+    if batch.iter().any(|s| s.segment_ids().is_some()) {
+        let rows = batch.iter().map(|s| {
+            let mut seg = s.segment_ids().unwrap_or_else(|| vec![0; s.ids().len()]);
+            let pad = seg.last().map_or(0, |&g| g + 1);
+            seg.resize(width, pad);
+            seg
+        });
+        out.segment_ids = Some(rows.collect());
     }
     out
 }

@@ -4,11 +4,10 @@
 //! `position_ids` that restart at 0 at every example, so RoPE sees each example as if alone, and
 //! the examples' loss masks side by side.
 //!
-//! Attention is NOT isolated between the examples of a pack: with a plain causal mask a token
-//! attends to the earlier examples in its pack. Isolating them needs a block-diagonal mask (or a
-//! varlen attention kernel keyed on `position_ids` resets), which our models do not implement
-//! yet; until they do, packing trades a little cross-example leakage for speed, as TRL's
-//! `padding_free` does on models without flash-attention. It owns no tensors.
+//! The examples of a pack cannot see each other: [`Packed::segment_ids`] numbers them, the
+//! collated batch carries the ids and the attention op keeps every query inside its own
+//! segment (a block-diagonal causal mask, as varlen FlashAttention and TRL's `padding_free`
+//! do), so a packed example's logits and gradients are those it has alone. It owns no tensors.
 
 use std::collections::BTreeSet;
 
@@ -27,6 +26,22 @@ pub struct Packed {
 }
 
 impl Packed {
+    /// The member each token belongs to (0, 1, ...): a new member starts where its positions
+    /// restart at 0.
+    pub fn segment_ids(&self) -> Vec<u32> {
+        let mut seg = 0u32;
+        self.position_ids
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| {
+                if p == 0 && i > 0 {
+                    seg += 1;
+                }
+                seg
+            })
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.ids.len()
     }

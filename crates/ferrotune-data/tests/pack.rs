@@ -98,5 +98,10 @@ fn collate_right_pads_every_field() {
     assert_eq!(c.position_ids[1], vec![0, 1, 2, 0, 1, 2]);
     assert_eq!(c.ids[1][5], 9);
     assert_eq!(c.attention_mask[1], vec![1, 1, 1, 1, 1, 0]);
+    // One segment per member, padding in a segment of its own; unpacked batches carry none.
+    let seg = c.segment_ids.as_ref().unwrap();
+    assert_eq!(seg[0], vec![0; 6]);
+    assert_eq!(seg[1], vec![0, 0, 0, 1, 1, 2]);
+    assert!(collate_right(&[&a, &b], 0).segment_ids.is_none());
     assert_eq!(collate_right::<Packed>(&[], 0).shape(), (0, 0));
 }

@@ -176,6 +176,7 @@ pub fn generate(
             input_ids: Tensor::from_vec(new_ids, (n, 1), device)?,
             position_ids: Tensor::from_vec(next_pos.clone(), (n, 1), device)?,
             key_mask: Some(Tensor::from_vec(flat, (n, tk), device)?),
+            segments: None,
         };
         for p in next_pos.iter_mut() {
             *p += 1;

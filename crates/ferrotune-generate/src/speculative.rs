@@ -269,6 +269,7 @@ fn forward_last(
         input_ids: Tensor::from_vec(tokens.to_vec(), (1, t), device)?,
         position_ids: Tensor::from_vec(positions, (1, t), device)?,
         key_mask: None,
+        segments: None,
     };
     let h = model.hidden(&batch, Some(cache), mode)?; // (1, T, H)
     let h = h.narrow(1, t - rows, rows)?; // (1, rows, H): the head runs on these only

@@ -12,6 +12,9 @@ pub struct Batch {
     pub position_ids: Tensor,
     /// (B, T_past + T) u8, 1 = real token, 0 = padding; None = no padding anywhere
     pub key_mask: Option<Tensor>,
+    /// (B, T_past + T) u32 segment ids of packed rows: a token attends only within its own
+    /// segment. None = one sequence per row.
+    pub segments: Option<Tensor>,
 }
 
 impl Batch {
@@ -54,6 +57,7 @@ impl Batch {
             } else {
                 None
             },
+            segments: None,
         })
     }
 

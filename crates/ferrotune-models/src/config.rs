@@ -9,14 +9,32 @@ use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
 
-/// The families we implement. Llama covers SmolLM/SmolLM2, TinyLlama and Llama 3.x.
+/// The families we implement. Llama covers SmolLM/SmolLM2, TinyLlama and Llama 3.x; Gemma3 is
+/// Gemma 3's text model (`gemma3_text`, or the text half of a `gemma3` folder).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     Llama,
     Mistral,
     Qwen2,
     Qwen3,
+    Gemma3,
     Gpt2,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU (Llama, Mistral, Qwen).
+    Silu,
+    /// GeGLU with the tanh approximation (Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// What a layer's attention sees: every earlier token, or the last `sliding_window` tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerType {
+    Full,
+    Sliding,
 }
 
 impl Family {
@@ -26,6 +44,7 @@ impl Family {
             "mistral" => Family::Mistral,
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
+            "gemma3_text" | "gemma3" => Family::Gemma3,
             "gpt2" => Family::Gpt2,
             _ => return None,
         })
@@ -37,6 +56,7 @@ impl Family {
             Family::Mistral => "mistral",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::Gemma3 => "gemma3_text",
             Family::Gpt2 => "gpt2",
         }
     }
@@ -65,6 +85,17 @@ pub struct HfConfig {
     pub sliding_window: Option<serde_json::Value>,
     pub use_sliding_window: Option<bool>,
     pub hidden_act: Option<String>,
+    // Gemma 3 names.
+    pub hidden_activation: Option<String>,
+    pub layer_types: Option<Vec<String>>,
+    pub sliding_window_pattern: Option<usize>,
+    pub rope_local_base_freq: Option<f64>,
+    pub query_pre_attn_scalar: Option<f64>,
+    pub final_logit_softcapping: Option<serde_json::Value>,
+    pub attn_logit_softcapping: Option<serde_json::Value>,
+    pub use_bidirectional_attention: Option<bool>,
+    /// A multimodal `gemma3` folder keeps the text model's config here.
+    pub text_config: Option<Box<HfConfig>>,
     pub bos_token_id: Option<serde_json::Value>,
     pub eos_token_id: Option<serde_json::Value>,
     pub pad_token_id: Option<serde_json::Value>,
@@ -97,8 +128,17 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     pub attention_bias: bool,
     pub mlp_bias: bool,
-    /// Sliding-window attention size (Mistral/Qwen2 when enabled); None = full attention.
+    /// Sliding-window attention size (Mistral/Qwen2 when enabled, Gemma's local layers); None =
+    /// full attention everywhere.
     pub sliding_window: Option<usize>,
+    /// One per layer: which layers use `sliding_window` (all of them for Mistral).
+    pub layer_types: Vec<LayerType>,
+    pub hidden_act: Activation,
+    /// RoPE base of the sliding layers when it differs from `rope_theta` (Gemma 3's
+    /// `rope_local_base_freq`); those layers use no rope scaling.
+    pub rope_local_theta: Option<f64>,
+    /// Gemma: attention scores scale by `query_pre_attn_scalar ** -0.5` instead of head_dim's.
+    pub query_pre_attn_scalar: Option<f64>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -132,6 +172,20 @@ impl ModelConfig {
 
     /// Resolve an [`HfConfig`]; `path` is only used in error messages.
     pub fn from_hf(hf: &HfConfig, path: &Path) -> Result<Self> {
+        if hf.model_type.as_deref() == Some("gemma3") {
+            // A multimodal folder: the text model's config sits in `text_config`.
+            let text = hf
+                .text_config
+                .as_deref()
+                .ok_or_else(|| ModelError::Config {
+                    path: path.to_path_buf(),
+                    field: "text_config".into(),
+                    msg: "missing (a `gemma3` config keeps its text model there)".into(),
+                })?;
+            let mut text = text.clone();
+            text.model_type = Some("gemma3_text".into());
+            return Self::from_hf(&text, path);
+        }
         let err = |field: &str, msg: &str| ModelError::Config {
             path: path.to_path_buf(),
             field: field.to_string(),
@@ -186,6 +240,13 @@ impl ModelConfig {
                 attention_bias: true,
                 mlp_bias: true,
                 sliding_window: None,
+                layer_types: vec![
+                    LayerType::Full;
+                    need(hf.n_layer.or(hf.num_hidden_layers), "n_layer")?
+                ],
+                hidden_act: Activation::GeluTanh,
+                rope_local_theta: None,
+                query_pre_attn_scalar: None,
                 bos_token_id: ids(&hf.bos_token_id).first().copied(),
                 eos_token_ids: ids(&hf.eos_token_id),
             });
@@ -207,39 +268,136 @@ impl ModelConfig {
         if head_dim % 2 != 0 {
             return Err(err("head_dim", "must be even for rotary embeddings"));
         }
-        if let Some(act) = &hf.hidden_act {
-            if act != "silu" {
+        let gemma = family == Family::Gemma3;
+        let (act_field, act) = match (&hf.hidden_activation, &hf.hidden_act) {
+            (Some(a), _) if gemma => ("hidden_activation", Some(a)),
+            (_, a) => ("hidden_act", a.as_ref()),
+        };
+        let hidden_act = match act.map(String::as_str) {
+            None if gemma => Activation::GeluTanh,
+            None | Some("silu") => Activation::Silu,
+            Some("gelu_pytorch_tanh") if gemma => Activation::GeluTanh,
+            Some(a) => {
+                let want = if gemma { "gelu_pytorch_tanh" } else { "silu" };
                 return Err(err(
-                    "hidden_act",
-                    &format!("`{act}` is not supported (silu only)"),
+                    act_field,
+                    &format!("`{a}` is not supported ({want} only)"),
+                ));
+            }
+        };
+        let num_layers = need(hf.num_hidden_layers, "num_hidden_layers")?;
+        if gemma {
+            for (field, v) in [
+                ("final_logit_softcapping", &hf.final_logit_softcapping),
+                ("attn_logit_softcapping", &hf.attn_logit_softcapping),
+            ] {
+                if v.as_ref().is_some_and(|v| !v.is_null()) {
+                    return Err(err(
+                        field,
+                        "logit soft-capping is not supported (Gemma 3 sets null)",
+                    ));
+                }
+            }
+            if hf.use_bidirectional_attention == Some(true) {
+                return Err(err(
+                    "use_bidirectional_attention",
+                    "only causal attention is supported",
                 ));
             }
         }
-        // transformers 5 writes `rope_parameters` {rope_type, rope_theta, ...}; older versions
-        // `rope_theta` plus `rope_scaling` {rope_type|type, factor, ...}.
-        let rope_obj = hf.rope_parameters.as_ref().or(hf.rope_scaling.as_ref());
+        // transformers 5 writes `rope_parameters` {rope_type, rope_theta, ...} (Gemma 3: one per
+        // layer type); older versions `rope_theta` plus `rope_scaling` {rope_type|type, factor}
+        // (Gemma 3: `rope_local_base_freq` for the sliding layers).
+        let per_type = |key: &str| hf.rope_parameters.as_ref().and_then(|p| p.get(key));
+        let (global_rope, local_rope) = match (per_type("full_attention"), gemma) {
+            (Some(full), true) => (Some(full), per_type("sliding_attention")),
+            _ => (
+                hf.rope_parameters.as_ref().or(hf.rope_scaling.as_ref()),
+                None,
+            ),
+        };
+        let theta_of = |v: Option<&serde_json::Value>| {
+            v.and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64())
+        };
         let rope_theta = hf
             .rope_theta
-            .or_else(|| {
-                hf.rope_parameters
-                    .as_ref()
-                    .and_then(|p| p.get("rope_theta"))
-                    .and_then(|v| v.as_f64())
-            })
-            .unwrap_or(10000.0);
-        let rope_scaling = parse_rope_scaling(rope_obj).map_err(|m| err("rope_scaling", &m))?;
+            .or_else(|| theta_of(global_rope))
+            .unwrap_or(if gemma { 1e6 } else { 10000.0 });
+        let rope_scaling = parse_rope_scaling(global_rope).map_err(|m| err("rope_scaling", &m))?;
+        let rope_local_theta = match local_rope {
+            Some(l) => {
+                if parse_rope_scaling(Some(l)).map_err(|m| err("rope_parameters", &m))?
+                    != RopeScaling::None
+                {
+                    return Err(err(
+                        "rope_parameters.sliding_attention",
+                        "rope scaling on the sliding layers is not supported",
+                    ));
+                }
+                Some(theta_of(Some(l)).unwrap_or(10000.0))
+            }
+            None if gemma => Some(hf.rope_local_base_freq.unwrap_or(10000.0)),
+            None => None,
+        };
         let sliding_window = match (family, hf.use_sliding_window, &hf.sliding_window) {
             (Family::Qwen2 | Family::Qwen3, Some(false) | None, _) => None,
-            (_, _, Some(v)) => v.as_u64().map(|x| x as usize),
+            (_, _, Some(v)) if !v.is_null() => match v.as_u64() {
+                Some(0) | None => return Err(err("sliding_window", "must be a positive integer")),
+                Some(w) => Some(w as usize),
+            },
             _ => None,
         };
-        let tie_default = false;
+        let layer_types = match (&hf.layer_types, gemma) {
+            (Some(types), true) => {
+                if types.len() != num_layers {
+                    return Err(err(
+                        "layer_types",
+                        &format!(
+                            "has {} entries but num_hidden_layers is {num_layers}",
+                            types.len()
+                        ),
+                    ));
+                }
+                types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        "full_attention" => Ok(LayerType::Full),
+                        "sliding_attention" => Ok(LayerType::Sliding),
+                        other => Err(err(
+                            "layer_types",
+                            &format!(
+                                "`{other}` is not a layer type (full_attention, sliding_attention)"
+                            ),
+                        )),
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            (None, true) => {
+                // Older Gemma 3 configs: every `sliding_window_pattern`-th layer is global.
+                let pattern = hf.sliding_window_pattern.unwrap_or(6).max(1);
+                (0..num_layers)
+                    .map(|i| match (i + 1) % pattern {
+                        0 => LayerType::Full,
+                        _ => LayerType::Sliding,
+                    })
+                    .collect()
+            }
+            _ if sliding_window.is_some() => vec![LayerType::Sliding; num_layers],
+            _ => vec![LayerType::Full; num_layers],
+        };
+        if gemma && sliding_window.is_none() && layer_types.contains(&LayerType::Sliding) {
+            return Err(err(
+                "sliding_window",
+                "missing, but layer_types has sliding layers",
+            ));
+        }
+        let tie_default = gemma;
         Ok(ModelConfig {
             family,
             vocab_size: need(hf.vocab_size, "vocab_size")?,
             hidden_size: hidden,
             intermediate_size: need(hf.intermediate_size, "intermediate_size")?,
-            num_layers: need(hf.num_hidden_layers, "num_hidden_layers")?,
+            num_layers,
             num_heads: heads,
             num_kv_heads: kv_heads,
             head_dim,
@@ -254,6 +412,14 @@ impl ModelConfig {
             },
             mlp_bias: hf.mlp_bias.unwrap_or(false),
             sliding_window,
+            layer_types,
+            hidden_act,
+            rope_local_theta,
+            query_pre_attn_scalar: if gemma {
+                Some(hf.query_pre_attn_scalar.unwrap_or(256.0))
+            } else {
+                None
+            },
             bos_token_id: ids(&hf.bos_token_id).first().copied(),
             eos_token_ids: ids(&hf.eos_token_id),
         })

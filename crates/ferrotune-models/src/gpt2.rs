@@ -114,7 +114,12 @@ impl Gpt2 {
                 Some(c) => c.append(i, &k, &v)?,
                 None => (k, v),
             };
-            let o = ops::attention(&q, &k, &v, batch.key_mask.as_ref(), scale)?; // (B, nh, T, hd)
+            let mask = ops::AttnMask {
+                key_mask: batch.key_mask.as_ref(),
+                window: None,
+                segments: batch.segments.as_ref(),
+            };
+            let o = ops::attention_masked(&q, &k, &v, &mask, scale)?; // (B, nh, T, hd)
             let o = o.transpose(1, 2)?.reshape((b, t, hidden))?; // (B, T, H)
             x = (&x + blk.c_proj.forward(&o, mode)?)?;
             let m = blk.mlp.forward(&blk.ln_2.forward(&x)?, mode)?;

@@ -48,6 +48,9 @@ fn layout(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Fill)> {
     );
     let qkv_bias = cfg.attention_bias;
     let o_bias = cfg.attention_bias && cfg.family != Family::Qwen2;
+    let gemma = cfg.family == Family::Gemma3;
+    // Gemma's norms scale by `1 + w`: they start at zero (transformers' `_init_weights`).
+    let norm = || if gemma { Fill::Zeros } else { Fill::Ones };
     let mut out = vec![(
         "model.embed_tokens.weight".to_string(),
         vec![v, h],
@@ -61,11 +64,11 @@ fn layout(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Fill)> {
     };
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
-        out.push((format!("{p}.input_layernorm.weight"), vec![h], Fill::Ones));
+        out.push((format!("{p}.input_layernorm.weight"), vec![h], norm()));
         let a = format!("{p}.self_attn");
-        if cfg.family == Family::Qwen3 {
-            out.push((format!("{a}.q_norm.weight"), vec![cfg.head_dim], Fill::Ones));
-            out.push((format!("{a}.k_norm.weight"), vec![cfg.head_dim], Fill::Ones));
+        if matches!(cfg.family, Family::Qwen3 | Family::Gemma3) {
+            out.push((format!("{a}.q_norm.weight"), vec![cfg.head_dim], norm()));
+            out.push((format!("{a}.k_norm.weight"), vec![cfg.head_dim], norm()));
         }
         linear(&mut out, format!("{a}.q_proj"), q, h, qkv_bias);
         linear(&mut out, format!("{a}.k_proj"), kv, h, qkv_bias);
@@ -74,14 +77,19 @@ fn layout(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Fill)> {
         out.push((
             format!("{p}.post_attention_layernorm.weight"),
             vec![h],
-            Fill::Ones,
+            norm(),
         ));
+        if gemma {
+            for n in ["pre_feedforward_layernorm", "post_feedforward_layernorm"] {
+                out.push((format!("{p}.{n}.weight"), vec![h], norm()));
+            }
+        }
         let m = format!("{p}.mlp");
         linear(&mut out, format!("{m}.gate_proj"), i, h, cfg.mlp_bias);
         linear(&mut out, format!("{m}.up_proj"), i, h, cfg.mlp_bias);
         linear(&mut out, format!("{m}.down_proj"), h, i, cfg.mlp_bias);
     }
-    out.push(("model.norm.weight".to_string(), vec![h], Fill::Ones));
+    out.push(("model.norm.weight".to_string(), vec![h], norm()));
     if !cfg.tie_word_embeddings {
         out.push(("lm_head.weight".to_string(), vec![v, h], Fill::Normal));
     }
@@ -131,7 +139,7 @@ pub fn init_weights(
         return Err(ModelError::Config {
             path: PathBuf::from("(random init)"),
             field: "model_type".into(),
-            msg: "random init covers the Llama family (llama, mistral, qwen2, qwen3), not gpt2"
+            msg: "random init covers the Llama family (llama, mistral, qwen2, qwen3, gemma3_text), not gpt2"
                 .into(),
         });
     }

@@ -22,7 +22,7 @@ use candle_core::{DType, Device, Result as CResult, Tensor};
 use ferrotune_nn::{KvCache, Linear, LoraConfig, Mode, Vb};
 
 pub use batch::Batch;
-pub use config::{Family, HfConfig, ModelConfig};
+pub use config::{Activation, Family, HfConfig, LayerType, ModelConfig};
 pub use error::{ModelError, Result};
 pub use reward::RewardModel;
 use source::{CheckedSource, SafetensorsStore};

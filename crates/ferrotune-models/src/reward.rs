@@ -338,6 +338,7 @@ pub fn seq_cls_architecture(family: Family) -> &'static str {
         Family::Mistral => "MistralForSequenceClassification",
         Family::Qwen2 => "Qwen2ForSequenceClassification",
         Family::Qwen3 => "Qwen3ForSequenceClassification",
+        Family::Gemma3 => "Gemma3TextForSequenceClassification",
         Family::Gpt2 => "GPT2ForSequenceClassification",
     }
 }

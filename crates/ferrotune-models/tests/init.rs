@@ -135,6 +135,7 @@ fn a_saved_init_loads_from_a_hf_folder() {
         input_ids: Tensor::new(&[[5u32, 9, 200, 17]], &Device::Cpu).unwrap(),
         position_ids: Tensor::new(&[[0u32, 1, 2, 3]], &Device::Cpu).unwrap(),
         key_mask: None,
+        segments: None,
     };
     let a = values(&loaded.model.forward(&batch, None, Mode::EVAL).unwrap());
     let b = values(&fresh.model.forward(&batch, None, Mode::EVAL).unwrap());
@@ -234,6 +235,7 @@ fn a_fresh_model_predicts_nearly_uniformly() {
             .unsqueeze(0)
             .unwrap(),
         key_mask: None,
+        segments: None,
     };
     let logits = loaded.model.forward(&batch, None, Mode::EVAL).unwrap(); // (1, T, V)
     let logp = log_softmax_rows(&logits.squeeze(0).unwrap());

@@ -1,5 +1,7 @@
 //! Parity of the model core with transformers on tiny random models of every family, and the
-//! invariants the trainers rely on. Fixtures: fixtures/tiny/make_tiny.py (transformers + peft).
+//! invariants the trainers rely on. Fixtures: fixtures/tiny/make_tiny.py and, for Gemma 3 and
+//! sliding-window attention (window 4 on sequences of 16), fixtures/tiny/make_windowed.py
+//! (transformers + peft).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -9,7 +11,16 @@ use ferrotune_models::adapter::{load_weights, peft_key, PeftConfig};
 use ferrotune_models::{load, Batch, CausalLm, LoadOptions};
 use ferrotune_nn::{ops, LoraConfig, Mode, TargetModules};
 
-const FAMILIES: [&str; 6] = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gpt2"];
+const FAMILIES: [&str; 8] = [
+    "llama",
+    "llama3",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gpt2",
+    "gemma3",
+    "mistral-window",
+];
 
 fn dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -34,6 +45,7 @@ fn batch(r: &HashMap<String, Tensor>, prefix: &str) -> Batch {
         input_ids: ids_u32(&r[&format!("{prefix}.input_ids")]),
         position_ids: ids_u32(&r[&format!("{prefix}.position_ids")]),
         key_mask: Some(mask),
+        segments: None,
     }
 }
 
@@ -145,6 +157,7 @@ fn kv_cached_decoding_equals_full_forward() {
             input_ids: b.input_ids.narrow(1, 0, split).unwrap(),
             position_ids: b.position_ids.narrow(1, 0, split).unwrap(),
             key_mask: Some(mask.narrow(1, 0, split).unwrap()),
+            segments: None,
         };
         let mut pieces = vec![model.forward(&pre, Some(&mut cache), Mode::EVAL).unwrap()];
         for s in split..t {
@@ -152,6 +165,7 @@ fn kv_cached_decoding_equals_full_forward() {
                 input_ids: b.input_ids.narrow(1, s, 1).unwrap(),
                 position_ids: b.position_ids.narrow(1, s, 1).unwrap(),
                 key_mask: Some(mask.narrow(1, 0, s + 1).unwrap()),
+                segments: None,
             };
             pieces.push(model.forward(&step, Some(&mut cache), Mode::EVAL).unwrap());
         }
@@ -281,7 +295,7 @@ fn mean_ce(model: &dyn CausalLm, b: &Batch) -> Tensor {
 
 #[test]
 fn lora_gradients_match_peft() {
-    for name in ["llama", "qwen2", "gpt2"] {
+    for name in ["llama", "qwen2", "gpt2", "gemma3", "mistral-window"] {
         let adir = dir(name).join("adapter");
         let peft = PeftConfig::from_dir(&adir).unwrap();
         let opts = LoadOptions {
@@ -351,30 +365,148 @@ fn lora_gradients_match_peft() {
     }
 }
 
-/// Sliding-window attention is not implemented, so a sequence longer than the window must be an
-/// error, never silently full-attention logits.
+/// Greedy decoding with the KV cache, running well past the window, picks the tokens
+/// transformers' `generate` picked, and every step's logits equal transformers' full forward.
 #[test]
-fn sequences_beyond_the_sliding_window_are_refused() {
-    let tmp = std::env::temp_dir().join(format!("ferrotune-sw-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
-    std::fs::copy(
-        dir("mistral").join("model.safetensors"),
-        tmp.join("model.safetensors"),
+fn greedy_decoding_past_the_sliding_window_matches_transformers() {
+    for name in ["gemma3", "mistral-window"] {
+        let model = load_f32(name);
+        let r = reference(name);
+        let prompt: Vec<u32> = ids_u32(&r["greedy.prompt"])
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want: Vec<u32> = ids_u32(&r["greedy.ids"])
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let want_logits = &r["greedy.logits"]; // (1, T, V): full forward over prompt + output
+        let mut cache = model.new_cache();
+        let mut ids = prompt.clone();
+        let mut logits = model
+            .forward(
+                &Batch::right_padded(std::slice::from_ref(&prompt), 0, &Device::Cpu).unwrap(),
+                Some(&mut cache),
+                Mode::EVAL,
+            )
+            .unwrap();
+        let mut pieces = vec![logits.clone()];
+        while ids.len() < want.len() {
+            let last = logits.dim(1).unwrap() - 1;
+            let next = logits
+                .narrow(1, last, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .argmax(0)
+                .unwrap()
+                .to_scalar::<u32>()
+                .unwrap();
+            let pos = ids.len() as u32;
+            ids.push(next);
+            let step = Batch {
+                input_ids: Tensor::new(&[[next]], &Device::Cpu).unwrap(),
+                position_ids: Tensor::new(&[[pos]], &Device::Cpu).unwrap(),
+                key_mask: None,
+                segments: None,
+            };
+            logits = model.forward(&step, Some(&mut cache), Mode::EVAL).unwrap();
+            pieces.push(logits.clone());
+        }
+        assert_eq!(ids, want, "{name}: greedy tokens differ from transformers'");
+        let cached = Tensor::cat(&pieces, 1).unwrap();
+        let ones = Tensor::ones((1, want.len()), DType::U8, &Device::Cpu).unwrap();
+        let err = masked_max_abs(&cached, want_logits, &ones);
+        println!("{name}: cached decode vs transformers {err:.2e}");
+        assert!(err < 1e-4, "{name}: cached decode vs transformers {err}");
+    }
+}
+
+/// The transformers 4.x spelling of a Gemma 3 config (`rope_theta`, `rope_local_base_freq`,
+/// `rope_scaling`, `sliding_window_pattern`) resolves to the same model as the 5.x one, as
+/// transformers itself parses it (config.legacy.parsed.json).
+#[test]
+fn legacy_gemma3_config_resolves_as_transformers_does() {
+    use ferrotune_models::{LayerType, ModelConfig};
+    use ferrotune_nn::RopeScaling;
+    let new = ModelConfig::from_file(&dir("gemma3").join("config.json")).unwrap();
+    let old = ModelConfig::from_file(&dir("gemma3").join("config.legacy.json")).unwrap();
+    assert_eq!(old, new);
+    let parsed: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir("gemma3").join("config.legacy.parsed.json")).unwrap(),
     )
     .unwrap();
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir("mistral").join("config.json")).unwrap())
+    let types: Vec<LayerType> = parsed["layer_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| match t.as_str().unwrap() {
+            "full_attention" => LayerType::Full,
+            _ => LayerType::Sliding,
+        })
+        .collect();
+    assert_eq!(new.layer_types, types);
+    let rope = &parsed["rope_parameters"];
+    assert_eq!(
+        Some(new.rope_theta),
+        rope["full_attention"]["rope_theta"].as_f64()
+    );
+    assert_eq!(
+        new.rope_scaling,
+        RopeScaling::Linear {
+            factor: rope["full_attention"]["factor"].as_f64().unwrap()
+        }
+    );
+    assert_eq!(
+        new.rope_local_theta,
+        rope["sliding_attention"]["rope_theta"].as_f64()
+    );
+    assert_eq!(new.sliding_window, Some(4));
+    assert_eq!(new.query_pre_attn_scalar, Some(24.0));
+}
+
+/// Config fields ferrotune cannot honour are refused with the file and field named, never
+/// loaded into a silently different model.
+#[test]
+fn gemma3_configs_it_cannot_run_are_refused() {
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir("gemma3").join("config.json")).unwrap())
             .unwrap();
-    cfg["sliding_window"] = 4.into();
-    std::fs::write(tmp.join("config.json"), cfg.to_string()).unwrap();
-    let model = load(&tmp, &LoadOptions::default()).unwrap().model;
-    let short = Batch::right_padded(&[vec![3, 4, 5, 6]], 0, &Device::Cpu).unwrap();
-    assert!(model.forward(&short, None, Mode::EVAL).is_ok());
-    let long = Batch::right_padded(&[vec![3, 4, 5, 6, 7]], 0, &Device::Cpu).unwrap();
-    let err = model
-        .forward(&long, None, Mode::EVAL)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("sliding_window"), "{err}");
-    std::fs::remove_dir_all(&tmp).ok();
+    let cases: [(&str, serde_json::Value, &str); 5] = [
+        (
+            "layer_types",
+            serde_json::json!(["sliding_attention", "full_attention"]),
+            "2 entries but num_hidden_layers is 3",
+        ),
+        (
+            "layer_types",
+            serde_json::json!(["sliding_attention", "chunked_attention", "full_attention"]),
+            "chunked_attention",
+        ),
+        (
+            "final_logit_softcapping",
+            serde_json::json!(30.0),
+            "soft-capping",
+        ),
+        (
+            "attn_logit_softcapping",
+            serde_json::json!(50.0),
+            "soft-capping",
+        ),
+        ("hidden_activation", serde_json::json!("relu"), "relu"),
+    ];
+    for (field, value, says) in cases {
+        let mut cfg = base.clone();
+        cfg[field] = value;
+        let hf: ferrotune_models::HfConfig = serde_json::from_value(cfg).unwrap();
+        let path = PathBuf::from("gemma/config.json");
+        let err = ferrotune_models::ModelConfig::from_hf(&hf, &path)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gemma/config.json"), "{err}");
+        assert!(err.contains(field), "{field}: {err}");
+        assert!(err.contains(says), "{field}: {err}");
+    }
 }

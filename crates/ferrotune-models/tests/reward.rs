@@ -60,6 +60,7 @@ fn hf_batch(case: &Value) -> Batch {
             )
             .unwrap(),
         ),
+        segments: None,
     }
 }
 

@@ -175,17 +175,26 @@ __device__ void swiglu_bwd(const T* g, const T* u, const T* d, T* dg, T* du, siz
 // ---------------------------------------------------------------- attention
 // Scores S: rows of Tk for the rows [row0, row0 + gridDim.x) of the folded (B * Hkv, G * Tq)
 // query layout, which is the (B, Hq, Tq) order. Query i sits at key position Tk - Tq + i and
-// sees keys j <= that position whose mask is non-zero (mask: (B, Tk) f32, or none).
-__device__ __forceinline__ bool visible(const float* mask, int has_mask, size_t bi, int tk, int j,
-                                        int pos) {
-    return j <= pos && (!has_mask || mask[bi * tk + j] != 0.f);
+// sees keys j <= that position whose mask is non-zero (mask: (B, Tk) f32, or none), within the
+// sliding window (j > pos - window; window 0 = none) and of its own segment (seg: (B, Tk) f32
+// segment ids, or none).
+struct AttnVis {
+    const float* mask;
+    const float* seg;
+    int window;
+};
+
+__device__ __forceinline__ bool visible(AttnVis vis, size_t bi, int tk, int j, int pos) {
+    return j <= pos && (vis.window == 0 || j > pos - vis.window) &&
+           (vis.mask == nullptr || vis.mask[bi * tk + j] != 0.f) &&
+           (vis.seg == nullptr || vis.seg[bi * tk + j] == vis.seg[bi * tk + pos]);
 }
 
 // S -> P = softmax(scale S) over visible keys (0 elsewhere), in place; lse[row] = log-sum-exp
 // (-inf for a query with no visible key, whose P row is all zero).
 template <typename T>
-__device__ void attn_softmax(T* s, float* lse, const float* mask, int has_mask, size_t row0, int hq,
-                             int tq, int tk, float scale) {
+__device__ void attn_softmax(T* s, float* lse, AttnVis vis, size_t row0, int hq, int tq, int tk,
+                             float scale) {
     const size_t row = row0 + blockIdx.x;
     const int i = row % tq;
     const size_t bi = row / ((size_t)tq * hq);
@@ -193,7 +202,7 @@ __device__ void attn_softmax(T* s, float* lse, const float* mask, int has_mask, 
     T* sr = s + (size_t)blockIdx.x * tk;
     float m = -INFINITY;
     for (int j = threadIdx.x; j < tk; j += blockDim.x)
-        if (visible(mask, has_mask, bi, tk, j, pos)) m = fmaxf(m, ld(sr, j) * scale);
+        if (visible(vis, bi, tk, j, pos)) m = fmaxf(m, ld(sr, j) * scale);
     m = block_max(m);
     if (m == -INFINITY) {
         for (int j = threadIdx.x; j < tk; j += blockDim.x) st(sr, j, 0.f);
@@ -202,17 +211,17 @@ __device__ void attn_softmax(T* s, float* lse, const float* mask, int has_mask, 
     }
     float sum = 0.f;
     for (int j = threadIdx.x; j < tk; j += blockDim.x)
-        if (visible(mask, has_mask, bi, tk, j, pos)) sum += __expf(ld(sr, j) * scale - m);
+        if (visible(vis, bi, tk, j, pos)) sum += __expf(ld(sr, j) * scale - m);
     const float l = m + logf(block_sum(sum));
     for (int j = threadIdx.x; j < tk; j += blockDim.x)
-        st(sr, j, visible(mask, has_mask, bi, tk, j, pos) ? __expf(ld(sr, j) * scale - l) : 0.f);
+        st(sr, j, visible(vis, bi, tk, j, pos) ? __expf(ld(sr, j) * scale - l) : 0.f);
     if (threadIdx.x == 0) lse[row] = l;
 }
 
 // Backward, step 1: recompute P from S and the saved lse, in place.
 template <typename T>
-__device__ void attn_probs(T* s, const float* lse, const float* mask, int has_mask, size_t row0,
-                           int hq, int tq, int tk, float scale) {
+__device__ void attn_probs(T* s, const float* lse, AttnVis vis, size_t row0, int hq, int tq, int tk,
+                           float scale) {
     const size_t row = row0 + blockIdx.x;
     const int i = row % tq;
     const size_t bi = row / ((size_t)tq * hq);
@@ -220,7 +229,7 @@ __device__ void attn_probs(T* s, const float* lse, const float* mask, int has_ma
     const float l = lse[row];
     T* sr = s + (size_t)blockIdx.x * tk;
     for (int j = threadIdx.x; j < tk; j += blockDim.x) {
-        const bool ok = l != -INFINITY && visible(mask, has_mask, bi, tk, j, pos);
+        const bool ok = l != -INFINITY && visible(vis, bi, tk, j, pos);
         st(sr, j, ok ? __expf(ld(sr, j) * scale - l) : 0.f);
     }
 }
@@ -398,14 +407,18 @@ extern "C" __global__ void adamw_f32(float* p, const float* g, float* m, float* 
         swiglu_bwd(g, u, d, dg, du, n, a, b);                                                     \
     }                                                                                             \
     extern "C" __global__ void attn_softmax_##SFX(T* s, float* lse, const float* mask, int hm,    \
+                                                  const float* seg, int hs, int window,           \
                                                   size_t row0, int hq, int tq, int tk,            \
                                                   float scale) {                                  \
-        attn_softmax(s, lse, mask, hm, row0, hq, tq, tk, scale);                                  \
+        AttnVis vis = {hm ? mask : nullptr, hs ? seg : nullptr, window};                          \
+        attn_softmax(s, lse, vis, row0, hq, tq, tk, scale);                                       \
     }                                                                                             \
     extern "C" __global__ void attn_probs_##SFX(T* s, const float* lse, const float* mask, int hm, \
+                                                const float* seg, int hs, int window,             \
                                                 size_t row0, int hq, int tq, int tk,              \
                                                 float scale) {                                    \
-        attn_probs(s, lse, mask, hm, row0, hq, tq, tk, scale);                                    \
+        AttnVis vis = {hm ? mask : nullptr, hs ? seg : nullptr, window};                          \
+        attn_probs(s, lse, vis, row0, hq, tq, tk, scale);                                         \
     }                                                                                             \
     extern "C" __global__ void attn_dscores_##SFX(const T* p, T* dp, const float* delta,          \
                                                   size_t row0, int tk, float scale) {             \

@@ -1,13 +1,14 @@
 //! Grouped-query self-attention for the Llama-like families: q/k/v/o projections (optional
-//! qkv bias for Qwen2, per-head q/k RMSNorm for Qwen3), RoPE at explicit positions, the
-//! external KV cache, and causal attention with a key padding mask.
+//! qkv bias for Qwen2, per-head q/k RMSNorm for Qwen3 and Gemma 3), RoPE at explicit positions,
+//! the external KV cache, and causal attention with a key padding mask, the layer's sliding
+//! window and packed-sequence segments.
 
 use candle_core::{Result, Tensor};
 
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 use crate::norm::RmsNorm;
-use crate::ops;
+use crate::ops::{self, AttnMask};
 use crate::weights::Vb;
 use crate::Mode;
 
@@ -20,8 +21,14 @@ pub struct AttentionSpec {
     pub head_dim: usize,
     pub qkv_bias: bool,
     pub o_bias: bool,
-    /// Qwen3: RMSNorm over each head's q and k before RoPE, with this eps.
+    /// Qwen3, Gemma 3: RMSNorm over each head's q and k before RoPE, with this eps.
     pub qk_norm_eps: Option<f64>,
+    /// The q/k norms' weight offset (1 for Gemma's `1 + w`, else 0).
+    pub qk_norm_offset: f64,
+    /// Score scale; None = 1 / sqrt(head_dim) (Gemma: `query_pre_attn_scalar ** -0.5`).
+    pub scale: Option<f64>,
+    /// This layer's sliding window (Mistral; Gemma's local layers); None = full causal.
+    pub window: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -42,8 +49,18 @@ impl Attention {
         let kv_out = spec.n_kv_heads * hd;
         let (q_norm, k_norm) = match spec.qk_norm_eps {
             Some(eps) => (
-                Some(RmsNorm::load(&vb.pp("q_norm"), hd, eps)?),
-                Some(RmsNorm::load(&vb.pp("k_norm"), hd, eps)?),
+                Some(RmsNorm::load_offset(
+                    &vb.pp("q_norm"),
+                    hd,
+                    eps,
+                    spec.qk_norm_offset,
+                )?),
+                Some(RmsNorm::load_offset(
+                    &vb.pp("k_norm"),
+                    hd,
+                    eps,
+                    spec.qk_norm_offset,
+                )?),
             ),
             None => (None, None),
         };
@@ -58,14 +75,15 @@ impl Attention {
         })
     }
 
-    /// x: (B, T, H); cos, sin: (B, T, D/2); key_mask: (B, T_past + T) or None.
+    /// x: (B, T, H); cos, sin: (B, T, D/2); `mask`'s key mask and segments: (B, T_past + T) or
+    /// None (its window is replaced by this layer's).
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        key_mask: Option<&Tensor>,
+        mask: AttnMask<'_>,
         cache: Option<(&mut KvCache, usize)>,
         mode: Mode,
     ) -> Result<Tensor> {
@@ -88,8 +106,12 @@ impl Attention {
             Some((c, layer)) => c.append(layer, &k, &v)?, // (B, Hkv, T_past + T, D)
             None => (k, v),
         };
-        let scale = 1.0 / (s.head_dim as f64).sqrt();
-        let o = ops::attention(&q, &k, &v, key_mask, scale)?; // (B, Hq, T, D)
+        let scale = s.scale.unwrap_or(1.0 / (s.head_dim as f64).sqrt());
+        let mask = AttnMask {
+            window: s.window,
+            ..mask
+        };
+        let o = ops::attention_masked(&q, &k, &v, &mask, scale)?; // (B, Hq, T, D)
         let o = o.transpose(1, 2)?.reshape((b, t, s.n_heads * s.head_dim))?; // (B, T, Hq*D)
         self.o_proj.forward(&o, mode)
     }

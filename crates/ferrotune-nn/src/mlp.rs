@@ -1,4 +1,5 @@
-//! Feed-forward blocks: the gated SwiGLU MLP (Llama, Mistral, Qwen) and GPT-2's GELU MLP.
+//! Feed-forward blocks: the gated MLP, SwiGLU (Llama, Mistral, Qwen) or GeGLU (Gemma), and
+//! GPT-2's GELU MLP.
 
 use candle_core::{Result, Tensor};
 
@@ -7,11 +8,14 @@ use crate::ops;
 use crate::weights::Vb;
 use crate::Mode;
 
+/// `down(act(gate(x)) * up(x))`.
 #[derive(Debug, Clone)]
 pub struct GatedMlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    /// GeGLU (GELU, tanh approximation) instead of SwiGLU.
+    pub gelu: bool,
 }
 
 impl GatedMlp {
@@ -20,6 +24,7 @@ impl GatedMlp {
             gate_proj: Linear::load(&vb.pp("gate_proj"), hidden, intermediate, bias)?,
             up_proj: Linear::load(&vb.pp("up_proj"), hidden, intermediate, bias)?,
             down_proj: Linear::load(&vb.pp("down_proj"), intermediate, hidden, bias)?,
+            gelu: false,
         })
     }
 
@@ -27,7 +32,12 @@ impl GatedMlp {
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let g = self.gate_proj.forward(x, mode)?; // (B, T, I)
         let u = self.up_proj.forward(x, mode)?; // (B, T, I)
-        self.down_proj.forward(&ops::swiglu(&g, &u)?, mode)
+        let h = if self.gelu {
+            (ops::gelu_tanh(&g)? * u)?
+        } else {
+            ops::swiglu(&g, &u)?
+        };
+        self.down_proj.forward(&h, mode)
     }
 }
 

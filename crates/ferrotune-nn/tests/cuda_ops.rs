@@ -244,6 +244,49 @@ fn attention_matches_cpu() {
 }
 
 #[test]
+fn windowed_and_segmented_attention_match_cpu() {
+    // A window of 3 over a cached prefix (Tq < Tk), left padding in row 1, and packed segments.
+    let q = rand(&[2, 6, 5, 16], 22, 1.5);
+    let k = rand(&[2, 2, 9, 16], 23, 1.5);
+    let v = rand(&[2, 2, 9, 16], 24, 1.0);
+    let mask = Tensor::new(
+        &[
+            [1f32, 1., 1., 1., 1., 1., 1., 1., 1.],
+            [0., 0., 0., 1., 1., 1., 1., 1., 1.],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let seg = Tensor::new(
+        &[[0u32, 0, 0, 0, 1, 1, 1, 2, 2], [0, 0, 0, 0, 0, 1, 1, 1, 1]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    for (name, window, with_seg) in [
+        ("attention window", Some(3), false),
+        ("attention segments", None, true),
+        ("attention window + segments", Some(3), true),
+    ] {
+        let (m, sg) = (mask.clone(), seg.clone());
+        both(
+            name,
+            &[q.clone(), k.clone(), v.clone()],
+            &[true, true, true],
+            &move |a| {
+                let m = m.to_device(a[0].device())?;
+                let sg = sg.to_device(a[0].device())?;
+                let masks = ops::AttnMask {
+                    key_mask: Some(&m),
+                    window,
+                    segments: with_seg.then_some(&sg),
+                };
+                ops::attention_masked(&a[0], &a[1], &a[2], &masks, 0.25)
+            },
+        );
+    }
+}
+
+#[test]
 fn token_logprobs_match_cpu() {
     let h = rand(&[11, 32], 18, 1.0);
     let w = rand(&[301, 32], 19, 0.5);

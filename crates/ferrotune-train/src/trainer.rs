@@ -581,5 +581,9 @@ pub fn batch_tensors(c: &Collated, device: &Device) -> candle_core::Result<Batch
         } else {
             Some(Tensor::from_vec(mask, (b, t), device)?)
         },
+        segments: match &c.segment_ids {
+            Some(s) => Some(Tensor::from_vec(flat(s), (b, t), device)?),
+            None => None,
+        },
     })
 }

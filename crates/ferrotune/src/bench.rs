@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use ferrotune_generate::{generate, GenerateOptions, SamplingParams};
-use ferrotune_models::config::{Family, ModelConfig};
+use ferrotune_models::config::{Activation, Family, LayerType, ModelConfig};
 use ferrotune_models::init::{init_model, InitOptions};
 use ferrotune_models::{Batch, CausalLm, LoadOptions};
 use ferrotune_nn::{gpu, ops, LoraConfig, Mode, RopeScaling, TargetModules};
@@ -63,6 +63,10 @@ impl ShapeArgs {
             attention_bias: true,
             mlp_bias: false,
             sliding_window: None,
+            layer_types: vec![LayerType::Full; self.layers],
+            hidden_act: Activation::Silu,
+            rope_local_theta: None,
+            query_pre_attn_scalar: None,
             bos_token_id: None,
             eos_token_ids: vec![],
         }

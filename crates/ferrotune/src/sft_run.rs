@@ -112,7 +112,7 @@ pub fn run_sft(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<SftSumm
             pack(&eval, cfg.data.max_seq_len)?,
         );
         eprintln!(
-            "packing: {} examples into {} sequences of at most {} tokens (positions restart per example; attention is not isolated between packed examples)",
+            "packing: {} examples into {} sequences of at most {} tokens (positions restart and attention stays within each example)",
             train.len(),
             t.len(),
             cfg.data.max_seq_len

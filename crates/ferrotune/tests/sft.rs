@@ -243,6 +243,74 @@ fn accumulation_equals_a_bigger_batch() {
     }
 }
 
+/// `data.packing = true` trains the same model as no packing: examples packed into one row
+/// cannot attend to each other and their positions restart, so one step over every example gives
+/// the same loss, gradient norm and adapter as the padded batch of the same examples.
+#[test]
+fn packed_sft_equals_unpacked() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Mixed lengths: completions of 1 to 7 sentences, so the packs mix long and short examples.
+    let rows: Vec<String> = (0..12)
+        .map(|i| {
+            let a = i % 9 + 1;
+            let completion = format!(" The answer is {}.", a + 7).repeat(1 + i * 5 % 7);
+            serde_json::json!({"prompt": format!("What is 7 + {a}?"), "completion": completion})
+                .to_string()
+        })
+        .collect();
+    let data = tmp.path().join("mixed.jsonl");
+    std::fs::write(&data, rows.join("\n") + "\n").unwrap();
+    let run = |name: &str, packing: bool, batch: usize| -> (PathBuf, String) {
+        let cfg = config(tmp.path(), name, "max_steps = 1");
+        let t = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace(
+                &root()
+                    .join("fixtures/tiny-chat/sft.jsonl")
+                    .display()
+                    .to_string(),
+                &data.display().to_string(),
+            )
+            .replace("batch_size = 8", &format!("batch_size = {batch}"))
+            .replace(
+                "max_seq_len = 64",
+                &format!("max_seq_len = 160\nshuffle = false\npacking = {packing}"),
+            );
+        std::fs::write(&cfg, t).unwrap();
+        let o = ferrotune(&["train", "--config", cfg.to_str().unwrap()]);
+        ok(&o);
+        (
+            tmp.path().join(name),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    // How many packs the 12 examples make, so that one step covers all of them.
+    let (_, log) = run("probe", true, 1);
+    let packs: usize = log
+        .lines()
+        .find_map(|l| l.strip_prefix("packing: 12 examples into "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no packing line in: {log}"));
+    assert!(packs < 12, "nothing was packed ({packs} sequences)");
+    let (packed, _) = run("packed", true, packs);
+    let (plain, _) = run("plain", false, 12);
+    for key in ["loss", "grad_norm", "loss_tokens"] {
+        let (a, b) = (metric(&packed, key)[0], metric(&plain, key)[0]);
+        println!("{key}: packed {a} unpacked {b}");
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+            "{key}: packed {a} vs {b}"
+        );
+    }
+    let step = "checkpoints/step-1/adapter_model.safetensors";
+    let (x, y) = (tensors(&packed.join(step)), tensors(&plain.join(step)));
+    for (k, v) in &x {
+        let d = max_abs_diff(v, &y[k]);
+        assert!(d < 1e-5, "{k}: {d}");
+    }
+}
+
 fn assert_one_line_error(out: &Output, needles: &[&str]) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "expected failure");

@@ -33,6 +33,7 @@ pub fn right_batch(name: &str) -> Batch {
         input_ids: r["right.input_ids"].to_dtype(DType::U32).unwrap(),
         position_ids: r["right.position_ids"].to_dtype(DType::U32).unwrap(),
         key_mask: Some(r["right.attention_mask"].to_dtype(DType::U8).unwrap()),
+        segments: None,
     }
 }
 

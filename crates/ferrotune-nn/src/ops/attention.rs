@@ -6,7 +6,11 @@
 //!
 //! Work is split per (batch, query head) across rayon; inside a task, query rows go in blocks
 //! of [`Q_BLOCK`] so the transient scores stay (Q_BLOCK, Tk), and a block only reads the keys
-//! its last row can see (causality halves the work).
+//! its rows can see: up to its last row's position (causality halves the work) and, with a
+//! sliding window, from its first row's window start.
+//!
+//! Visibility: query i sits at key position p = Tk - Tq + i and sees key j when j <= p, j > p -
+//! window (with a window), the key is not padding, and (with segments) j is in p's segment.
 //!
 //! Backward per block, with P the recomputed probabilities and dO the upstream gradient:
 //! dV += P^T dO; dP = dO V^T; dS = P * (dP - rowsum(P * dP)); dQ = scale dS K;
@@ -33,6 +37,10 @@ pub(crate) struct AttentionOp {
     pub scale: f32,
     /// (B, Tk) row-major, true = a real key; `None` = no padding.
     pub key_mask: Option<Vec<bool>>,
+    /// Sliding window (>= 1): the number of keys up to and including its own a query sees.
+    pub window: Option<usize>,
+    /// (B, Tk) row-major segment ids; a query sees only keys of its own segment.
+    pub segments: Option<Vec<u32>>,
 }
 
 #[derive(Clone, Copy)]
@@ -82,48 +90,67 @@ impl Dims {
 
 impl AttentionOp {
     fn check_mask(&self, dims: Dims) -> Result<()> {
-        match &self.key_mask {
-            Some(m) if m.len() != dims.b * dims.tk => Err(OpError::shape(
-                NAME,
-                format!(
-                    "key_mask has {} elements, want (B, Tk) = ({}, {})",
-                    m.len(),
-                    dims.b,
-                    dims.tk
-                ),
-            )
-            .into()),
-            _ => Ok(()),
+        let want = dims.b * dims.tk;
+        let bad = |what: &str, n: usize| -> Result<()> {
+            let msg = format!(
+                "{what} has {n} elements, want (B, Tk) = ({}, {})",
+                dims.b, dims.tk
+            );
+            Err(OpError::shape(NAME, msg).into())
+        };
+        if let Some(m) = self.key_mask.as_ref().filter(|m| m.len() != want) {
+            return bad("key_mask", m.len());
         }
+        if let Some(s) = self.segments.as_ref().filter(|s| s.len() != want) {
+            return bad("segments", s.len());
+        }
+        if self.window == Some(0) {
+            return Err(OpError::shape(NAME, "a sliding window must be at least 1").into());
+        }
+        Ok(())
     }
 
-    /// Scores of one block of query rows -> probabilities, in place. `s` is (rows, kmax) with
-    /// row r at query index i0 + r; invisible keys and fully masked rows become 0.
+    /// The first key a query at key position `pos` may see (its window's start).
+    fn first_key(&self, pos: usize) -> usize {
+        self.window.map_or(0, |w| (pos + 1).saturating_sub(w))
+    }
+
+    /// Scores of one block of query rows -> probabilities, in place. `s` is (rows, kn) over keys
+    /// k0..k0 + kn, with row r at query index i0 + r; invisible keys and rows with no visible
+    /// key become 0.
+    #[allow(clippy::too_many_arguments)]
     fn softmax_block(
         &self,
         s: &mut [f32],
         rows: usize,
-        kmax: usize,
+        k0: usize,
+        kn: usize,
         i0: usize,
         bi: usize,
         dims: Dims,
     ) {
-        let mask = self
-            .key_mask
-            .as_ref()
-            .map(|m| &m[bi * dims.tk..(bi + 1) * dims.tk]);
+        let span = bi * dims.tk..(bi + 1) * dims.tk;
+        let mask = self.key_mask.as_ref().map(|m| &m[span.clone()]);
+        let segs = self.segments.as_ref().map(|sg| &sg[span]);
         for r in 0..rows {
-            // The last key this query may see; always < kmax by construction of kmax.
+            // The last key this query may see; always < k0 + kn by construction of kn.
             let pos = dims.tk - dims.tq + i0 + r;
-            let row = &mut s[r * kmax..(r + 1) * kmax];
-            let (vis, hidden) = row.split_at_mut(pos + 1);
-            hidden.fill(0.0);
-            if let Some(m) = mask {
-                // Padding keys score -inf: exp gives ~1e-38 (exp_f32 clamps), zeroed below.
-                vis.iter_mut()
-                    .zip(m)
-                    .filter(|(_, &ok)| !ok)
-                    .for_each(|(v, _)| *v = f32::NEG_INFINITY);
+            let row = &mut s[r * kn..(r + 1) * kn];
+            let (lo, hi) = (self.first_key(pos) - k0, pos + 1 - k0);
+            row[..lo].fill(0.0);
+            row[hi..].fill(0.0);
+            let vis = &mut row[lo..hi];
+            // Keys hidden by padding or another segment score -inf: exp gives ~1e-38 (exp_f32
+            // clamps), zeroed below.
+            let hidden = |j: usize| {
+                let key = k0 + lo + j;
+                mask.is_some_and(|m| !m[key]) || segs.is_some_and(|sg| sg[key] != sg[pos])
+            };
+            let any_hidden = mask.is_some() || segs.is_some();
+            if any_hidden {
+                (0..vis.len())
+                    .filter(|&j| hidden(j))
+                    .for_each(|j| vis[j] = f32::NEG_INFINITY);
             }
             let max = max_of(vis);
             if max == f32::NEG_INFINITY {
@@ -131,19 +158,18 @@ impl AttentionOp {
                 continue;
             }
             let sum = exp_shift_sum(vis, max);
-            if let Some(m) = mask {
-                vis.iter_mut()
-                    .zip(m)
-                    .filter(|(_, &ok)| !ok)
-                    .for_each(|(v, _)| *v = 0.0);
+            if any_hidden {
+                (0..vis.len())
+                    .filter(|&j| hidden(j))
+                    .for_each(|j| vis[j] = 0.0);
             }
             let inv = 1.0 / sum;
             vis.iter_mut().for_each(|v| *v *= inv);
         }
     }
 
-    /// Block loop shared by forward and backward: calls `f(i0, rows, kmax, probs)` for each
-    /// block of query rows of one head, with the probabilities recomputed.
+    /// Block loop shared by forward and backward: calls `f(i0, rows, k0, kn, probs)` for each
+    /// block of query rows of one head, with the probabilities over keys k0..k0 + kn recomputed.
     #[allow(clippy::too_many_arguments)]
     fn for_blocks(
         &self,
@@ -152,28 +178,30 @@ impl AttentionOp {
         bi: usize,
         dims: Dims,
         buf: &mut Vec<f32>,
-        mut f: impl FnMut(usize, usize, usize, &[f32]) -> Result<()>,
+        mut f: impl FnMut(usize, usize, usize, usize, &[f32]) -> Result<()>,
     ) -> Result<()> {
         let d = dims.d;
         for i0 in (0..dims.tq).step_by(Q_BLOCK) {
             let rows = Q_BLOCK.min(dims.tq - i0);
-            // Keys visible to the block's last row: 0..kmax.
-            let kmax = dims.tk - dims.tq + i0 + rows;
-            buf.resize(rows * kmax, 0.0);
-            let s = &mut buf[..rows * kmax];
-            // S = scale Q K^T: (rows, D) x (D, kmax)
+            // Keys visible to some row of the block: from the first row's window start to the
+            // last row's position.
+            let k0 = self.first_key(dims.tk - dims.tq + i0);
+            let kn = dims.tk - dims.tq + i0 + rows - k0;
+            buf.resize(rows * kn, 0.0);
+            let s = &mut buf[..rows * kn];
+            // S = scale Q K^T: (rows, D) x (D, kn)
             let qb = Mat::new(&qh[i0 * d..], rows, d);
             matmul(
                 s,
-                kmax,
+                kn,
                 qb,
-                Mat::new(kh, kmax, d).t(),
+                Mat::new(&kh[k0 * d..], kn, d).t(),
                 self.scale,
                 false,
                 Parallelism::None,
             )?;
-            self.softmax_block(s, rows, kmax, i0, bi, dims);
-            f(i0, rows, kmax, s)?;
+            self.softmax_block(s, rows, k0, kn, i0, bi, dims);
+            f(i0, rows, k0, kn, s)?;
         }
         Ok(())
     }
@@ -212,14 +240,14 @@ impl CustomOp3 for AttentionOp {
                     let (kh, vh) = (&k[kv..kv + tk * d], &v[kv..kv + tk * d]);
                     let qh = &q[bh * tq * d..(bh + 1) * tq * d];
                     let mut buf = Vec::new();
-                    self.for_blocks(qh, kh, bi, dims, &mut buf, |i0, rows, kmax, p| {
-                        // O = P V: (rows, kmax) x (kmax, D)
+                    self.for_blocks(qh, kh, bi, dims, &mut buf, |i0, rows, k0, kn, p| {
+                        // O = P V: (rows, kn) x (kn, D)
                         let ob = &mut oh[i0 * d..(i0 + rows) * d];
                         matmul(
                             ob,
                             d,
-                            Mat::new(p, rows, kmax),
-                            Mat::new(vh, kmax, d),
+                            Mat::new(p, rows, kn),
+                            Mat::new(&vh[k0 * d..], kn, d),
                             1.0,
                             false,
                             Parallelism::None,
@@ -331,35 +359,38 @@ impl AttentionOp {
         let d = dims.d;
         let none = Parallelism::None;
         let (mut buf, mut dp) = (Vec::new(), Vec::new());
-        self.for_blocks(x.q, x.k, x.bi, dims, &mut buf, |i0, rows, kmax, p| {
-            let pm = Mat::new(p, rows, kmax);
+        self.for_blocks(x.q, x.k, x.bi, dims, &mut buf, |i0, rows, k0, kn, p| {
+            let pm = Mat::new(p, rows, kn);
             let gb = Mat::new(&x.g[i0 * d..], rows, d);
+            let keys = k0 * d..(k0 + kn) * d;
             if want.v {
-                // dV[..kmax] += P^T dO: (kmax, rows) x (rows, D)
-                matmul(&mut dv[..kmax * d], d, pm.t(), gb, 1.0, true, none)?;
+                // dV[k0..k0 + kn] += P^T dO: (kn, rows) x (rows, D)
+                matmul(&mut dv[keys.clone()], d, pm.t(), gb, 1.0, true, none)?;
             }
             if !(want.q || want.k) {
                 return Ok(());
             }
-            // dP = dO V^T: (rows, D) x (D, kmax)
-            dp.resize(rows * kmax, 0.0);
-            let ds = &mut dp[..rows * kmax];
-            matmul(ds, kmax, gb, Mat::new(x.v, kmax, d).t(), 1.0, false, none)?;
+            // dP = dO V^T: (rows, D) x (D, kn)
+            dp.resize(rows * kn, 0.0);
+            let ds = &mut dp[..rows * kn];
+            let vb = Mat::new(&x.v[k0 * d..], kn, d);
+            matmul(ds, kn, gb, vb.t(), 1.0, false, none)?;
             // dS = P * (dP - rowsum(P * dP)), in place
-            for (dr, pr) in ds.chunks_exact_mut(kmax).zip(p.chunks_exact(kmax)) {
+            for (dr, pr) in ds.chunks_exact_mut(kn).zip(p.chunks_exact(kn)) {
                 let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
                 dr.iter_mut().zip(pr).for_each(|(a, b)| *a = b * (*a - dot));
             }
-            let dsm = Mat::new(ds, rows, kmax);
+            let dsm = Mat::new(ds, rows, kn);
             if want.q {
-                // dQ = scale dS K: (rows, kmax) x (kmax, D)
+                // dQ = scale dS K: (rows, kn) x (kn, D)
                 let dqb = &mut dq[i0 * d..(i0 + rows) * d];
-                matmul(dqb, d, dsm, Mat::new(x.k, kmax, d), self.scale, false, none)?;
+                let kb = Mat::new(&x.k[k0 * d..], kn, d);
+                matmul(dqb, d, dsm, kb, self.scale, false, none)?;
             }
             if want.k {
-                // dK[..kmax] += scale dS^T Q: (kmax, rows) x (rows, D)
+                // dK[k0..k0 + kn] += scale dS^T Q: (kn, rows) x (rows, D)
                 let qb = Mat::new(&x.q[i0 * d..], rows, d);
-                matmul(&mut dk[..kmax * d], d, dsm.t(), qb, self.scale, true, none)?;
+                matmul(&mut dk[keys], d, dsm.t(), qb, self.scale, true, none)?;
             }
             Ok(())
         })

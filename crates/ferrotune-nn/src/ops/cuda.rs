@@ -805,6 +805,10 @@ struct AttnCtx {
     scale: f32,
     /// (B, Tk) f32, or none.
     mask: Option<Tensor>,
+    /// (B, Tk) f32 segment ids, or none.
+    segments: Option<Tensor>,
+    /// Sliding window; 0 = none.
+    window: i32,
 }
 
 impl AttnCtx {
@@ -818,6 +822,9 @@ impl AttnCtx {
             Arg::Ptr(taddr(lse, 0)?),
             Arg::Ptr(ptr_or_null(&self.mask)?),
             Arg::I32(self.mask.is_some() as i32),
+            Arg::Ptr(ptr_or_null(&self.segments)?),
+            Arg::I32(self.segments.is_some() as i32),
+            Arg::I32(self.window),
             Arg::U64((p0 * self.dims.rows()) as u64),
             Arg::I32(hq as i32),
             Arg::I32(tq as i32),
@@ -897,36 +904,43 @@ impl AttnCtx {
     }
 }
 
-/// Causal GQA attention on CUDA; same contract as `super::attention`.
+/// Causal GQA attention on CUDA; same contract as `super::attention_masked`.
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    key_mask: Option<&Tensor>,
+    mask: &super::AttnMask<'_>,
     scale: f64,
 ) -> Result<Tensor> {
     let dims = AttnDims::new(q, k, v)?;
     let AttnDims {
         b, hq, tq, tk, d, ..
     } = dims;
-    let mask = match key_mask {
-        Some(m) => {
-            let m = m.to_dtype(DType::F32)?.contiguous()?;
-            if m.dims() != [b, tk] {
-                return Err(OpError::shape(
-                    NAME,
-                    format!("attention: key mask {:?}, want ({b}, {tk})", m.dims()),
-                )
-                .into());
-            }
-            Some(m.detach())
+    let per_key = |t: Option<&Tensor>, what: &str| -> Result<Option<Tensor>> {
+        let Some(m) = t else { return Ok(None) };
+        let m = m.to_dtype(DType::F32)?.contiguous()?;
+        if m.dims() != [b, tk] {
+            return Err(OpError::shape(
+                NAME,
+                format!("attention: {what} {:?}, want ({b}, {tk})", m.dims()),
+            )
+            .into());
         }
-        None => None,
+        Ok(Some(m.detach()))
+    };
+    let window = match mask.window {
+        Some(0) => {
+            return Err(OpError::shape(NAME, "a sliding window must be at least 1").into());
+        }
+        Some(w) => i32::try_from(w).unwrap_or(i32::MAX),
+        None => 0,
     };
     let ctx = std::sync::Arc::new(AttnCtx {
         dims,
         scale: scale as f32,
-        mask,
+        mask: per_key(mask.key_mask, "key mask")?,
+        segments: per_key(mask.segments, "segments")?,
+        window,
     });
     let (pairs, rows) = (dims.pairs(), dims.rows());
     // (B, Hq, Tq, D) == (B * Hkv, G * Tq, D) in memory; computed in f32 for the CPU op's precision.

@@ -167,13 +167,20 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         .apply_op3(&cos.contiguous()?, &sin.contiguous()?, rope::RopeOp)
 }
 
-/// Causal grouped-query attention with an optional key padding mask.
-///
-/// q: (B, Hq, Tq, D); k, v: (B, Hkv, Tk, D) with Hq % Hkv == 0; `key_mask`: (B, Tk), 1 = real
-/// key, 0 = padding (any dtype). Query i sits at key position `Tk - Tq + i` (the KV-cache
-/// convention) and attends to keys at positions <= its own that are not padding. A query with
-/// no visible key (a left-pad position) gets a zero output and passes no gradient. Returns
-/// (B, Hq, Tq, D). Nothing of size (B, H, Tq, Tk) is kept for backward.
+/// Which keys a query may see beyond causality: padding, a sliding window, packed segments.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AttnMask<'a> {
+    /// (B, Tk), 1 = real key, 0 = padding (any dtype).
+    pub key_mask: Option<&'a Tensor>,
+    /// Sliding window (>= 1): a query at key position p sees keys j with p - window < j <= p
+    /// (transformers' `sliding_window`, counted in cache slots).
+    pub window: Option<usize>,
+    /// (B, Tk) segment ids (any integer-valued dtype): a query sees only keys of its own
+    /// segment, so sequences packed into one row cannot attend to each other.
+    pub segments: Option<&'a Tensor>,
+}
+
+/// Causal grouped-query attention with an optional key padding mask; see [`attention_masked`].
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -181,20 +188,47 @@ pub fn attention(
     key_mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    let mask = AttnMask {
+        key_mask,
+        ..AttnMask::default()
+    };
+    attention_masked(q, k, v, &mask, scale)
+}
+
+/// Causal grouped-query attention.
+///
+/// q: (B, Hq, Tq, D); k, v: (B, Hkv, Tk, D) with Hq % Hkv == 0. Query i sits at key position
+/// `Tk - Tq + i` (the KV-cache convention) and attends to keys at positions <= its own that
+/// `mask` leaves visible. A query with no visible key (a left-pad position) gets a zero output
+/// and passes no gradient. Returns (B, Hq, Tq, D). Nothing of size (B, H, Tq, Tk) is kept for
+/// backward.
+pub fn attention_masked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttnMask<'_>,
+    scale: f64,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
-        return cuda::attention(q, k, v, key_mask, scale);
+        return cuda::attention(q, k, v, mask, scale);
     }
-    let key_mask = match key_mask {
+    let key_mask = match mask.key_mask {
         Some(m) => {
             let m = m.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             Some(m.into_iter().map(|x| x != 0.0).collect())
         }
         None => None,
     };
+    let segments = match mask.segments {
+        Some(s) => Some(s.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?),
+        None => None,
+    };
     let op = attention::AttentionOp {
         scale: scale as f32,
         key_mask,
+        window: mask.window,
+        segments,
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)

@@ -50,16 +50,27 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 /// Causal grouped-query attention with an optional key padding mask.
-///
-/// q: (B, Hq, Tq, D); k, v: (B, Hkv, Tk, D) with Hq % Hkv == 0; `key_mask`: (B, Tk), 1 = real
-/// key, 0 = padding (any dtype). Query i sits at key position `Tk - Tq + i` (the KV-cache
-/// convention) and attends to keys at positions <= its own that are not padding. A query with
-/// no visible key (a left-pad position) gets a zero output. Returns (B, Hq, Tq, D).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     key_mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let mask = super::AttnMask {
+        key_mask,
+        ..Default::default()
+    };
+    attention_masked(q, k, v, &mask, scale)
+}
+
+/// Causal grouped-query attention as stock ops over the full (B, Hq, Tq, Tk) scores; same
+/// contract as `super::attention_masked`. A query with no visible key gets a zero output.
+pub fn attention_masked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &super::AttnMask<'_>,
     scale: f64,
 ) -> Result<Tensor> {
     let (b, hq, tq, d) = q.dims4()?;
@@ -78,15 +89,18 @@ pub fn attention(
     let v = expand(v)?;
     let scores = (q.matmul(&k.t()?)? * scale)?; // (B, Hq, Tq, Tk)
     let mut allowed = vec![0f32; b * tq * tk];
-    let km = match key_mask {
-        Some(m) => Some(m.to_dtype(DType::F32)?.to_vec2::<f32>()?),
-        None => None,
+    let rows = |t: Option<&Tensor>| -> Result<Option<Vec<Vec<f32>>>> {
+        t.map(|m| m.to_dtype(DType::F32)?.to_vec2::<f32>())
+            .transpose()
     };
+    let (km, seg) = (rows(mask.key_mask)?, rows(mask.segments)?);
     for bi in 0..b {
         for i in 0..tq {
             let pos = tk - tq + i;
             for j in 0..=pos {
-                let ok = km.as_ref().is_none_or(|m| m[bi][j] != 0.0);
+                let ok = km.as_ref().is_none_or(|m| m[bi][j] != 0.0)
+                    && mask.window.is_none_or(|w| j + w > pos)
+                    && seg.as_ref().is_none_or(|s| s[bi][j] == s[bi][pos]);
                 if ok {
                     allowed[(bi * tq + i) * tk + j] = 1.0;
                 }
