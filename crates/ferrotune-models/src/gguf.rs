@@ -39,6 +39,8 @@ enum Fix {
     },
     /// GPT-2 Conv1D weights: llama.cpp stores them `(out, in)`, transformers keeps `(in, out)`.
     Transpose,
+    /// Gemma's RMSNorm weights: llama.cpp stores the scale `1 + w`, transformers keeps `w`.
+    MinusOne,
 }
 
 #[derive(Debug, Clone)]
@@ -54,6 +56,8 @@ pub struct GgufStore {
     file: Mutex<File>,
     content: Content,
     family: Family,
+    /// `general.architecture`, the prefix of the model's metadata keys.
+    arch: String,
     /// HF name -> GGUF tensor and fix.
     map: BTreeMap<String, Mapped>,
     /// GGUF tensors with no HF counterpart, listed under their own names so that the
@@ -121,6 +125,7 @@ impl GgufStore {
             "mistral" => Family::Mistral,
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
+            "gemma3" => Family::Gemma3,
             "gpt2" => Family::Gpt2,
             _ => {
                 return Err(ModelError::UnknownModelType {
@@ -134,6 +139,7 @@ impl GgufStore {
             file: Mutex::new(file),
             content,
             family,
+            arch,
             map: BTreeMap::new(),
             unmapped: Vec::new(),
         };
@@ -154,7 +160,7 @@ impl GgufStore {
         Meta {
             path: &self.origin,
             md: &self.content.metadata,
-            arch: self.family.model_type(),
+            arch: &self.arch,
         }
     }
 
@@ -175,6 +181,7 @@ impl GgufStore {
             _ => None,
         };
         let gpt2 = self.family == Family::Gpt2;
+        let gemma = self.family == Family::Gemma3;
         let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
         names.sort();
         for g in names {
@@ -197,6 +204,7 @@ impl GgufStore {
                 {
                     Fix::Transpose
                 }
+                _ if gemma && part.ends_with("norm") && g.ends_with(".weight") => Fix::MinusOne,
                 _ => Fix::None,
             };
             self.map.insert(
@@ -265,6 +273,13 @@ impl GgufStore {
             Family::Llama | Family::Mistral => rope_dim,
             _ => None,
         });
+        if self.family == Family::Gemma3 {
+            // As transformers reads a Gemma 3 GGUF: the window from the metadata; the layer
+            // pattern (every 6th layer global), the local RoPE base (10000) and
+            // query_pre_attn_scalar (256) are the config class's defaults, which llama.cpp
+            // also assumes rather than stores.
+            hf.sliding_window = m.usize("attention.sliding_window")?.map(Into::into);
+        }
         hf.attention_bias = Some(self.has("blk.0.attn_q.bias"));
         hf.mlp_bias = Some(self.has("blk.0.ffn_up.bias"));
         hf.rope_scaling = self.rope_scaling(hf.rope_theta.unwrap_or(10000.0), &hf, rope_dim)?;
@@ -388,6 +403,7 @@ impl GgufStore {
             Fix::None => Ok(t),
             Fix::Transpose => t.t()?.contiguous(),
             Fix::Unpermute { n_head } => unpermute_rows(&t, n_head),
+            Fix::MinusOne => t.affine(1.0, -1.0),
         }
     }
 }
@@ -463,6 +479,23 @@ fn hf_name(family: Family, g: &str) -> Option<(String, String)> {
             "ffn_down" => "mlp.c_proj",
             _ => return None,
         }
+    } else if family == Family::Gemma3 {
+        match part {
+            "attn_norm" => "input_layernorm",
+            "attn_q" => "self_attn.q_proj",
+            "attn_k" => "self_attn.k_proj",
+            "attn_v" => "self_attn.v_proj",
+            "attn_output" => "self_attn.o_proj",
+            "attn_q_norm" => "self_attn.q_norm",
+            "attn_k_norm" => "self_attn.k_norm",
+            "post_attention_norm" => "post_attention_layernorm",
+            "ffn_norm" => "pre_feedforward_layernorm",
+            "post_ffw_norm" => "post_feedforward_layernorm",
+            "ffn_gate" => "mlp.gate_proj",
+            "ffn_up" => "mlp.up_proj",
+            "ffn_down" => "mlp.down_proj",
+            _ => return None,
+        }
     } else {
         match part {
             "attn_norm" => "input_layernorm",
@@ -514,7 +547,7 @@ fn meta_err(path: &Path, key: &str, msg: &str) -> ModelError {
 struct Meta<'a> {
     path: &'a Path,
     md: &'a HashMap<String, Value>,
-    arch: &'static str,
+    arch: &'a str,
 }
 
 impl Meta<'_> {
