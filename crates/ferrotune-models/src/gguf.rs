@@ -523,9 +523,46 @@ fn hf_name(family: Family, g: &str) -> Option<(String, String)> {
     ))
 }
 
+/// GGML's names of its tensor types (ggml.h `enum ggml_type`), for the error on a type that
+/// candle does not read.
+fn ggml_type_name(id: u32) -> &'static str {
+    match id {
+        4 | 5 => "Q4_2/Q4_3 (removed from ggml)",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => "unknown",
+    }
+}
+
 /// A readable message for a header that candle could not parse.
 fn header_msg(e: &candle_core::Error) -> String {
     let msg = root_msg(e);
+    let unknown_type = msg
+        .strip_prefix("unknown dtype for tensor ")
+        .and_then(|n| n.trim().parse::<u32>().ok());
+    if let Some(id) = unknown_type {
+        return format!(
+            "a tensor is stored as GGML type {id} ({}), which ferrotune cannot read; supported: \
+             F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, \
+             Q8_K (re-quantize the file, e.g. with llama.cpp's llama-quantize)",
+            ggml_type_name(id)
+        );
+    }
     if msg.contains("unknown magic") {
         format!("not a GGUF file (the first four bytes are not `GGUF`): {msg}")
     } else if msg.contains("failed to fill whole buffer") || msg.contains("remaining") {

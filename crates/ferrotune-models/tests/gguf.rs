@@ -60,7 +60,7 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-const TINY: [&str; 4] = ["llama", "qwen2", "qwen3", "gpt2"];
+const TINY: [&str; 5] = ["llama", "qwen2", "qwen3", "gpt2", "gemma3"];
 
 #[test]
 fn tiny_gguf_logits_match_transformers() {
@@ -121,6 +121,22 @@ fn tiny_gguf_config_matches_transformers() {
         assert!((cfg.norm_eps - eps).abs() < 1e-12, "{name}");
         assert_eq!(cfg.attention_bias, name == "qwen2", "{name}");
         assert_eq!(cfg.rope_scaling, RopeScaling::None);
+        if let Some(types) = want.get("layer_types").and_then(|t| t.as_array()) {
+            let sliding: Vec<bool> = types.iter().map(|t| t == "sliding_attention").collect();
+            let ours: Vec<bool> = cfg
+                .layer_types
+                .iter()
+                .map(|t| *t == ferrotune_models::LayerType::Sliding)
+                .collect();
+            assert_eq!(ours, sliding, "{name}");
+            let window = want["sliding_window"].as_u64().map(|w| w as usize);
+            assert_eq!(cfg.sliding_window, window, "{name}");
+            assert_eq!(
+                cfg.query_pre_attn_scalar,
+                want["query_pre_attn_scalar"].as_f64(),
+                "{name}"
+            );
+        }
     }
 }
 
@@ -221,6 +237,29 @@ fn truncated_files_are_refused_with_a_clear_message() {
             "cut at {keep}: {msg}"
         );
     }
+}
+
+/// A tensor stored in a type candle cannot read (here IQ2_XXS, GGML type 16) is one error that
+/// names the file and the type, not a panic or a bare number.
+#[test]
+fn unsupported_quant_type_is_named() {
+    let mut bytes = std::fs::read(fixtures().join("tiny_qwen2.gguf")).unwrap();
+    // Tensor info: name (u64 length + bytes), n_dims u32, dims u64 each, type u32, offset u64.
+    let name = b"blk.0.attn_q.weight";
+    let at = bytes
+        .windows(name.len())
+        .position(|w| w == name)
+        .expect("tensor name in the header");
+    let n_dims_at = at + name.len();
+    let n_dims = u32::from_le_bytes(bytes[n_dims_at..n_dims_at + 4].try_into().unwrap()) as usize;
+    let type_at = n_dims_at + 4 + 8 * n_dims;
+    bytes[type_at..type_at + 4].copy_from_slice(&16u32.to_le_bytes());
+    let p = temp_dir("iq2").join("iq2.gguf");
+    std::fs::write(&p, &bytes).unwrap();
+    let msg = gguf_error(&p); // also checks the error names this file
+    println!("{msg}");
+    assert!(msg.contains("GGML type 16 (IQ2_XXS)"), "{msg}");
+    assert!(msg.contains("Q5_K"), "{msg}");
 }
 
 /// Rewrite a GGUF with edited metadata and tensors (candle's writer).
