@@ -42,7 +42,7 @@ pub enum TokenizeError {
     /// The GGUF names a tokenizer model we do not build yet.
     #[error(
         "unsupported tokenizer model `{model}` in GGUF metadata `tokenizer.ggml.model` \
-         (supported: \"gpt2\" byte-level BPE, \"llama\" sentencepiece BPE except Gemma/Phi-3); \
+         (supported: \"gpt2\" byte-level BPE, \"llama\" sentencepiece BPE (Gemma included) except Phi-3); \
          load the model's Hugging Face tokenizer.json instead"
     )]
     UnsupportedTokenizerModel { model: String },

@@ -25,8 +25,28 @@
 //! - decoder: `Replace("▁", " ")`, `ByteFallback`, `Fuse`, `Strip(" ", 1, 0)`;
 //! - `add_bos_token` defaults to true when the file does not say.
 //!
-//! Refused with `UnsupportedTokenizerModel`: unigram (`"t5"`) vocabularies and the sentencepiece
-//! families transformers rebuilds differently (Gemma, Phi-3 architectures).
+//! For `"llama"` with `general.architecture` gemma, gemma2 or gemma3, as transformers'
+//! `gemma_tokenizer` and `GemmaTokenizer`:
+//! - vocabulary: a token made only of whitespace that holds a space (llama.cpp stores Gemma's
+//!   `▁▁`… as real spaces) is respelled as that many `▁`; the added-token rules look at the
+//!   file's spelling, which is no longer in the vocabulary, so those tokens (USER_DEFINED) are
+//!   reached through BPE rather than matched whole;
+//! - model: BPE with `byte_fallback`, `fuse_unk` and unk token `<unk>`; merges from the file, or
+//!   derived as above with each token's position in the file (earlier first) as its score, since
+//!   Gemma's scores do not follow its merge order;
+//! - normalizer: `Replace(" ", "▁")`; pre-tokenizer: `Split(" ", merged_with_previous)` (a no-op
+//!   after the normalizer, kept as built); no prefix `▁` (`add_space_prefix` is ignored);
+//! - decoder: `Replace("▁", " ")`, `ByteFallback`, `Fuse` (no `Strip`);
+//! - `<mask>` registered as a special token besides the file's bos/eos/unk/pad (GemmaTokenizer's
+//!   default mask token; appended to the vocabulary when the file lacks it).
+//!
+//! For both sentencepiece kinds, added tokens, post-processor, special tokens and chat template
+//! follow the byte-level rules above, without the byte-alphabet check, and a `tokenizer.ggml.pre`
+//! naming a known family replaces the pre-tokenizer in the same way.
+//!
+//! Refused with `UnsupportedTokenizerModel`: unigram (`"t5"`) vocabularies, `"gemma4"`, and the
+//! Phi-3 architecture, which transformers rebuilds with a prefix-`▁` normalizer and no
+//! pre-tokenizer.
 
 use std::collections::HashMap;
 
@@ -53,6 +73,11 @@ use crate::tokenizer::{Tokenizer, DEFAULT_TEMPLATE};
 /// llama.cpp token types (`llama_token_type`).
 const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+
+/// GemmaTokenizer's defaults for its BPE model's unk token and its mask token. transformers' GGUF
+/// path passes neither to it, so they hold for every Gemma file, whatever its unknown token.
+const GEMMA_UNK_TOKEN: &str = "<unk>";
+const GEMMA_MASK_TOKEN: &str = "<mask>";
 
 /// Split regexes of the pre-tokenizer families transformers knows by `tokenizer.ggml.pre`.
 /// These are facts about how each vocabulary was trained, needed for identical ids.
@@ -84,20 +109,8 @@ impl Tokenizer {
             .and_then(|v| v.to_string().ok())
             .map(String::as_str)
             .unwrap_or("");
-        let byte_level = match model {
-            "gpt2" => true,
-            "llama" if !matches!(architecture, "gemma" | "gemma2" | "gemma3" | "phi3") => false,
-            "llama" => {
-                return Err(TokenizeError::UnsupportedTokenizerModel {
-                    model: format!("llama (sentencepiece) for architecture `{architecture}`"),
-                })
-            }
-            other => {
-                return Err(TokenizeError::UnsupportedTokenizerModel {
-                    model: other.to_string(),
-                })
-            }
-        };
+        let builder = Builder::select(model, architecture)?;
+        let byte_level = builder == Builder::ByteLevel;
         let tokens = get_str_array(md, "tokenizer.ggml.tokens")?;
         let token_types = match md.get("tokenizer.ggml.token_type") {
             Some(v) => Some(int_array(v, "tokenizer.ggml.token_type")?),
@@ -114,10 +127,10 @@ impl Tokenizer {
 
         let alphabet = byte_alphabet();
         let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
-        let mut inner = if byte_level {
-            byte_level_tokenizer(md, &tokens, &alphabet)?
-        } else {
-            sentencepiece_tokenizer(md, &tokens)?
+        let mut inner = match builder {
+            Builder::ByteLevel => byte_level_tokenizer(md, &tokens, &alphabet)?,
+            Builder::Llama => llama_tokenizer(md, &tokens)?,
+            Builder::Gemma => gemma_tokenizer(md, &tokens)?,
         };
 
         // transformers replaces the pre-tokenizer of either kind when `tokenizer.ggml.pre` names
@@ -211,13 +224,53 @@ impl Tokenizer {
             None => Vec::new(),
         };
 
-        Tokenizer::assemble(
+        let mut tok = Tokenizer::assemble(
             inner,
             special,
             templates,
             extra_eos,
             "GGUF metadata".to_string(),
-        )
+        )?;
+        // GemmaTokenizer also names a mask token, registered after bos/eos/unk/pad (the order
+        // transformers walks its special tokens in, which sets the id of any that are new).
+        if builder == Builder::Gemma {
+            let mask = GEMMA_MASK_TOKEN.to_string();
+            let added = tok.inner.get_added_tokens_decoder();
+            if !added.values().any(|t| t.content == mask) {
+                tok.inner
+                    .add_special_tokens(&[AddedToken::from(mask, true)]);
+            }
+        }
+        Ok(tok)
+    }
+}
+
+/// The `tokenizers` pipeline a GGUF describes, picked as transformers'
+/// `select_tokenizer_builder` picks it: by `tokenizer.ggml.model`, and for a sentencepiece
+/// vocabulary by `general.architecture`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Builder {
+    /// `"gpt2"`: byte-level BPE (`GPT2Tokenizer`).
+    ByteLevel,
+    /// `"llama"`: sentencepiece BPE (`LlamaTokenizer`).
+    Llama,
+    /// `"llama"` for a Gemma architecture (`gemma_tokenizer` → `GemmaTokenizer`).
+    Gemma,
+}
+
+impl Builder {
+    fn select(model: &str, architecture: &str) -> Result<Self> {
+        match (model, architecture) {
+            ("gpt2", _) => Ok(Self::ByteLevel),
+            ("llama", "gemma" | "gemma2" | "gemma3") => Ok(Self::Gemma),
+            ("llama", "phi3") => Err(TokenizeError::UnsupportedTokenizerModel {
+                model: format!("llama (sentencepiece) for architecture `{architecture}`"),
+            }),
+            ("llama", _) => Ok(Self::Llama),
+            (other, _) => Err(TokenizeError::UnsupportedTokenizerModel {
+                model: other.to_string(),
+            }),
+        }
     }
 }
 
@@ -256,10 +309,59 @@ fn byte_level_tokenizer(
 }
 
 /// Sentencepiece BPE (Llama 2 / Mistral style) with byte fallback.
-fn sentencepiece_tokenizer(
+fn llama_tokenizer(
     md: &HashMap<String, Value>,
     tokens: &[String],
 ) -> Result<tokenizers::Tokenizer> {
+    let bpe = sentencepiece_bpe(md, tokens.to_vec(), None, || file_scores(md, tokens.len()))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    inner.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::First, false)));
+    inner.with_decoder(Some(sentencepiece_decoder(true)?));
+    Ok(inner)
+}
+
+/// Gemma's sentencepiece BPE: spaces respelled, merges by file position, spaces → `▁` in a
+/// normalizer rather than a `Metaspace` pre-tokenizer, and no prefix `▁`.
+fn gemma_tokenizer(
+    md: &HashMap<String, Value>,
+    tokens: &[String],
+) -> Result<tokenizers::Tokenizer> {
+    let respelled: Vec<String> = tokens.iter().map(|t| gemma_spelling(t)).collect();
+    // Earlier in the file is merged first; -position keeps "higher score first" meaning that.
+    let positions = || Ok((0..tokens.len()).map(|i| -(i as f64)).collect());
+    let bpe = sentencepiece_bpe(md, respelled, Some(GEMMA_UNK_TOKEN), positions)?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let to_metaspace =
+        Replace::new(" ", "▁").map_err(|e| TokenizeError::tokenizers("Gemma normalizer", &e))?;
+    inner.with_normalizer(Some(to_metaspace));
+    let split = Split::new(" ", SplitDelimiterBehavior::MergedWithPrevious, false)
+        .map_err(|e| TokenizeError::tokenizers("Gemma pre-tokenizer", &e))?;
+    inner.with_pre_tokenizer(Some(split));
+    inner.with_decoder(Some(sentencepiece_decoder(false)?));
+    Ok(inner)
+}
+
+/// How transformers' `gemma_tokenizer` spells a token: one made only of whitespace that holds a
+/// space becomes that many `▁` (counted in characters, as Python's `len`).
+fn gemma_spelling(token: &str) -> String {
+    // Python's `str.isspace`, which `not t.strip()` tests: Unicode White_Space plus the four
+    // information separators U+001C..U+001F.
+    let python_space = |c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c);
+    if token.contains(' ') && token.chars().all(python_space) {
+        "▁".repeat(token.chars().count())
+    } else {
+        token.to_string()
+    }
+}
+
+/// The sentencepiece BPE model: `fuse_unk`, `byte_fallback`, merges from the file or derived
+/// from the vocabulary with the scores `scores` gives (asked for only when the file has none).
+fn sentencepiece_bpe(
+    md: &HashMap<String, Value>,
+    tokens: Vec<String>,
+    unk_token: Option<&str>,
+    scores: impl FnOnce() -> Result<Vec<f64>>,
+) -> Result<BPE> {
     let mut vocab = Vocab::with_capacity(tokens.len());
     for (id, token) in tokens.iter().enumerate() {
         vocab.insert(token.clone(), id as u32);
@@ -267,48 +369,62 @@ fn sentencepiece_tokenizer(
     let merges = if md.contains_key("tokenizer.ggml.merges") {
         file_merges(md)?
     } else {
-        let scores = match md.get("tokenizer.ggml.scores") {
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| match v {
-                    Value::F32(x) => Ok(f64::from(*x)),
-                    Value::F64(x) => Ok(*x),
-                    _ => Err(gguf_err("tokenizer.ggml.scores", "holds a non-float entry")),
-                })
-                .collect::<Result<Vec<f64>>>()?,
-            Some(_) => return Err(gguf_err("tokenizer.ggml.scores", "is not an array")),
-            None => {
-                return Err(gguf_err(
-                    "tokenizer.ggml.scores",
-                    "missing, and no merges: cannot derive the BPE merges",
-                ))
-            }
-        };
-        if scores.len() != tokens.len() {
-            return Err(gguf_err(
-                "tokenizer.ggml.scores",
-                format!("has {} entries for {} tokens", scores.len(), tokens.len()),
-            ));
-        }
-        merges_from_scores(tokens, &scores, &vocab)
+        merges_from_scores(&tokens, &scores()?, &vocab)
     };
-    let bpe = BPE::builder()
+    let mut builder = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .fuse_unk(true)
-        .byte_fallback(true)
+        .byte_fallback(true);
+    if let Some(unk) = unk_token {
+        builder = builder.unk_token(unk.to_string());
+    }
+    builder
         .build()
-        .map_err(|e| TokenizeError::tokenizers("building sentencepiece BPE from GGUF", &e))?;
-    let mut inner = tokenizers::Tokenizer::new(bpe);
-    inner.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::First, false)));
+        .map_err(|e| TokenizeError::tokenizers("building sentencepiece BPE from GGUF", &e))
+}
+
+/// `tokenizer.ggml.scores`, one float per token.
+fn file_scores(md: &HashMap<String, Value>, n_tokens: usize) -> Result<Vec<f64>> {
+    let scores = match md.get("tokenizer.ggml.scores") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| match v {
+                Value::F32(x) => Ok(f64::from(*x)),
+                Value::F64(x) => Ok(*x),
+                _ => Err(gguf_err("tokenizer.ggml.scores", "holds a non-float entry")),
+            })
+            .collect::<Result<Vec<f64>>>()?,
+        Some(_) => return Err(gguf_err("tokenizer.ggml.scores", "is not an array")),
+        None => {
+            return Err(gguf_err(
+                "tokenizer.ggml.scores",
+                "missing, and no merges: cannot derive the BPE merges",
+            ))
+        }
+    };
+    if scores.len() != n_tokens {
+        return Err(gguf_err(
+            "tokenizer.ggml.scores",
+            format!("has {} entries for {n_tokens} tokens", scores.len()),
+        ));
+    }
+    Ok(scores)
+}
+
+/// `Replace("▁", " ")`, `ByteFallback`, `Fuse`, then with `strip_prefix` `Strip(" ", 1, 0)` (the
+/// space a `Metaspace` prefix put in front).
+fn sentencepiece_decoder(strip_prefix: bool) -> Result<DecoderWrapper> {
     let replace = Replace::new("▁", " ")
         .map_err(|e| TokenizeError::tokenizers("sentencepiece decoder", &e))?;
-    inner.with_decoder(Some(DecoderSequence::new(vec![
+    let mut steps = vec![
         DecoderWrapper::Replace(replace),
         DecoderWrapper::ByteFallback(ByteFallback::new()),
         DecoderWrapper::Fuse(Fuse::new()),
-        DecoderWrapper::Strip(Strip::new(' ', 1, 0)),
-    ])));
-    Ok(inner)
+    ];
+    if strip_prefix {
+        steps.push(DecoderWrapper::Strip(Strip::new(' ', 1, 0)));
+    }
+    Ok(DecoderSequence::new(steps).into())
 }
 
 /// `tokenizer.ggml.merges` as pairs: each entry is two tokens separated by one space.
@@ -333,38 +449,59 @@ fn file_merges(md: &HashMap<String, Value>) -> Result<Vec<(String, String)>> {
 /// split of a token into two vocabulary tokens, ordered best score first, then longer left and
 /// right pieces first; ties keep vocabulary order (splits of one token by the pieces' ids).
 fn merges_from_scores(tokens: &[String], scores: &[f64], vocab: &Vocab) -> Vec<(String, String)> {
+    /// One split, with its sort key computed once (a 262k vocabulary has ~500k of them).
+    struct Candidate<'a> {
+        token: &'a str,
+        at: usize,
+        score: f64,
+        chars_l: usize,
+        chars_r: usize,
+        ids: (u32, u32),
+    }
     // A token listed twice keeps its first position and its last score (Python dict semantics).
     let mut order: Vec<&str> = Vec::with_capacity(tokens.len());
     let mut score_of: HashMap<&str, f64> = HashMap::with_capacity(tokens.len());
     for (token, &score) in tokens.iter().zip(scores) {
+        // Python compares -0.0 equal to 0.0, `total_cmp` would not.
+        let score = if score == 0.0 { 0.0 } else { score };
         if score_of.insert(token.as_str(), score).is_none() {
             order.push(token.as_str());
         }
     }
-    let mut merges: Vec<(String, String, f64)> = Vec::new();
+    let mut merges: Vec<Candidate> = Vec::new();
     for token in order {
         let score = score_of[token];
-        let mut local: Vec<(String, String, f64)> = token
-            .char_indices()
-            .skip(1)
-            .filter_map(|(i, _)| {
-                let (l, r) = token.split_at(i);
-                (vocab.contains_key(l) && vocab.contains_key(r))
-                    .then(|| (l.to_string(), r.to_string(), score))
-            })
-            .collect();
-        local.sort_by_key(|(l, r, _)| (vocab[l.as_str()], vocab[r.as_str()]));
-        merges.extend(local);
+        let chars = token.chars().count();
+        let first = merges.len();
+        for (chars_l, (at, _)) in token.char_indices().enumerate().skip(1) {
+            let (l, r) = token.split_at(at);
+            if let (Some(&id_l), Some(&id_r)) = (vocab.get(l), vocab.get(r)) {
+                merges.push(Candidate {
+                    token,
+                    at,
+                    score,
+                    chars_l,
+                    chars_r: chars - chars_l,
+                    ids: (id_l, id_r),
+                });
+            }
+        }
+        merges[first..].sort_by_key(|m| m.ids);
     }
     // Stable sort, descending key: equal keys keep their order, as Python's sorted(reverse=True).
-    let key = |m: &(String, String, f64)| (m.2, m.0.chars().count(), m.1.chars().count());
     merges.sort_by(|a, b| {
-        let (ka, kb) = (key(a), key(b));
-        kb.0.total_cmp(&ka.0)
-            .then(kb.1.cmp(&ka.1))
-            .then(kb.2.cmp(&ka.2))
+        b.score
+            .total_cmp(&a.score)
+            .then(b.chars_l.cmp(&a.chars_l))
+            .then(b.chars_r.cmp(&a.chars_r))
     });
-    merges.into_iter().map(|(l, r, _)| (l, r)).collect()
+    merges
+        .into_iter()
+        .map(|m| {
+            let (l, r) = m.token.split_at(m.at);
+            (l.to_string(), r.to_string())
+        })
+        .collect()
 }
 
 /// GPT-2's byte → printable-character table: bytes that are printable Latin-1 map to
@@ -490,10 +627,10 @@ mod tests {
         );
         let err = Tokenizer::from_gguf(&content_with(&[
             ("tokenizer.ggml.model", "llama"),
-            ("general.architecture", "gemma2"),
+            ("general.architecture", "phi3"),
         ]))
         .unwrap_err();
-        assert!(err.to_string().contains("gemma2"), "{err}");
+        assert!(err.to_string().contains("phi3"), "{err}");
     }
 
     #[test]
@@ -518,6 +655,32 @@ mod tests {
         assert_eq!(
             pairs,
             vec![("b", "c"), ("a", "b"), ("ab", "c"), ("a", "bc")]
+        );
+    }
+
+    #[test]
+    fn merges_from_scores_treat_negative_zero_as_zero() {
+        // Expected: generate_merges with scores [0, 0, 0, -0.0, 0.0, -1] returns
+        // [('a','b'), ('b','c'), ('ab','c'), ('a','bc')]: Python's -0.0 == 0.0 keeps vocabulary
+        // order, where `total_cmp` put ('b','c') first.
+        let tokens: Vec<String> = ["a", "b", "c", "ab", "bc", "abc"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let scores = [0.0, 0.0, 0.0, -0.0, 0.0, -1.0];
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let merges = merges_from_scores(&tokens, &scores, &vocab);
+        let pairs: Vec<(&str, &str)> = merges
+            .iter()
+            .map(|(l, r)| (l.as_str(), r.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            vec![("a", "b"), ("b", "c"), ("ab", "c"), ("a", "bc")]
         );
     }
 }
