@@ -479,24 +479,8 @@ fn hf_name(family: Family, g: &str) -> Option<(String, String)> {
             "ffn_down" => "mlp.c_proj",
             _ => return None,
         }
-    } else if family == Family::Gemma3 {
-        match part {
-            "attn_norm" => "input_layernorm",
-            "attn_q" => "self_attn.q_proj",
-            "attn_k" => "self_attn.k_proj",
-            "attn_v" => "self_attn.v_proj",
-            "attn_output" => "self_attn.o_proj",
-            "attn_q_norm" => "self_attn.q_norm",
-            "attn_k_norm" => "self_attn.k_norm",
-            "post_attention_norm" => "post_attention_layernorm",
-            "ffn_norm" => "pre_feedforward_layernorm",
-            "post_ffw_norm" => "post_feedforward_layernorm",
-            "ffn_gate" => "mlp.gate_proj",
-            "ffn_up" => "mlp.up_proj",
-            "ffn_down" => "mlp.down_proj",
-            _ => return None,
-        }
     } else {
+        let gemma = family == Family::Gemma3;
         match part {
             "attn_norm" => "input_layernorm",
             "attn_q" => "self_attn.q_proj",
@@ -505,6 +489,11 @@ fn hf_name(family: Family, g: &str) -> Option<(String, String)> {
             "attn_output" => "self_attn.o_proj",
             "attn_q_norm" => "self_attn.q_norm",
             "attn_k_norm" => "self_attn.k_norm",
+            // Gemma's norm of the attention output, then its two norms around the MLP (llama.cpp
+            // names the pre-MLP norm `ffn_norm` in both layouts).
+            "post_attention_norm" if gemma => "post_attention_layernorm",
+            "ffn_norm" if gemma => "pre_feedforward_layernorm",
+            "post_ffw_norm" if gemma => "post_feedforward_layernorm",
             "ffn_norm" => "post_attention_layernorm",
             "ffn_gate" => "mlp.gate_proj",
             "ffn_up" => "mlp.up_proj",
