@@ -47,7 +47,7 @@ pub use sft::{
 pub use synth::{
     arithmetic, arithmetic_excluding, arithmetic_space, parse_digits, parse_ops, preference_pairs,
     prompt_set, tagged_reply, word_problems, word_problems_excluding, word_space, write_jsonl,
-    write_preference_jsonl, write_tool_transcripts, ArithmeticSpec, Op, PreferencePair, Problem,
-    PromptFormat, RejectedKind, SynthError, SynthResult, WordSpec, WordTemplate, MAX_DIGITS,
-    WORD_TEMPLATES,
+    write_preference_jsonl, write_sft_conversations, write_tool_transcripts, ArithmeticSpec, Op,
+    PreferencePair, Problem, PromptFormat, RejectedKind, SynthError, SynthResult, WordSpec,
+    WordTemplate, MAX_DIGITS, WORD_TEMPLATES,
 };

@@ -806,6 +806,32 @@ pub fn write_jsonl(problems: &[Problem], path: &Path, format: &PromptFormat) -> 
     w.flush().map_err(io)
 }
 
+/// SFT conversations (`messages` rows): the problem as the user turn (after `system` if given)
+/// and the assistant's `<answer>N</answer>`, the format the arithmetic rewards score.
+pub fn write_sft_conversations(
+    problems: &[Problem],
+    path: &Path,
+    system: Option<&str>,
+) -> SynthResult<()> {
+    let io = |source| SynthError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut w = BufWriter::new(File::create(path).map_err(io)?);
+    for p in problems {
+        let mut messages = Vec::with_capacity(3);
+        if let Some(s) = system {
+            messages.push(Message::new("system", s));
+        }
+        messages.push(Message::user(p.prompt.as_str()));
+        messages.push(Message::assistant(format!("<answer>{}</answer>", p.answer)));
+        let line = serde_json::to_string(&serde_json::json!({ "messages": messages }))
+            .map_err(|e| io(std::io::Error::other(e)))?;
+        writeln!(w, "{line}").map_err(io)?;
+    }
+    w.flush().map_err(io)
+}
+
 /// SFT transcripts that teach a calculator call (`messages` rows): the problem as the user
 /// turn, an assistant turn calling `calculator` with the problem's expression in the Hermes
 /// format ferrotune's rollout parses, the tool's reply (the answer), and the final

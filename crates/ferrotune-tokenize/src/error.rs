@@ -52,7 +52,7 @@ pub enum TokenizeError {
     UnknownToken { token: String, context: String },
 
     /// A render was asked for but the tokenizer has no chat template.
-    #[error("no chat template: {source_desc} has none (tokenizer_config.json `chat_template`, chat_template.jinja or GGUF `tokenizer.chat_template`)")]
+    #[error("no chat template: {source_desc} has none (tokenizer_config.json `chat_template`, chat_template.jinja or GGUF `tokenizer.chat_template`); give a template file with --chat-template FILE or model.chat_template (e.g. configs/templates/gemma3.jinja)")]
     NoChatTemplate { source_desc: String },
 
     /// A named chat template does not exist.

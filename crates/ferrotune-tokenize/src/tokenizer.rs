@@ -32,6 +32,9 @@ pub struct Tokenizer {
     pub(crate) inner: tokenizers::Tokenizer,
     pub(crate) tokens: TemplateTokens,
     pub(crate) bos_id: Option<u32>,
+    /// The config's eos and `generation_config.json`'s ids; see [`Tokenizer::eos_ids`].
+    pub(crate) config_eos: Vec<u32>,
+    /// `config_eos` plus the default template's end-of-turn token when it is another one.
     pub(crate) eos_ids: Vec<u32>,
     pub(crate) pad_id: Option<u32>,
     pub(crate) add_bos_token: bool,
@@ -168,7 +171,7 @@ impl Tokenizer {
         }
         compiled.sort_by_key(|t| t.name() != DEFAULT_TEMPLATE);
 
-        Ok(Tokenizer {
+        let mut tok = Tokenizer {
             inner,
             tokens: TemplateTokens {
                 bos_token: special.bos_token,
@@ -177,13 +180,50 @@ impl Tokenizer {
                 pad_token: special.pad_token,
             },
             bos_id,
+            config_eos: eos_ids.clone(),
             eos_ids,
             pad_id,
             add_bos_token,
             add_eos_token,
             templates: compiled,
             source_desc,
-        })
+        };
+        tok.refresh_eos_ids();
+        Ok(tok)
+    }
+
+    /// The token the default chat template ends an assistant turn with, when it is a special
+    /// token: the last trained token of a one-turn probe render (Gemma's `<end_of_turn>`, ChatML's
+    /// `<|im_end|>`, Llama 3's `<|eot_id|>`). None without a template, when the template refuses
+    /// the probe, or when the turn ends in ordinary text.
+    pub fn end_of_turn_id(&self) -> Option<u32> {
+        let probe = [Message::user("Hi"), Message::assistant("Hello")];
+        let template = self.pick_template(false).ok()?;
+        let r = self.render_masked(template, &probe, false, None, 0).ok()?;
+        let last = r
+            .ids
+            .iter()
+            .zip(&r.assistant_mask)
+            .rev()
+            .find(|(_, &m)| m == 1)
+            .map(|(&id, _)| id)?;
+        let special = self
+            .inner
+            .get_added_tokens_decoder()
+            .get(&last)
+            .is_some_and(|t| t.special);
+        special.then_some(last)
+    }
+
+    /// Recomputes `eos_ids` from the config's and the default template's end-of-turn.
+    fn refresh_eos_ids(&mut self) {
+        let mut ids = self.config_eos.clone();
+        if let Some(id) = self.end_of_turn_id() {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        self.eos_ids = ids;
     }
 
     /// Token ids of `text`. With `add_special_tokens` the post-processor adds what the model's
@@ -224,7 +264,9 @@ impl Tokenizer {
     }
 
     /// Every id that ends a turn: the config's `eos_token` first, then `generation_config.json`'s
-    /// `eos_token_id` entries (e.g. Llama 3's `<|eot_id|>` and `<|eom_id|>`).
+    /// `eos_token_id` entries (e.g. Llama 3's `<|eot_id|>` and `<|eom_id|>`), then the default
+    /// chat template's end-of-turn token ([`Tokenizer::end_of_turn_id`]) if not among them — a
+    /// base GGUF given Gemma's template stops at `<end_of_turn>` as well as `<eos>`.
     pub fn eos_ids(&self) -> &[u32] {
         &self.eos_ids
     }
@@ -294,7 +336,13 @@ impl Tokenizer {
         let template = ChatTemplate::new(DEFAULT_TEMPLATE, source)?;
         self.templates.retain(|t| t.name() != DEFAULT_TEMPLATE);
         self.templates.insert(0, template);
+        self.refresh_eos_ids();
         Ok(())
+    }
+
+    /// Names where the tokenizer came from in its errors (e.g. the GGUF file's path).
+    pub fn set_source_desc(&mut self, desc: impl Into<String>) {
+        self.source_desc = desc.into();
     }
 
     /// The underlying `tokenizers::Tokenizer`.

@@ -119,3 +119,87 @@ fn gemma3_gguf_matches_transformers() {
         assert_eq!(tok.encode(token, false).unwrap(), vec![id], "{token}");
     }
 }
+
+/// Gemma 3's chat template (configs/templates/gemma3.jinja) on a tokenizer from GGUF renders the
+/// text and ids transformers renders (fixtures/tokenize/gemma3_chat_expected.json, from
+/// make_gemma3_chat_expected.py), folds a system message into the first user turn, refuses roles
+/// that do not alternate with the template's message, and trains each reply with its
+/// `<end_of_turn>`. TRL's `gemma3_training.jinja` also trains the `\n` the template writes after
+/// `<end_of_turn>`; our mask leaves that one token out (the model stops at `<end_of_turn>` and
+/// never samples it), so it is compared with TRL's minus that token.
+fn assert_chat_matches(tok: &mut Tokenizer, cases: &Value, what: &str) {
+    let template = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../configs/templates/gemma3.jinja"),
+    )
+    .unwrap();
+    // The base GGUF has no template: eos alone ends a turn until one is set.
+    assert_eq!(tok.chat_template(), None, "{what}");
+    assert_eq!(tok.end_of_turn_id(), None, "{what}");
+    tok.set_chat_template(&template).unwrap();
+    let eot = tok.token_to_id("<end_of_turn>").unwrap();
+    let newline = tok.encode("\n", false).unwrap();
+    assert_eq!(tok.end_of_turn_id(), Some(eot), "{what}");
+    assert_eq!(
+        tok.eos_ids(),
+        &[tok.token_to_id("<eos>").unwrap(), eot],
+        "{what}"
+    );
+    let cases = cases.as_array().unwrap();
+    assert_eq!(cases.len(), 8);
+    let mut masked_turns = 0;
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let msgs: Vec<ferrotune_tokenize::Message> =
+            serde_json::from_value(case["messages"].clone()).unwrap();
+        let gen = case["add_generation_prompt"].as_bool().unwrap();
+        let got = tok.render(&msgs, gen);
+        if let Some(err) = case["error"].as_str() {
+            let e = got.expect_err(name).to_string();
+            assert!(e.contains(err), "{what} {name}: {e}");
+            continue;
+        }
+        let r = got.unwrap_or_else(|e| panic!("{what} {name}: {e}"));
+        assert_eq!(r.text, case["text"].as_str().unwrap(), "{what} {name}");
+        assert_eq!(r.ids, ids(&case["ids"]), "{what} {name}");
+        if gen {
+            continue;
+        }
+        let mut want: Vec<u8> = ids(&case["trl_assistant_mask"])
+            .iter()
+            .map(|&m| m as u8)
+            .collect();
+        for i in 1..r.ids.len() {
+            if r.ids[i - 1] == eot && want[i - 1] == 1 && newline == [r.ids[i]] {
+                want[i] = 0;
+                masked_turns += 1;
+            }
+        }
+        assert_eq!(r.assistant_mask, want, "{what} {name}: mask");
+        // Every reply's last trained token is <end_of_turn>, so the model learns to stop.
+        let last = r.assistant_mask.iter().rposition(|&m| m == 1).unwrap();
+        assert_eq!(r.ids[last], eot, "{what} {name}");
+    }
+    assert_eq!(masked_turns, 6, "{what}: one <end_of_turn>\\n per reply");
+}
+
+fn chat_expected() -> Value {
+    let path = fixtures_dir().join("gemma3_chat_expected.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn tiny_gemma3_chat_template_matches_transformers() {
+    let (mut tok, _) = load(&fixtures_dir().join("gemma3_tiny.gguf"));
+    assert_chat_matches(&mut tok, &chat_expected()["tiny"], "tiny gemma3 gguf");
+}
+
+#[test]
+fn gemma3_chat_template_matches_transformers() {
+    let Some(path) = gemma3_path() else {
+        println!("skipped: no Gemma 3 GGUF (set FERROTUNE_GEMMA3_GGUF; scripts/fetch-gemma3.sh)");
+        return;
+    };
+    let (mut tok, _) = load(&path);
+    assert_chat_matches(&mut tok, &chat_expected()["real"], "gemma3 gguf");
+}

@@ -50,6 +50,8 @@ pub struct CheckpointScore {
 
 struct Ctx {
     base: PathBuf,
+    /// `model.chat_template`, applied to every load.
+    chat_template: Option<PathBuf>,
     rewards: RewardSet,
     roles: Vec<RewardRole>,
     task: PathBuf,
@@ -60,7 +62,8 @@ struct Ctx {
 }
 
 fn score(ctx: &Ctx, adapter: Option<&Path>, limit: Option<usize>) -> Result<(f64, Option<f64>)> {
-    let lm = load(&ctx.base, adapter)?;
+    let mut lm = load(&ctx.base, adapter)?;
+    lm.set_chat_template_file(ctx.chat_template.as_deref())?;
     let (mut items, tools) = task_prompts(ctx.grpo.as_ref(), &ctx.task, &lm, ctx.max_prompt_len)?;
     if let Some(n) = limit {
         items.truncate(n);
@@ -108,6 +111,7 @@ pub fn compare(o: &CompareOptions) -> Result<Vec<CheckpointScore>> {
         .with_context(|| format!("{}: the run has no data.eval: give --task", o.run.display()))?;
     let ctx = Ctx {
         base: cfg.model.path.clone(),
+        chat_template: cfg.model.chat_template.clone(),
         rewards: RewardSet::from_specs(&specs)?,
         roles: specs.iter().map(|s| role_of(&s.name)).collect(),
         task,

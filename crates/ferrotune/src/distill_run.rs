@@ -23,7 +23,7 @@ use ferrotune_train::distill_loss::JsdConfig;
 use ferrotune_train::trainer::Trainable;
 
 use crate::config::{DistillSection, RunConfig};
-use crate::lm::{load_tokenizer, parse_device, parse_dtype, Lm};
+use crate::lm::{load_tokenizer_with, parse_device, parse_dtype, Lm};
 use crate::session::{held_out, load_frozen, run_device, sizes, Headline, Session};
 use crate::teacher_cache::{self, CacheHeader};
 
@@ -158,7 +158,7 @@ pub fn cache_teacher(cfg: &RunConfig, out: Option<&Path>, batch_size: usize) -> 
         .map(Path::to_path_buf)
         .or_else(|| d.teacher_cache.clone())
         .context("give --out FILE or set distill.teacher_cache")?;
-    let tok = load_tokenizer(&cfg.model.path)
+    let tok = load_tokenizer_with(&cfg.model.path, cfg.model.chat_template.as_deref())
         .with_context(|| format!("model.path {}", cfg.model.path.display()))?;
     let teacher = load_teacher(cfg, d, &tok)?;
     let (items, _) = all_items(&tok, cfg)?;

@@ -21,6 +21,8 @@ pub enum LmError {
     DType(String),
     #[error("device {0}: {1}")]
     DeviceInit(String, candle_core::Error),
+    #[error("{path}: chat template: {msg}")]
+    ChatTemplate { path: String, msg: String },
 }
 
 /// Parse `cpu`, `cuda`, `cuda:N`.
@@ -69,7 +71,31 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer, LmError> {
     let mut f = std::fs::File::open(path).map_err(|e| gguf(e.to_string()))?;
     let content = candle_core::quantized::gguf_file::Content::read(&mut f)
         .map_err(|e| gguf(e.to_string()))?;
-    Ok(Tokenizer::from_gguf(&content)?)
+    let mut tok = Tokenizer::from_gguf(&content)?;
+    tok.set_source_desc(format!("{} (GGUF metadata)", path.display()));
+    Ok(tok)
+}
+
+/// [`load_tokenizer`], with the default chat template replaced by `template`'s file when given
+/// (`model.chat_template`, `--chat-template`): a base model's GGUF carries none, and a user may
+/// train with another.
+pub fn load_tokenizer_with(path: &Path, template: Option<&Path>) -> Result<Tokenizer, LmError> {
+    let mut tok = load_tokenizer(path)?;
+    if let Some(t) = template {
+        set_template_file(&mut tok, t)?;
+    }
+    Ok(tok)
+}
+
+/// Replaces `tok`'s default chat template with the Jinja file at `path`.
+pub fn set_template_file(tok: &mut Tokenizer, path: &Path) -> Result<(), LmError> {
+    let err = |msg: String| LmError::ChatTemplate {
+        path: path.display().to_string(),
+        msg,
+    };
+    let source = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    tok.set_chat_template(&source)
+        .map_err(|e| err(e.to_string()))
 }
 
 impl Lm {
@@ -101,6 +127,14 @@ impl Lm {
             device: opts.device.clone(),
             base_params: loaded.base_params,
         })
+    }
+
+    /// Replaces the tokenizer's default chat template with a file's (see [`load_tokenizer_with`]).
+    pub fn set_chat_template_file(&mut self, path: Option<&Path>) -> Result<(), LmError> {
+        match path {
+            Some(p) => set_template_file(&mut self.tokenizer, p),
+            None => Ok(()),
+        }
     }
 
     /// End-of-sequence ids: the tokenizer's (eos + end-of-turn) and the model config's.

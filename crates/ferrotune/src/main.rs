@@ -16,6 +16,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Generate(a) => infer::generate(a)?,
         Cmd::Perplexity(a) => infer::perplexity(a)?,
+        Cmd::Tokenize(a) => infer::tokenize(a)?,
         Cmd::Export(a) => infer::export(a)?,
         Cmd::Bench { cmd } => infer::bench(cmd)?,
         Cmd::Train(a) => train::train(a)?,

@@ -16,7 +16,7 @@ use ferrotune_train::reward_train::{train_reward_model, RmPair, RmPlan, RmSummar
 use ferrotune_train::trainer::{RunCtx, Trainable};
 
 use crate::config::{RewardModelSection, RunConfig};
-use crate::lm::{load_tokenizer, parse_device, parse_dtype};
+use crate::lm::{load_tokenizer_with, parse_device, parse_dtype};
 use crate::session::{
     loop_plan, lora_config, open_run, sizes, total_steps, train_and_eval, CliObserver, Headline,
 };
@@ -113,7 +113,7 @@ pub fn run_reward_model(cfg: &RunConfig, resume: bool, overwrite: bool) -> Resul
     };
     let lora = lora_config(l);
     // Data first: a bad row fails before the run folder is created.
-    let tok = load_tokenizer(&cfg.model.path)?;
+    let tok = load_tokenizer_with(&cfg.model.path, cfg.model.chat_template.as_deref())?;
     let (train, eval) = train_and_eval(cfg, |path| load_pairs(&tok, path, r))?;
     // Within a file margins are all or none (load_pairs); across the two files too.
     let has_margin = |v: &[RmPair]| v.first().map(|p| p.margin.is_some());

@@ -67,7 +67,8 @@ impl<'c> Session<'c> {
                 cfg.model.path.display()
             );
         }
-        let lm = Lm::load(&cfg.model.path, &opts)?;
+        let mut lm = Lm::load(&cfg.model.path, &opts)?;
+        lm.set_chat_template_file(cfg.model.chat_template.as_deref())?;
         Ok(Session {
             cfg,
             run,

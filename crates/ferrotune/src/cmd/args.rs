@@ -30,6 +30,9 @@ pub struct ModelArgs {
     /// A PEFT LoRA adapter folder to apply on top of the model (unmerged).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// A Jinja chat template file used instead of the model's (a base GGUF has none).
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -77,8 +80,13 @@ pub enum GenKind {
         ops: String,
         /// Write SFT transcripts that call the `calculator` tool (`messages`: the problem, a
         /// `<tool_call>`, the tool's reply, the tagged answer) instead of prompt rows.
-        #[arg(long, requires = "chat")]
+        #[arg(long, requires = "chat", conflicts_with = "sft")]
         tool_calls: bool,
+        /// Write SFT conversations (`messages`: the problem, then the assistant's
+        /// `<answer>N</answer>`) instead of prompt rows: teaches a base model the answer format
+        /// and, through its chat template, to end its turn.
+        #[arg(long, requires = "chat")]
+        sft: bool,
     },
     /// Word problems from templates, with exact integer answers.
     WordProblems {
@@ -112,6 +120,9 @@ pub enum Cmd {
     Generate(GenerateArgs),
     /// Perplexity of a text file: exp(mean NLL over scored tokens).
     Perplexity(PerplexityArgs),
+    /// Show the token ids of a text or of a dataset row and which tokens SFT trains (the
+    /// tokenizer only; no weights are read).
+    Tokenize(TokenizeArgs),
     /// Train from a TOML config (`[sft]`, `[grpo]`, `[dpo]`, `[distill]` or `[reward_model]`); see `ferrotune config --explain`.
     Train(TrainArgs),
     /// Explain the run config: every key, its default and meaning.
@@ -230,6 +241,33 @@ pub struct PerplexityArgs {
     pub stride: Option<usize>,
 }
 
+/// `ferrotune tokenize`.
+#[derive(Args)]
+pub struct TokenizeArgs {
+    /// Hugging Face model folder or .gguf file (its tokenizer).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A Jinja chat template file used instead of the model's.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
+    /// A text to tokenize (a user message with --chat).
+    #[arg(long, conflicts_with = "data", required_unless_present = "data")]
+    pub text: Option<String>,
+    /// A dataset file (.jsonl/.json/.parquet/.csv with TRL's SFT columns): row --row is
+    /// tokenized as `ferrotune train` does for SFT (loss masks as [sft]'s defaults).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// The data row, from 0.
+    #[arg(long, default_value_t = 0, requires = "data")]
+    pub row: usize,
+    /// Wrap --text in the chat template as a user message, with the generation prompt.
+    #[arg(long, requires = "text")]
+    pub chat: bool,
+    /// One JSON object (ids, tokens, trained) instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `ferrotune train`.
 #[derive(Args)]
 pub struct TrainArgs {
@@ -267,6 +305,10 @@ pub struct ExportArgs {
     /// tokenizer.
     #[arg(long, value_delimiter = ',', conflicts_with = "adapter")]
     pub layers: Option<Vec<usize>>,
+    /// A Jinja chat template file written as the folder's chat_template.jinja (the template the
+    /// model was trained with, for a base GGUF that has none).
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
 }
 
 /// `ferrotune compare`.

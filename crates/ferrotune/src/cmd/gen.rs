@@ -94,6 +94,15 @@ pub fn gen_data(kind: GenKind) -> Result<()> {
         );
         return Ok(());
     }
+    if let GenKind::Arithmetic { sft: true, .. } = &kind {
+        ferrotune_data::write_sft_conversations(&problems, &common.out, common.system.as_deref())?;
+        println!(
+            "wrote {} SFT conversations to {}",
+            problems.len(),
+            common.out.display()
+        );
+        return Ok(());
+    }
     write_jsonl(&problems, &common.out, &format)?;
     println!(
         "wrote {} problems to {}",

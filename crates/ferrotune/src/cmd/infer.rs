@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use ferrotune::lm::{parse_device, parse_dtype, Lm};
 use ferrotune::speculative_run;
 use ferrotune_generate::speculative::{speculative_generate, SpeculativeOptions};
@@ -13,7 +13,7 @@ use ferrotune_models::LoadOptions;
 use ferrotune_nn::Mode;
 use ferrotune_tokenize::Message;
 
-use super::args::{BenchCmd, ExportArgs, GenerateArgs, ModelArgs, PerplexityArgs};
+use super::args::{BenchCmd, ExportArgs, GenerateArgs, ModelArgs, PerplexityArgs, TokenizeArgs};
 
 pub fn load_options(m: &ModelArgs) -> Result<LoadOptions> {
     Ok(LoadOptions {
@@ -25,11 +25,9 @@ pub fn load_options(m: &ModelArgs) -> Result<LoadOptions> {
 }
 
 pub fn load(m: &ModelArgs) -> Result<Lm> {
-    Ok(Lm::load_with(
-        &m.model,
-        m.adapter.as_deref(),
-        &load_options(m)?,
-    )?)
+    let mut lm = Lm::load_with(&m.model, m.adapter.as_deref(), &load_options(m)?)?;
+    lm.set_chat_template_file(m.chat_template.as_deref())?;
+    Ok(lm)
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
@@ -124,6 +122,88 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// `ferrotune tokenize`: ids and token strings of a text, a chat prompt or one SFT row, with the
+/// SFT loss mask for a row, and a warning for the silent failures of a template: no trained
+/// token, or a trained turn whose last token does not end the turn (the model never learns to
+/// stop).
+pub fn tokenize(a: TokenizeArgs) -> Result<()> {
+    let tok = ferrotune::lm::load_tokenizer_with(&a.model, a.chat_template.as_deref())?;
+    let (ids, trained) = match (&a.text, &a.data) {
+        (Some(text), _) if a.chat => (tok.render(&[Message::user(text)], true)?.ids, None),
+        (Some(text), _) => (tok.encode(text, true)?, None),
+        (None, Some(path)) => {
+            let rows = ferrotune_data::read_rows(path)?;
+            let Some(row) = rows.get(a.row) else {
+                bail!(
+                    "{}: --row {} but the file has {} rows",
+                    path.display(),
+                    a.row,
+                    rows.len()
+                );
+            };
+            let example = ferrotune_data::sft_examples(std::slice::from_ref(row), path)?;
+            let t = ferrotune_data::tokenize_sft(
+                &tok,
+                &example[0],
+                usize::MAX,
+                &ferrotune_data::SftOptions::default(),
+            )
+            .map_err(|e| anyhow::anyhow!("{} line {}: {e}", path.display(), row.line))?;
+            (t.ids, Some(t.loss_mask))
+        }
+        (None, None) => bail!("give --text or --data"),
+    };
+    let tokens: Vec<String> = ids
+        .iter()
+        .map(|&i| tok.id_to_token(i).unwrap_or_default())
+        .collect();
+    if a.json {
+        let v = serde_json::json!({"ids": ids, "tokens": tokens, "trained": trained});
+        println!("{v}");
+    } else {
+        for (i, (id, t)) in ids.iter().zip(&tokens).enumerate() {
+            let mark = match &trained {
+                Some(m) if m[i] == 1 => "  train",
+                Some(_) => "       ",
+                None => "",
+            };
+            println!("{i:>6} {id:>8}{mark}  {t:?}");
+        }
+        let n = trained
+            .as_ref()
+            .map(|m| m.iter().filter(|&&x| x == 1).count());
+        match n {
+            Some(n) => println!("{} tokens, {n} trained", ids.len()),
+            None => println!("{} tokens", ids.len()),
+        }
+    }
+    if let Some(mask) = &trained {
+        for w in mask_warnings(&ids, mask, tok.eos_ids(), &tokens) {
+            eprintln!("warning: {w}");
+        }
+    }
+    Ok(())
+}
+
+/// What is silently wrong with a loss mask: nothing trained, or a trained span that does not end
+/// with an end-of-sequence / end-of-turn id.
+fn mask_warnings(ids: &[u32], mask: &[u8], eos: &[u32], tokens: &[String]) -> Vec<String> {
+    if !mask.contains(&1) {
+        return vec!["no token is trained: this example adds nothing to the SFT loss (no assistant turn, or a template whose assistant spans cannot be found)".into()];
+    }
+    let mut out = Vec::new();
+    for i in 0..ids.len() {
+        let span_end = mask[i] == 1 && mask.get(i + 1) != Some(&1);
+        if span_end && !eos.contains(&ids[i]) {
+            out.push(format!(
+                "the trained span ending at token {i} ({:?}) does not end with an end-of-turn token (ids {eos:?}): the model will not learn to stop",
+                tokens[i]
+            ));
+        }
+    }
+    out
+}
+
 pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     let PerplexityArgs {
         model,
@@ -153,12 +233,25 @@ pub fn export(a: ExportArgs) -> Result<()> {
         out,
         dtype,
         layers,
+        chat_template,
     } = a;
     let dtype = parse_dtype(&dtype)?;
+    // Checked before anything is written.
+    let template = chat_template
+        .map(|p| {
+            let mut tok = ferrotune::lm::load_tokenizer(&model)?;
+            ferrotune::lm::set_template_file(&mut tok, &p)?;
+            Ok::<_, anyhow::Error>(std::fs::read_to_string(&p)?)
+        })
+        .transpose()?;
     let report = match layers {
         Some(l) => ferrotune_ckpt::export_layer_subset(&model, &l, &out, dtype)?,
         None => ferrotune_ckpt::export_merged(&model, adapter.as_deref(), &out, dtype)?,
     };
+    if let Some(t) = template {
+        let path = report.out.join("chat_template.jinja");
+        std::fs::write(&path, t).with_context(|| format!("{}: cannot write", path.display()))?;
+    }
     for w in &report.warnings {
         eprintln!("warning: {w}");
     }

@@ -1,5 +1,5 @@
 //! The binary's commands, one file per family: `args` (the clap definitions), `train`
-//! (train, pretrain), `infer` (generate, perplexity, export, bench), `evaluate` (eval, compare),
+//! (train, pretrain), `infer` (generate, perplexity, tokenize, export, bench), `evaluate` (eval, compare),
 //! `gen` (data gen). `main.rs` matches the command and calls one function here.
 
 pub mod args;

@@ -5,6 +5,7 @@
 pub const KEYS: &[(&str, &str, &str)] = &[
     ("model", "(section)", "the base model"),
     ("model.path", "(required)", "Hugging Face model folder or .gguf file"),
+    ("model.chat_template", "(the model's)", "Jinja chat template file used instead of the model's (e.g. configs/templates/gemma3.jinja for a base GGUF)"),
     ("model.dtype", "\"f32\"", "f32 | bf16 | f16 (adapters always keep f32 master weights)"),
     ("model.device", "\"cpu\"", "cpu | cuda | cuda:N"),
     ("lora", "(section)", "present = LoRA on a frozen base; absent = full fine-tuning"),

@@ -103,6 +103,9 @@ impl RunConfig {
         if let Some(e) = cfg.data.eval.as_mut() {
             *e = normalize(&base.join(&*e));
         }
+        if let Some(t) = cfg.model.chat_template.as_mut() {
+            *t = normalize(&base.join(&*t));
+        }
         if let Some(f) = cfg.eval.as_mut().and_then(|e| e.forget_set.as_mut()) {
             *f = normalize(&base.join(&*f));
         }

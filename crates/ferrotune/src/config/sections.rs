@@ -46,6 +46,9 @@ pub struct ModelSection {
     pub dtype: String,
     #[serde(default = "d_device")]
     pub device: String,
+    /// A Jinja chat template file replacing the model's (a base GGUF has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -46,6 +46,7 @@ fn explain_table_matches_the_structs() {
         ]
         .contains(&k)
             || k == "data.eval"
+            || k == "model.chat_template"
             || k.starts_with("grpo.")
             || k.starts_with("dpo.")
             || k == "ppo"
@@ -319,6 +320,23 @@ fn model_reward_paths_resolve_against_the_config() {
         Some(want.to_str().unwrap())
     );
     assert!(g.rewards[1].get("path").is_none());
+}
+
+/// `model.chat_template` resolves against the config file and is kept in the resolved config.
+#[test]
+fn chat_template_path_resolves_against_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("sub/c.toml");
+    std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
+    std::fs::write(
+        &cfg,
+        "[model]\npath = \"m.gguf\"\nchat_template = \"../templates/g.jinja\"\n[lora]\n[data]\ntrain = \"t.jsonl\"\n[run]\noutput_dir = \"o\"\n[sft]\n",
+    )
+    .unwrap();
+    let c = RunConfig::load(&cfg, &[]).unwrap();
+    let want = std::path::absolute(dir.path().join("templates/g.jinja")).unwrap();
+    assert_eq!(c.model.chat_template.as_deref(), Some(want.as_path()));
+    assert!(c.to_toml().contains("chat_template"));
 }
 
 /// The `[distill]` keys and `KEYS` agree both ways; TRL's GKD defaults; the cross-field
