@@ -813,23 +813,12 @@ pub fn write_sft_conversations(
     path: &Path,
     system: Option<&str>,
 ) -> SynthResult<()> {
-    let io = |source| SynthError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut w = BufWriter::new(File::create(path).map_err(io)?);
-    for p in problems {
-        let mut messages = Vec::with_capacity(3);
-        if let Some(s) = system {
-            messages.push(Message::new("system", s));
-        }
-        messages.push(Message::user(p.prompt.as_str()));
-        messages.push(Message::assistant(format!("<answer>{}</answer>", p.answer)));
-        let line = serde_json::to_string(&serde_json::json!({ "messages": messages }))
-            .map_err(|e| io(std::io::Error::other(e)))?;
-        writeln!(w, "{line}").map_err(io)?;
-    }
-    w.flush().map_err(io)
+    write_conversations(problems, path, system, |p| {
+        Ok(vec![Message::assistant(format!(
+            "<answer>{}</answer>",
+            p.answer
+        ))])
+    })
 }
 
 /// SFT transcripts that teach a calculator call (`messages` rows): the problem as the user
@@ -842,38 +831,50 @@ pub fn write_tool_transcripts(
     path: &Path,
     system: Option<&str>,
 ) -> SynthResult<()> {
-    let io = |source| SynthError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut w = BufWriter::new(File::create(path).map_err(io)?);
-    for p in problems {
+    write_conversations(problems, path, system, |p| {
         let expr = p
             .prompt
             .strip_prefix("What is ")
             .and_then(|r| r.strip_suffix('?'))
             .ok_or_else(|| {
-                io(std::io::Error::other(format!(
+                format!(
                     "tool transcripts need `What is <expression>?` prompts, got {:?}",
                     p.prompt
-                )))
+                )
             })?;
         // Spaced as transformers' `tojson` writes a call (`{"a": 1}`).
         let expr = serde_json::Value::String(expr.to_string());
         let call = format!(
             "<tool_call>\n{{\"name\": \"calculator\", \"arguments\": {{\"expression\": {expr}}}}}\n</tool_call>"
         );
-        let mut messages = Vec::with_capacity(5);
-        if let Some(s) = system {
-            messages.push(Message::new("system", s));
-        }
+        Ok(vec![
+            Message::assistant(call),
+            Message::tool("calculator", p.answer.as_str()),
+            Message::assistant(format!("The answer is <answer>{}</answer>.", p.answer)),
+        ])
+    })
+}
+
+/// Writes one `{"messages": [...]}` row per problem: `system` if given, the problem as the user
+/// turn, then the turns `reply` gives (an error string names why a problem cannot be written).
+fn write_conversations(
+    problems: &[Problem],
+    path: &Path,
+    system: Option<&str>,
+    reply: impl Fn(&Problem) -> Result<Vec<Message>, String>,
+) -> SynthResult<()> {
+    let io = |source| SynthError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut w = BufWriter::new(File::create(path).map_err(io)?);
+    for p in problems {
+        let mut messages: Vec<Message> = system
+            .map(|s| Message::new("system", s))
+            .into_iter()
+            .collect();
         messages.push(Message::user(p.prompt.as_str()));
-        messages.push(Message::assistant(call));
-        messages.push(Message::tool("calculator", p.answer.as_str()));
-        messages.push(Message::assistant(format!(
-            "The answer is <answer>{}</answer>.",
-            p.answer
-        )));
+        messages.extend(reply(p).map_err(|e| io(std::io::Error::other(e)))?);
         let line = serde_json::to_string(&serde_json::json!({ "messages": messages }))
             .map_err(|e| io(std::io::Error::other(e)))?;
         writeln!(w, "{line}").map_err(io)?;
