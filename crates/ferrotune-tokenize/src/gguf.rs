@@ -633,28 +633,32 @@ mod tests {
         assert!(err.to_string().contains("phi3"), "{err}");
     }
 
-    #[test]
-    fn merges_from_scores_follow_score_then_length_order() {
-        // Expected: transformers.tokenization_utils_base.generate_merges on the same vocabulary
-        // and scores returns [('b','c'), ('a','b'), ('ab','c'), ('a','bc')].
+    /// Asserts the merges `merges_from_scores` derives for the vocabulary a, b, c, ab, bc, abc.
+    fn assert_merges(scores: &[f64], want: &[(&str, &str)]) {
         let tokens: Vec<String> = ["a", "b", "c", "ab", "bc", "abc"]
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let scores = [0.0, 0.0, 0.0, -1.0, -0.5, -2.0];
         let vocab: Vocab = tokens
             .iter()
             .enumerate()
             .map(|(i, t)| (t.clone(), i as u32))
             .collect();
-        let merges = merges_from_scores(&tokens, &scores, &vocab);
+        let merges = merges_from_scores(&tokens, scores, &vocab);
         let pairs: Vec<(&str, &str)> = merges
             .iter()
             .map(|(l, r)| (l.as_str(), r.as_str()))
             .collect();
-        assert_eq!(
-            pairs,
-            vec![("b", "c"), ("a", "b"), ("ab", "c"), ("a", "bc")]
+        assert_eq!(pairs, want);
+    }
+
+    #[test]
+    fn merges_from_scores_follow_score_then_length_order() {
+        // Expected: transformers.tokenization_utils_base.generate_merges on the same vocabulary
+        // and scores returns [('b','c'), ('a','b'), ('ab','c'), ('a','bc')].
+        assert_merges(
+            &[0.0, 0.0, 0.0, -1.0, -0.5, -2.0],
+            &[("b", "c"), ("a", "b"), ("ab", "c"), ("a", "bc")],
         );
     }
 
@@ -663,24 +667,9 @@ mod tests {
         // Expected: generate_merges with scores [0, 0, 0, -0.0, 0.0, -1] returns
         // [('a','b'), ('b','c'), ('ab','c'), ('a','bc')]: Python's -0.0 == 0.0 keeps vocabulary
         // order, where `total_cmp` put ('b','c') first.
-        let tokens: Vec<String> = ["a", "b", "c", "ab", "bc", "abc"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let scores = [0.0, 0.0, 0.0, -0.0, 0.0, -1.0];
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let merges = merges_from_scores(&tokens, &scores, &vocab);
-        let pairs: Vec<(&str, &str)> = merges
-            .iter()
-            .map(|(l, r)| (l.as_str(), r.as_str()))
-            .collect();
-        assert_eq!(
-            pairs,
-            vec![("a", "b"), ("b", "c"), ("ab", "c"), ("a", "bc")]
+        assert_merges(
+            &[0.0, 0.0, 0.0, -0.0, 0.0, -1.0],
+            &[("a", "b"), ("b", "c"), ("ab", "c"), ("a", "bc")],
         );
     }
 }

@@ -32,6 +32,18 @@ fn json_out(args: &[&str]) -> (Value, String) {
     (v, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// The token strings `tokenize --json` marks as trained, in order.
+fn trained_tokens(v: &Value) -> Vec<String> {
+    v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(v["trained"].as_array().unwrap())
+        .filter(|(_, m)| m == &&Value::from(1))
+        .map(|(t, _)| t.as_str().unwrap().to_string())
+        .collect()
+}
+
 #[test]
 fn a_dataset_row_gives_transformers_ids_and_mask() {
     let text = std::fs::read_to_string(root().join("fixtures/tokenize/expected.json")).unwrap();
@@ -207,13 +219,7 @@ fn gemma3_base_needs_a_template_for_chat_and_trains_end_of_turn() {
         .iter()
         .map(|t| t.as_str().unwrap())
         .collect();
-    let trained: Vec<&str> = tokens
-        .iter()
-        .zip(v["trained"].as_array().unwrap())
-        .filter(|(_, m)| m == &&Value::from(1))
-        .map(|(t, _)| *t)
-        .collect();
-    assert_eq!(trained, ["5", "<end_of_turn>"]);
+    assert_eq!(trained_tokens(&v), ["5", "<end_of_turn>"]);
     assert_eq!(tokens[..4], ["<bos>", "<start_of_turn>", "user", "\n"]);
     // generate --chat with the template runs (and stops on <end_of_turn> or <eos> if sampled).
     let out = ferrotune(&[
@@ -294,15 +300,10 @@ fn generated_sft_conversations_train_the_tagged_answer() {
                 "--json",
             ]);
             assert!(!stderr.contains("warning"), "{stderr}");
-            let trained: String = v["tokens"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .zip(v["trained"].as_array().unwrap())
-                .filter(|(_, m)| m == &&Value::from(1))
-                .map(|(t, _)| t.as_str().unwrap())
-                .collect();
-            assert_eq!(trained, format!("<answer>{want}</answer><|im_end|>"));
+            assert_eq!(
+                trained_tokens(&v).concat(),
+                format!("<answer>{want}</answer><|im_end|>")
+            );
         }
     }
     // Without --chat there is no conversation to write.

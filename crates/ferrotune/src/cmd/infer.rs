@@ -141,10 +141,13 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
                     rows.len()
                 );
             };
-            let example = ferrotune_data::sft_examples(std::slice::from_ref(row), path)?;
+            let examples = ferrotune_data::sft_examples(std::slice::from_ref(row), path)?;
+            let Some(example) = examples.first() else {
+                bail!("{} line {}: not an SFT example", path.display(), row.line);
+            };
             let t = ferrotune_data::tokenize_sft(
                 &tok,
-                &example[0],
+                example,
                 usize::MAX,
                 &ferrotune_data::SftOptions::default(),
             )
