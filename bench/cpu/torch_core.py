@@ -2,7 +2,7 @@
 GGUF (transformers dequantizes it to float32), same batch, same ids, same thread count.
 
     python bench/cpu/torch_core.py PHASE     (PHASE = forward | step | generate)
-Env: FERROTUNE_SMOLLM2_GGUF, BENCH_B, BENCH_T, BENCH_ITERS, BENCH_NEW, BENCH_THREADS.
+Env: BENCH_GGUF (default FERROTUNE_SMOLLM2_GGUF), BENCH_B, BENCH_T, BENCH_ITERS, BENCH_NEW, BENCH_THREADS.
 """
 import json
 import os
@@ -23,7 +23,7 @@ def ids(b, t):
 
 def main():
     phase = sys.argv[1] if len(sys.argv) > 1 else "forward"
-    path = os.environ["FERROTUNE_SMOLLM2_GGUF"]
+    path = os.environ.get("BENCH_GGUF") or os.environ["FERROTUNE_SMOLLM2_GGUF"]
     b, t = int(os.environ.get("BENCH_B", 4)), int(os.environ.get("BENCH_T", 128))
     iters = int(os.environ.get("BENCH_ITERS", 5))
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count())))
@@ -75,7 +75,7 @@ def main():
     else:
         sys.exit(f"unknown phase {phase}")
     med = statistics.median(secs[1:])
-    print(json.dumps({"impl": "pytorch", "phase": phase, "B": b, "T": t, "median_s": round(med, 4),
+    print(json.dumps({"impl": "pytorch", "model": os.path.basename(path), "phase": phase, "B": b, "T": t, "median_s": round(med, 4),
                       "tokens_per_s": round(tokens / med, 1),
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
 

@@ -29,7 +29,7 @@ pub enum ModelError {
     Pickle { path: PathBuf, what: String },
     #[error("{path}: not a readable safetensors file (truncated or corrupt?): {msg}")]
     Safetensors { path: PathBuf, msg: String },
-    #[error("{path}: not a readable GGUF file (truncated or corrupt?): {msg}")]
+    #[error("{path}: not a readable GGUF file: {msg}")]
     Gguf { path: PathBuf, msg: String },
     #[error("{path}: weights do not match the model: {}", .problems.join("; "))]
     Weights {

@@ -89,7 +89,7 @@ impl GgufStore {
         if file_len == 0 {
             return Err(gguf_err("the file is empty".into()));
         }
-        let content = Content::read(&mut file).map_err(|e| gguf_err(header_msg(&e)))?;
+        let content = Content::read(&mut file).map_err(|e| gguf_err(header_msg(&e, path)))?;
         // A file cut inside the tensor data still has a readable header; catch it here rather
         // than as one "cannot read" problem per tensor at load time.
         for (name, info) in &content.tensor_infos {
@@ -539,14 +539,18 @@ fn ggml_type_name(id: u32) -> &'static str {
 }
 
 /// A readable message for a header that candle could not parse.
-fn header_msg(e: &candle_core::Error) -> String {
+fn header_msg(e: &candle_core::Error, path: &Path) -> String {
     let msg = root_msg(e);
     let unknown_type = msg
         .strip_prefix("unknown dtype for tensor ")
         .and_then(|n| n.trim().parse::<u32>().ok());
     if let Some(id) = unknown_type {
+        // candle's error has the type, not the tensor: find the first tensor stored in it.
+        let which = first_tensor_of_type(path, id)
+            .map(|name| format!("tensor `{name}`"))
+            .unwrap_or_else(|| "a tensor".into());
         return format!(
-            "a tensor is stored as GGML type {id} ({}), which ferrotune cannot read; supported: \
+            "{which} is stored as GGML type {id} ({}), which ferrotune cannot read; supported: \
              F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, \
              Q8_K (re-quantize the file, e.g. with llama.cpp's llama-quantize)",
             ggml_type_name(id)
@@ -559,6 +563,89 @@ fn header_msg(e: &candle_core::Error) -> String {
     } else {
         msg
     }
+}
+
+/// The name of the first tensor whose GGML type is `ty`, from a light walk of the GGUF header
+/// (magic, version, counts, metadata values skipped, tensor infos). `None` when the header cannot
+/// be walked; used only to name the tensor in an error.
+fn first_tensor_of_type(path: &Path, ty: u32) -> Option<String> {
+    use std::io::{BufReader, Read};
+    struct R(BufReader<File>);
+    impl R {
+        fn u32(&mut self) -> Option<u32> {
+            let mut b = [0u8; 4];
+            self.0.read_exact(&mut b).ok()?;
+            Some(u32::from_le_bytes(b))
+        }
+        fn u64(&mut self) -> Option<u64> {
+            let mut b = [0u8; 8];
+            self.0.read_exact(&mut b).ok()?;
+            Some(u64::from_le_bytes(b))
+        }
+        fn skip(&mut self, n: u64) -> Option<()> {
+            self.0.seek_relative(i64::try_from(n).ok()?).ok()
+        }
+        fn string(&mut self) -> Option<String> {
+            let n = self.u64()?;
+            if n > 1 << 16 {
+                return None; // no tensor name is this long: not a header we can walk
+            }
+            let mut b = vec![0u8; n as usize];
+            self.0.read_exact(&mut b).ok()?;
+            Some(String::from_utf8_lossy(&b).into_owned())
+        }
+        /// Skip one metadata value of GGUF value type `t`.
+        fn skip_value(&mut self, t: u32, depth: u32) -> Option<()> {
+            match t {
+                0 | 1 | 7 => self.skip(1),
+                2 | 3 => self.skip(2),
+                4..=6 => self.skip(4),
+                10..=12 => self.skip(8),
+                8 => {
+                    let n = self.u64()?;
+                    self.skip(n)
+                }
+                9 if depth < 4 => {
+                    let (et, n) = (self.u32()?, self.u64()?);
+                    match et {
+                        8 | 9 => (0..n).try_for_each(|_| self.skip_value(et, depth + 1)),
+                        _ => {
+                            let width = match et {
+                                0 | 1 | 7 => 1,
+                                2 | 3 => 2,
+                                4..=6 => 4,
+                                10..=12 => 8,
+                                _ => return None,
+                            };
+                            self.skip(n.checked_mul(width)?)
+                        }
+                    }
+                }
+                _ => None,
+            }
+        }
+    }
+    let mut r = R(BufReader::new(File::open(path).ok()?));
+    let (_magic, version) = (r.u32()?, r.u32()?);
+    if version < 2 {
+        return None;
+    }
+    let (n_tensors, n_kv) = (r.u64()?, r.u64()?);
+    for _ in 0..n_kv {
+        let _key = r.string()?;
+        let t = r.u32()?;
+        r.skip_value(t, 0)?;
+    }
+    for _ in 0..n_tensors {
+        let name = r.string()?;
+        let n_dims = r.u32()?;
+        r.skip(8 * u64::from(n_dims))?;
+        if r.u32()? == ty {
+            return Some(name);
+        }
+        r.skip(8)?; // offset
+    }
+    None
 }
 
 fn meta_err(path: &Path, key: &str, msg: &str) -> ModelError {

@@ -258,7 +258,10 @@ fn unsupported_quant_type_is_named() {
     std::fs::write(&p, &bytes).unwrap();
     let msg = gguf_error(&p); // also checks the error names this file
     println!("{msg}");
-    assert!(msg.contains("GGML type 16 (IQ2_XXS)"), "{msg}");
+    assert!(
+        msg.contains("tensor `blk.0.attn_q.weight` is stored as GGML type 16 (IQ2_XXS)"),
+        "{msg}"
+    );
     assert!(msg.contains("Q5_K"), "{msg}");
 }
 

@@ -1,10 +1,10 @@
-//! CPU benchmark of the model core on a real model (SmolLM2-135M-Instruct GGUF, dequantized to
-//! f32): forward tokens/s, LoRA forward+backward step tokens/s, generation tokens/s, and the
-//! process's peak RSS. bench/cpu/run.sh runs each phase in its own process next to the same
-//! phase in PyTorch (transformers + peft) and prints the ratios.
+//! CPU benchmark of the model core on a real model (a GGUF dequantized to f32: SmolLM2-135M-Instruct
+//! or Gemma 3 270M): forward tokens/s, LoRA forward+backward step tokens/s, generation tokens/s,
+//! and the process's peak RSS. bench/cpu/run.sh runs each phase in its own process next to the
+//! same phase in PyTorch (transformers + peft) and prints the ratios.
 //!
 //! cargo bench --bench core -- PHASE   (PHASE = forward | step | generate)
-//! Env: FERROTUNE_SMOLLM2_GGUF (model), BENCH_B, BENCH_T, BENCH_ITERS.
+//! Env: BENCH_GGUF (model; default FERROTUNE_SMOLLM2_GGUF), BENCH_B, BENCH_T, BENCH_ITERS.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -53,10 +53,19 @@ fn main() -> anyhow::Result<()> {
         .skip(1)
         .find(|a| !a.starts_with("--"))
         .unwrap_or_else(|| "forward".into());
-    let model_path =
-        PathBuf::from(std::env::var("FERROTUNE_SMOLLM2_GGUF").map_err(|_| {
-            anyhow::anyhow!("set FERROTUNE_SMOLLM2_GGUF (scripts/fetch-smollm2.sh)")
-        })?);
+    let model_path = PathBuf::from(
+        std::env::var("BENCH_GGUF")
+            .or_else(|_| std::env::var("FERROTUNE_SMOLLM2_GGUF"))
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "set BENCH_GGUF or FERROTUNE_SMOLLM2_GGUF (scripts/fetch-smollm2.sh)"
+                )
+            })?,
+    );
+    let model_name = model_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let (b, t) = (env_usize("BENCH_B", 4), env_usize("BENCH_T", 128));
     let iters = env_usize("BENCH_ITERS", 5);
     let dev = Device::Cpu;
@@ -157,7 +166,7 @@ fn main() -> anyhow::Result<()> {
     };
     let med = median(secs);
     println!(
-        "{{\"impl\": \"ferrotune\", \"phase\": \"{phase}\", \"B\": {b}, \"T\": {t}, \"median_s\": {med:.4}, \"tokens_per_s\": {:.1}, \"peak_rss_mb\": {:.0}}}",
+        "{{\"impl\": \"ferrotune\", \"model\": \"{model_name}\", \"phase\": \"{phase}\", \"B\": {b}, \"T\": {t}, \"median_s\": {med:.4}, \"tokens_per_s\": {:.1}, \"peak_rss_mb\": {:.0}}}",
         tokens as f64 / med,
         peak_rss_mb()
     );

@@ -102,6 +102,64 @@ fn shape_mismatch_names_the_key() {
     );
 }
 
+/// A Gemma 3 config whose `layer_types` list disagrees with its layer count would silently
+/// give some layers the wrong attention; the binary refuses it, naming the file and the field.
+#[test]
+fn gemma3_layer_types_length_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    copy_model(&tiny("gemma3"), &m);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
+    let mut cfg = cfg.as_object().unwrap().clone();
+    assert_eq!(cfg["num_hidden_layers"], 3);
+    cfg.insert(
+        "layer_types".into(),
+        serde_json::json!(["sliding_attention", "full_attention"]),
+    );
+    std::fs::write(m.join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+    let (code, err) = perplexity(&m, &text_file(tmp.path()));
+    assert_clean_error(
+        code,
+        &err,
+        &[
+            "config.json",
+            "layer_types",
+            "2 entries but num_hidden_layers is 3",
+        ],
+    );
+}
+
+/// A GGUF tensor in a quant type we cannot read (IQ2_XXS, GGML type 16) is one line naming the
+/// file and the type, through the binary.
+#[test]
+fn unsupported_gguf_quant_type_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut bytes =
+        std::fs::read(tiny("../gguf/tiny_qwen2.gguf")).expect("fixtures/gguf/tiny_qwen2.gguf");
+    // Tensor info: name (u64 length + bytes), n_dims u32, dims u64 each, type u32, offset u64.
+    let name = b"blk.0.attn_q.weight";
+    let at = bytes
+        .windows(name.len())
+        .position(|w| w == name)
+        .expect("tensor name in the header");
+    let n_dims_at = at + name.len();
+    let n_dims = u32::from_le_bytes(bytes[n_dims_at..n_dims_at + 4].try_into().unwrap()) as usize;
+    let type_at = n_dims_at + 4 + 8 * n_dims;
+    bytes[type_at..type_at + 4].copy_from_slice(&16u32.to_le_bytes());
+    let p = tmp.path().join("iq2.gguf");
+    std::fs::write(&p, &bytes).unwrap();
+    let (code, err) = perplexity(&p, &text_file(tmp.path()));
+    assert_clean_error(
+        code,
+        &err,
+        &[
+            "iq2.gguf",
+            "tensor `blk.0.attn_q.weight` is stored as GGML type 16 (IQ2_XXS)",
+        ],
+    );
+}
+
 #[test]
 fn pickle_is_refused_with_conversion_hint() {
     let tmp = tempfile::tempdir().unwrap();
