@@ -239,32 +239,6 @@ fn truncated_files_are_refused_with_a_clear_message() {
     }
 }
 
-/// A tensor stored in a type candle cannot read (here IQ2_XXS, GGML type 16) is one error that
-/// names the file and the type, not a panic or a bare number.
-#[test]
-fn unsupported_quant_type_is_named() {
-    let mut bytes = std::fs::read(fixtures().join("tiny_qwen2.gguf")).unwrap();
-    // Tensor info: name (u64 length + bytes), n_dims u32, dims u64 each, type u32, offset u64.
-    let name = b"blk.0.attn_q.weight";
-    let at = bytes
-        .windows(name.len())
-        .position(|w| w == name)
-        .expect("tensor name in the header");
-    let n_dims_at = at + name.len();
-    let n_dims = u32::from_le_bytes(bytes[n_dims_at..n_dims_at + 4].try_into().unwrap()) as usize;
-    let type_at = n_dims_at + 4 + 8 * n_dims;
-    bytes[type_at..type_at + 4].copy_from_slice(&16u32.to_le_bytes());
-    let p = temp_dir("iq2").join("iq2.gguf");
-    std::fs::write(&p, &bytes).unwrap();
-    let msg = gguf_error(&p); // also checks the error names this file
-    println!("{msg}");
-    assert!(
-        msg.contains("tensor `blk.0.attn_q.weight` is stored as GGML type 16 (IQ2_XXS)"),
-        "{msg}"
-    );
-    assert!(msg.contains("Q5_K"), "{msg}");
-}
-
 /// Rewrite a GGUF with edited metadata and tensors (candle's writer).
 fn rewrite(
     src: &Path,
